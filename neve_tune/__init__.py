@@ -1,0 +1,39 @@
+"""neve_tune: NeVe (Neural Velocity) — validation-free LR decay and early stopping.
+
+The core (this package's top level) depends on torch only:
+
+* :class:`VelocityMonitor` measures neural velocity on a fixed auxiliary set;
+* :class:`NeVeRule` is the decision rule (plateau LR decay, stop on low velocity), a pure state machine;
+* :class:`NeVe` combines both for a plain PyTorch loop;
+* :func:`noise_aux`, :func:`subset_aux`, :func:`image_folder_aux` build aux sets;
+* :mod:`neve_tune.keys` names the metrics NeVe reports.
+
+Integrations live in ``neve_tune.ray``, ``neve_tune.optuna`` and ``neve_tune.mlflow``.
+"""
+
+from __future__ import annotations
+
+from . import keys
+from ._aux import image_folder_aux, noise_aux, subset_aux
+from ._controller import NeVe, StepResult
+from ._rule import Decision, NeVeRule, StopReason
+from ._velocity import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "Decision",
+    "Measurement",
+    "MeasurementError",
+    "NeVe",
+    "NeVeRule",
+    "StepResult",
+    "StopReason",
+    "VelocityMonitor",
+    "__version__",
+    "image_folder_aux",
+    "keys",
+    "noise_aux",
+    "subset_aux",
+]

@@ -1,0 +1,1 @@
+"""Runnable study definitions: model, data, search space and budget for each benchmark."""
