@@ -1,0 +1,276 @@
+"""NeVe in a plain PyTorch loop: side effects, resume, errors, metrics, LRScheduler conventions."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from neve_tune import NeVe, StopReason, VelocityMonitor, keys, noise_aux
+from studies.digits import DigitsCNN, load_digits_splits
+from tests.readme import readme_example
+
+
+class DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Dropout(0.3)
+        )
+        self.frozen_bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.head(self.frozen_bn(self.body(x)).flatten(1))
+
+
+def train(model, opt, data, epochs, neve=None, gen_seed=0):
+    """Train; optionally step NeVe after each epoch. Returns the NeVe results."""
+    x, y = data
+    results = []
+    torch.manual_seed(gen_seed)
+    for _ in range(epochs):
+        model.train()
+        model.frozen_bn.eval()  # a submodule the user keeps in eval mode
+        for xb, yb in zip(x.split(32), y.split(32), strict=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        if neve is not None:
+            results.append(neve.step())
+    return results
+
+
+@pytest.fixture(scope="module")
+def digits():
+    s = load_digits_splits()
+    return s.x_train[:256], s.y_train[:256]
+
+
+def test_measuring_every_epoch_is_bit_identical_to_not_measuring(digits):
+    torch.manual_seed(0)
+    a = DropoutNet()
+    b = DropoutNet()
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    neve = NeVe(b, opt_b, noise_aux((1, 8, 8), n=50), patience=1000, stop_threshold=0.0)
+
+    train(a, opt_a, digits, 3)
+    rng_a = torch.get_rng_state()
+    results = train(b, opt_b, digits, 3, neve=neve)
+    rng_b = torch.get_rng_state()
+
+    assert all(r.model_velocity > 0 for r in results)  # NeVe really measured
+    assert torch.equal(rng_a, rng_b)  # global RNG untouched (dropout draws match)
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(ta, tb), name  # weights and BN running statistics
+    assert [m.training for m in a.modules()] == [m.training for m in b.modules()]
+    assert b.training and not b.frozen_bn.training
+
+
+def test_digits_convergence_decays_and_stops_by_itself():
+    splits = load_digits_splits()
+    torch.manual_seed(0)
+    model = DigitsCNN(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    neve = NeVe(model, opt, noise_aux((1, 8, 8)), patience=1)
+    x, y = splits.x_train, splits.y_train
+    for _ in range(100):
+        model.train()
+        for xb, yb in zip(x.split(32), y.split(32), strict=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        result = neve.step()
+        if result.should_stop:
+            break
+    assert result.converged and result.stop_reason is StopReason.CONVERGED
+    assert result.model_velocity < 1e-3 and result.epoch < 100
+    assert neve.rule.num_decays >= 1 and result.lrs[0] <= 0.05  # the plateau rule halved the LR
+    assert neve.get_last_lr() == result.lrs == [g["lr"] for g in opt.param_groups]
+    model.eval()
+    with torch.no_grad():
+        assert (model(splits.x_test).argmax(1) == splits.y_test).float().mean() > 0.95
+
+
+def test_state_dict_round_trip_mid_run_gives_identical_velocities_and_decisions(digits):
+    def make():
+        torch.manual_seed(0)
+        model = DigitsCNN(width=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, opt
+
+    aux = noise_aux((1, 8, 8), n=40)
+    model, opt = make()
+    neve = NeVe(model, opt, aux, patience=0)
+    x, y = digits
+
+    def epoch(model, opt, seed):
+        torch.manual_seed(seed)
+        model.train()
+        perm = torch.randperm(len(y))
+        for idx in perm.split(32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+    for e in range(3):
+        epoch(model, opt, e)
+        neve.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "neve": neve.state_dict()}, buffer)
+    saved_metrics = neve.metrics()
+    expected = []
+    for e in range(3, 8):
+        epoch(model, opt, e)
+        expected.append(neve.step())
+
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=False)
+    model2, opt2 = make()
+    neve2 = NeVe(model2, opt2, aux, patience=0)  # takes its own baseline, then is overwritten
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    neve2.load_state_dict(ckpt["neve"])
+    assert neve2.metrics() == saved_metrics
+    got = []
+    for e in range(3, 8):
+        epoch(model2, opt2, e)
+        got.append(neve2.step())
+    assert got == expected  # velocities, changes, LRs, decays, stop reasons: exactly equal
+    assert any(r.lr_decayed for r in expected)
+
+
+def test_metrics_keys_and_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.01}], lr=0.1)
+    neve = NeVe(model, opt, torch.randn(16, 4))
+    assert neve.metrics() == {
+        keys.EPOCH: 0.0, keys.LR: 0.1, keys.lr_key(0): 0.1, keys.lr_key(1): 0.01,
+        keys.LR_DECAYED: 0.0, keys.NUM_DECAYS: 0.0, keys.CONVERGED: 0.0, keys.DIVERGED: 0.0,
+    }
+    with torch.no_grad():
+        model[0].weight.mul_(-1.0)
+    first = neve.step()
+    m = neve.metrics()
+    assert keys.VELOCITY_CHANGE not in m and m[keys.MODEL_VELOCITY] == first.model_velocity > 0
+    neve.step()
+    m = neve.metrics()
+    assert m[keys.EPOCH] == 2.0 and m[keys.VELOCITY_CHANGE] == neve.last_result.velocity_change
+    assert all(type(v) is float for v in m.values())
+    assert all(k.startswith(keys.PREFIX) for k in m)
+
+
+def test_nan_loss_reports_diverged_and_is_never_zeroed(digits):
+    torch.manual_seed(0)
+    model = DigitsCNN(width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)
+    neve = NeVe(model, opt, noise_aux((1, 8, 8), n=20))
+    x, y = digits
+    result = None
+    for _ in range(5):
+        for xb, yb in zip(x.split(64), y.split(64), strict=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        result = neve.step()
+        if result.should_stop:
+            break
+    assert result.diverged and result.stop_reason is StopReason.DIVERGED
+    assert not math.isfinite(result.model_velocity)
+    assert not result.converged and not result.lr_decayed
+    assert neve.metrics()[keys.DIVERGED] == 1.0
+    assert "diverged" in result.message and "lower the learning rate" in result.message
+
+
+def test_is_an_lr_scheduler_for_lightning_style_drivers():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    neve = NeVe(model, opt, torch.randn(4, 3))
+    assert isinstance(neve, torch.optim.lr_scheduler.LRScheduler)
+    assert neve.get_last_lr() == [0.1]
+    state = neve.state_dict()
+    assert "optimizer" not in state and opt not in state.values()
+    assert not hasattr(opt.step, "_wrapped_by_lr_sched")  # we do not patch the optimizer
+
+
+# ---------------------------------------------------------------- errors that name the fix
+
+
+def test_error_optimizer_is_not_an_optimizer():
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="^list is not an Optimizer$"):
+        NeVe(model, [torch.optim.SGD(model.parameters(), lr=0.1)], torch.randn(4, 3))
+
+
+def test_error_factor_must_be_below_one():
+    model = nn.Linear(3, 2)
+    message = r"factor must be between 0 and 1 exclusive \(factor < 1.0\), but got factor=1.5"
+    with pytest.raises(ValueError, match=message):
+        NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 3), factor=1.5)
+
+
+def test_error_min_lr_per_group_count():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="expected 1 min_lrs"):
+        NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 3), min_lr=[0.0, 0.1])
+
+
+def test_error_aux_shape_names_the_shape_the_model_needs():
+    model = DigitsCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as info:
+        NeVe(model, opt, noise_aux((3, 32, 32), n=4))
+    text = str(info.value)
+    assert "aux batch of shape (4, 3, 32, 32)" in text
+    assert "'features.0' (Conv2d) expects inputs shaped (N, 1, H, W)" in text
+    assert "noise_aux" in text
+    # nothing was lost: the model still trains and a correct aux set works
+    assert NeVe(model, opt, noise_aux((1, 8, 8), n=4)).step().epoch == 1
+
+
+def test_error_linear_aux_shape():
+    with pytest.raises(ValueError, match=r"expects inputs shaped \(N, \.\.\., 7\)"):
+        VelocityMonitor(nn.Sequential(nn.Linear(7, 2)), torch.randn(3, 5)).measure()
+
+
+@pytest.mark.parametrize("aux", [torch.empty(0, 3), [], iter([])])
+def test_error_empty_aux(aux):
+    with pytest.raises(ValueError, match="aux set is empty.*noise_aux"):
+        VelocityMonitor(nn.Linear(3, 2), aux)
+
+
+def test_error_no_hookable_layer_and_selection_matching_nothing():
+    with pytest.raises(ValueError, match="has no layer NeVe hooks by default.*layers="):
+        VelocityMonitor(nn.Sequential(nn.ReLU(), nn.Tanh()), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="matches no module.*Module names look like"):
+        VelocityMonitor(DigitsCNN(), torch.randn(2, 1, 8, 8), layers=["encoder.*"])
+
+
+def test_error_hooked_module_returning_non_tensor():
+    class TupleOut(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    model = nn.Sequential(nn.Linear(3, 3))
+    model.add_module("pair", TupleOut())
+    mon = VelocityMonitor(nn.Sequential(model), torch.randn(2, 3), layers=lambda n, m: isinstance(m, TupleOut))
+    with pytest.raises(TypeError, match="returns tuple, not a tensor.*Exclude it with `layers=`"):
+        mon.measure()
+
+
+# ---------------------------------------------------------------- the README example
+
+
+def test_readme_pytorch_example_stops_by_itself_with_high_accuracy(capsys):
+    namespace: dict = {}
+    exec(readme_example("pytorch"), namespace)
+    result, test_acc = namespace["result"], namespace["test_acc"]
+    assert result.converged and result.epoch < 100
+    assert test_acc >= 0.95
+    assert "converged" in capsys.readouterr().out

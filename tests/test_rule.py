@@ -1,0 +1,127 @@
+"""NeVeRule: scripted velocity sequences give decays and stops at exactly the expected epochs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from neve_tune import NeVeRule, StopReason
+
+
+def run(rule: NeVeRule, script, lrs=(0.1,)):
+    """Feed (V, D) pairs; return per-epoch (lrs, decayed, reason)."""
+    out = []
+    for v, d in script:
+        decision = rule.step(v, d, lrs)
+        lrs = decision.lrs
+        out.append((decision.lrs, decision.lr_decayed, decision.stop_reason))
+    return out
+
+
+def test_decay_fires_when_bad_epochs_exceed_patience_then_best_resets():
+    rule = NeVeRule(patience=2, factor=0.5)
+    # epoch 1 has no D. D: 1.0 (best), then 3 bad epochs -> decay at the 3rd bad one (bad=3 > 2).
+    script = [(0.5, None), (0.5, 1.0), (0.5, 1.0), (0.5, 2.0), (0.5, 1.5), (0.5, 9.0), (0.5, 9.0), (0.5, 9.0)]
+    result = run(rule, script)
+    decays = [epoch for epoch, (_, decayed, _) in enumerate(result, start=1) if decayed]
+    assert decays == [5]
+    assert [r[0][0] for r in result] == [0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05]
+    # after the decay best=+inf: 9.0 (epoch 6) is an improvement, epochs 7-8 are bad (2, not > 2)
+    assert rule.best == 9.0 and rule.bad_epochs == 2 and rule.num_decays == 1
+
+
+def test_equal_value_is_not_an_improvement_threshold_zero():
+    rule = NeVeRule(patience=0)
+    assert not rule.step(1.0, 0.3, [1.0]).lr_decayed  # improvement from +inf
+    assert rule.step(1.0, 0.3, [1.0]).lr_decayed  # equal: bad epoch 1 > patience 0
+    assert not rule.step(1.0, 0.29, [0.5]).lr_decayed  # best was reset, any finite value improves
+
+
+def test_patience_zero_and_large_patience():
+    strictly_decreasing = [(1.0, None)] + [(1.0, 1.0 / k) for k in range(1, 30)]
+    assert not any(d for _, d, _ in run(NeVeRule(patience=0), strictly_decreasing))
+    flat = [(1.0, None)] + [(1.0, 0.5)] * 30
+    epochs = [i + 1 for i, (_, d, _) in enumerate(run(NeVeRule(patience=10), flat)) if d]
+    # epoch 2 sets best; epochs 3..13 are bad 1..11; 11 > 10 at epoch 13; then 14 sets best, 25 decays
+    assert epochs == [13, 25]
+
+
+def test_min_lr_floor_scalar_and_per_group():
+    rule = NeVeRule(patience=0, factor=0.1, min_lr=0.02)
+    rule.step(1.0, None, [0.1])
+    rule.step(1.0, 1.0, [0.1])
+    d = rule.step(1.0, 2.0, [0.1])
+    assert d.lrs == (0.02,) and d.lr_decayed
+    rule.step(1.0, 1.0, d.lrs)
+    d = rule.step(1.0, 2.0, (0.02,))
+    assert d.lrs == (0.02,) and not d.lr_decayed and rule.num_decays == 1  # already at the floor
+
+    rule = NeVeRule(patience=0, factor=0.5, min_lr=[0.0, 0.3])
+    rule.step(1.0, 1.0, [1.0, 0.4])
+    d = rule.step(1.0, 2.0, [1.0, 0.4])
+    assert d.lrs == (0.5, 0.3)
+    with pytest.raises(ValueError, match="expected 3 min_lrs"):
+        rule.step(1.0, 1.0, [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_velocity_or_change_means_diverged_and_is_not_a_bad_epoch(bad):
+    rule = NeVeRule(patience=0)
+    rule.step(1.0, 1.0, [0.1])
+    d = rule.step(bad, 0.5, [0.1])
+    assert d.stop_reason is StopReason.DIVERGED and d.diverged and d.should_stop
+    assert not d.lr_decayed and rule.bad_epochs == 0
+    d = rule.step(0.5, bad, [0.1])
+    assert d.diverged and not d.lr_decayed and rule.bad_epochs == 0 and rule.best == 1.0
+
+
+def test_stop_when_velocity_under_threshold():
+    rule = NeVeRule(stop_threshold=1e-3)
+    reasons = [r for _, _, r in run(rule, [(0.5, None), (0.01, 0.1), (0.0011, 0.01), (0.00099, 0.001)])]
+    assert reasons == [None, None, None, StopReason.CONVERGED]
+    assert str(StopReason.CONVERGED) == "converged"
+
+
+def test_classify_is_stateless_and_matches_step():
+    rule = NeVeRule(stop_threshold=0.01)
+    assert rule.classify(0.005) is StopReason.CONVERGED
+    assert rule.classify(0.5, math.nan) is StopReason.DIVERGED
+    assert rule.classify(0.5, None) is None
+    assert rule.num_steps == 0
+
+
+def test_plateau_on_model_velocity():
+    rule = NeVeRule(patience=1, plateau_on="model_velocity")
+    result = run(rule, [(0.5, None), (0.6, 0.1), (0.7, 0.01)])
+    assert [d for _, d, _ in result] == [False, False, True]  # V counted from epoch 1
+
+
+def test_state_dict_is_json_and_resumes_identically():
+    script = [(0.5, None)] + [(0.5, 1.0 / (1 + (k % 4))) for k in range(20)]
+    full = NeVeRule(patience=2)
+    expected = run(full, script)
+    first = NeVeRule(patience=2)
+    head = run(first, script[:9])
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = NeVeRule()
+    resumed.load_state_dict(state)
+    tail = run(resumed, script[9:], lrs=head[-1][0])
+    assert head + tail == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"factor": 1.0}, "factor must be between 0 and 1"),
+        ({"factor": 0.0}, "factor must be between 0 and 1"),
+        ({"patience": -1}, "patience must be a non-negative integer"),
+        ({"stop_threshold": math.nan}, "stop_threshold must be a finite number"),
+        ({"min_lr": -1.0}, "min_lr must be a number >= 0"),
+        ({"plateau_on": "loss"}, "plateau_on must be"),
+    ],
+)
+def test_invalid_settings_are_rejected_eagerly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NeVeRule(**kwargs)
