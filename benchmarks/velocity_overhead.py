@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
-from studies.cifar import resnet20
 
 from neve_tune import VelocityMonitor, noise_aux
+from studies.cifar import resnet20
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -320,3 +320,23 @@ def test_keeps_a_single_snapshot_between_measurements():
     fp32_outputs = 4 * 10 * (4 * 8 * 64 + 5)
     assert monitor.snapshot_bytes() == fp32_outputs
     assert monitor.state_bytes() - fp32_outputs == 6 * 8 * (8 * 4 + 5)  # 6 float64 per neuron
+
+
+def test_distributed_data_parallel_model_is_unwrapped(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = BNConvNet()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        aux = noise_aux((3, 8, 8), n=4)
+        plain, wrapped = VelocityMonitor(model, aux), VelocityMonitor(ddp, aux)
+        assert wrapped.layer_names == plain.layer_names == ["conv1", "bn1", "conv2", "bn2", "fc"]
+        plain.measure(), wrapped.measure()
+        ddp(torch.randn(8, 3, 8, 8)).square().mean().backward()  # a real DDP step (gradient all-reduce)
+        torch.optim.SGD(ddp.parameters(), lr=0.1).step()
+        a, b = plain.measure(), wrapped.measure()
+        assert a.model_velocity > 0 and a.model_velocity == b.model_velocity
+    finally:
+        dist.destroy_process_group()
