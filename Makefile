@@ -23,6 +23,7 @@ lint: $(PY)
 
 bench: $(PY)
 	$(PY) benchmarks/velocity_overhead.py
+	$(PY) benchmarks/scheduler_decision.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

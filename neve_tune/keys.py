@@ -25,6 +25,11 @@ CONVERGED = "neve/converged"
 #: 1.0 when V or D was not finite at this step (the trial diverged), else 0.0.
 DIVERGED = "neve/diverged"
 
+#: Why a trial stopped ("converged", "diverged", "max_t", "pruned"): a result key in Ray, a tag in MLflow.
+STOP_REASON = "neve/stop_reason"
+#: The epoch at which a trial stopped (with STOP_REASON).
+STOP_EPOCH = "neve/stop_epoch"
+
 
 def lr_key(group: int) -> str:
     """The metric key of param group ``group``'s learning rate when an optimizer has several groups."""
@@ -40,6 +45,8 @@ __all__ = [
     "MODEL_VELOCITY",
     "NUM_DECAYS",
     "PREFIX",
+    "STOP_EPOCH",
+    "STOP_REASON",
     "VELOCITY_CHANGE",
     "lr_key",
 ]

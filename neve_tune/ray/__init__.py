@@ -1,0 +1,50 @@
+"""NeVe for Ray Tune: a scheduler that stops converged and diverged trials, and helpers for trainables.
+
+* :class:`NeVeScheduler` stops each trial from the velocity it reports (``"converged"``,
+  ``"diverged"`` or ``"max_t"``) and records why in the trial's last result;
+* :func:`report_epoch` / :func:`restore_from_checkpoint` report NeVe's metrics with a checkpoint of the
+  model, optimizer and NeVe state, and resume from it with identical velocities and learning rates;
+* :func:`trial_device` picks the trial's device (its GPU when Ray gave it one).
+
+Example:
+    >>> from ray import tune
+    >>> from neve_tune.ray import NeVeScheduler
+    >>> tuner = tune.Tuner(  # doctest: +SKIP
+    ...     train_fn,
+    ...     tune_config=tune.TuneConfig(scheduler=NeVeScheduler(max_t=100), metric="loss", mode="min"),
+    ... )
+"""
+
+from __future__ import annotations
+
+try:
+    import ray.tune  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only without ray installed
+    raise ImportError(
+        "ray was not found - please install with `pip install neve_tune[ray]` (it needs `ray[tune]`)."
+    ) from err
+
+from ._scheduler import STOP_EPOCH, STOP_REASON, NeVeScheduler, StopInfo
+from ._trainable import (
+    CHECKPOINT_FILE,
+    load_training_state,
+    report_epoch,
+    restore_from_checkpoint,
+    save_training_state,
+    select_device,
+    trial_device,
+)
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "STOP_EPOCH",
+    "STOP_REASON",
+    "NeVeScheduler",
+    "StopInfo",
+    "load_training_state",
+    "report_epoch",
+    "restore_from_checkpoint",
+    "save_training_state",
+    "select_device",
+    "trial_device",
+]

@@ -1,0 +1,380 @@
+"""``NeVeScheduler``: a Ray Tune scheduler that stops converged and diverged trials from their velocity."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from numbers import Real
+from typing import TYPE_CHECKING, Any
+
+from ray.tune.experiment import Trial
+from ray.tune.result import (
+    AUTO_RESULT_KEYS,
+    DEBUG_METRICS,
+    DEFAULT_METRIC,
+    DONE,
+    EXPERIMENT_TAG,
+    SHOULD_CHECKPOINT,
+    TRAINING_ITERATION,
+)
+from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
+
+from neve_tune import keys
+from neve_tune._rule import NeVeRule, StopReason
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+
+#: Keys added to a stopped trial's last result (``ResultGrid[i].metrics``): the stop reason as a string,
+#: and the epoch (``neve/epoch``, else ``training_iteration``) of the result that stopped it.
+STOP_REASON = keys.STOP_REASON
+STOP_EPOCH = keys.STOP_EPOCH
+
+# Keys Tune itself puts in a result. A result made only of these carries no report from the trainable
+# (e.g. `tune.report({})`, or a trial that returned without reporting) and is not checked for the velocity
+# key; Tune's own strict metric check skips such results too.
+_BOOKKEEPING_KEYS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT))
+
+_HOW_TO_REPORT = (
+    "Measure velocity inside the trainable with `neve = neve_tune.NeVe(model, optimizer, aux)` and report it "
+    "after every epoch with `tune.report({**neve.metrics(), **your_metrics})` (or "
+    "`neve_tune.ray.report_epoch(neve, your_metrics, model=model, optimizer=optimizer)`)."
+)
+
+
+@dataclass(frozen=True)
+class StopInfo:
+    """Why and when :class:`NeVeScheduler` stopped one trial.
+
+    Attributes:
+        reason: ``StopReason.CONVERGED``, ``StopReason.DIVERGED`` or ``StopReason.MAX_T``.
+        epoch: ``neve/epoch`` of the stopping result (``training_iteration`` when the trial did not
+            report it).
+        time: the value of the scheduler's ``time_attr`` in the stopping result.
+        model_velocity: the model velocity in the stopping result (``None`` when it was not reported).
+    """
+
+    reason: StopReason
+    epoch: int
+    time: float
+    model_velocity: float | None
+
+    @staticmethod
+    def from_metrics(metrics: Mapping[str, Any]) -> StopInfo | None:
+        """Read what the scheduler wrote into a trial's last result, e.g. ``ResultGrid[i].metrics``.
+
+        Returns ``None`` when the scheduler did not stop that trial (it ended by itself, errored, or was
+        stopped by something else). ``time`` is the trial's ``training_iteration``.
+        """
+        reason = metrics.get(STOP_REASON)
+        if reason is None:
+            return None
+        velocity = metrics.get(keys.MODEL_VELOCITY)
+        return StopInfo(
+            reason=StopReason(reason),
+            epoch=int(metrics[STOP_EPOCH]),
+            time=float(metrics.get(TRAINING_ITERATION, math.nan)),
+            model_velocity=None if velocity is None else float(velocity),
+        )
+
+
+class NeVeScheduler(FIFOScheduler):
+    """Stop Ray Tune trials once NeVe says they converged or diverged, with no validation data.
+
+    Every trial measures its own velocity with ``neve_tune.NeVe`` (which also decays its LR) and reports
+    ``neve.metrics()`` with its other metrics. On each result the scheduler calls
+    ``NeVeRule(stop_threshold=...).classify(V, D)`` on the reported model velocity ``V`` and velocity change
+    ``D`` and returns ``STOP`` when the trial:
+
+    * **diverged**: ``V`` or ``D`` is NaN or infinite. It stops at once, at the first such result, even
+      inside the grace period;
+    * **converged**: ``V < stop_threshold``, once ``result[time_attr] >= grace_period``;
+    * reached ``max_t``: ``result[time_attr] >= max_t`` (reason ``"max_t"``).
+
+    Otherwise it returns ``CONTINUE``. Trials run in FIFO order, as with ``FIFOScheduler``.
+
+    NaN policy: a NaN or infinite velocity (or velocity change) is divergence, never convergence and never
+    a value to skip.
+
+    ``metric``/``mode`` follow the contract of ``ASHAScheduler``: pass them here or to
+    ``tune.TuneConfig``, not to both (``set_search_properties`` returns ``False`` on a conflict and Tune
+    raises). NeVe does not need them: its stop decision reads the velocity keys, never the objective, so a
+    scheduler without ``metric``/``mode`` is valid. When a metric is set, Tune's strict metric checking
+    requires it in every result, as for any scheduler.
+
+    A result without the velocity key raises a ``ValueError`` that names the key and shows how to report
+    it, unless ``allow_missing=True`` (sparse reporting, e.g. velocity measured every k epochs): such a
+    result then continues (``max_t`` still applies). A result with a velocity but without ``time_attr``
+    raises the same way.
+
+    Records: the reason and epoch of every trial it stopped are available as :meth:`stop_info` and
+    :attr:`stopped_trials` while the scheduler lives, and are written into the trial's last result as
+    ``neve/stop_reason`` (``"converged"``, ``"diverged"`` or ``"max_t"``) and ``neve/stop_epoch``, so
+    ``ResultGrid[i].metrics`` carries them after ``fit()``, in the saved experiment state and after
+    ``Tuner.restore``. :meth:`StopInfo.from_metrics` reads them back.
+
+    State and restore: decisions depend on each result alone (plus this object's settings), never on
+    history kept in memory. Ray 2.60's ``Tuner.restore`` gives the scheduler back as it was pickled at
+    construction and does not call :meth:`save`/:meth:`restore`; a restored experiment therefore makes
+    exactly the decisions the interrupted one would have made. Restored trials that had already been
+    stopped are re-recorded from their last results in ``on_trial_add``. Resume the trials themselves with
+    identical NeVe state through ``neve_tune.ray.report_epoch`` / ``restore_from_checkpoint``. ``save`` and
+    ``restore`` still pickle the records, for callers that use them.
+
+    Per-trial state is keyed by ``trial.trial_id``: the set of live trials (added in ``on_trial_add``,
+    dropped in ``on_trial_complete``/``on_trial_remove``/``on_trial_error``) and the stop records. A
+    decision reads only the result, so it costs the same whatever the number of trials (about a
+    microsecond; ``benchmarks/scheduler_decision.py``).
+
+    Args:
+        metric: the user's objective, only passed through to Tune (see above).
+        mode: ``"min"`` or ``"max"``, only passed through to Tune.
+        time_attr: the result key that measures progress, for ``grace_period`` and ``max_t``.
+        max_t: stop every trial once ``result[time_attr] >= max_t``; ``None`` for no cap.
+        grace_period: never stop a trial as *converged* before ``result[time_attr] >= grace_period``.
+        stop_threshold: the trial converged once its model velocity is under this value.
+        velocity_key: the result key of the model velocity.
+        change_key: the result key of the velocity change (absent at the first epoch).
+        allow_missing: continue on results without ``velocity_key`` instead of raising.
+
+    Example:
+        >>> from ray import tune
+        >>> from neve_tune.ray import NeVeScheduler
+        >>> scheduler = NeVeScheduler(max_t=50, grace_period=3)
+        >>> tuner = tune.Tuner(  # doctest: +SKIP
+        ...     train_fn, tune_config=tune.TuneConfig(scheduler=scheduler, metric="loss", mode="min")
+        ... )
+        >>> scheduler.check_result({"training_iteration": 4, "neve/model_velocity": 1e-4})
+        StopInfo(reason=<StopReason.CONVERGED: 'converged'>, epoch=4, time=4.0, model_velocity=0.0001)
+    """
+
+    def __init__(
+        self,
+        *,
+        metric: str | None = None,
+        mode: str | None = None,
+        time_attr: str = TRAINING_ITERATION,
+        max_t: float | None = None,
+        grace_period: float = 1,
+        stop_threshold: float = 1e-3,
+        velocity_key: str = keys.MODEL_VELOCITY,
+        change_key: str = keys.VELOCITY_CHANGE,
+        allow_missing: bool = False,
+    ) -> None:
+        _check_mode(mode)
+        if not isinstance(grace_period, Real) or not math.isfinite(grace_period) or grace_period < 0:
+            raise ValueError(f"grace_period must be a finite number >= 0, but got {grace_period=}.")
+        if max_t is not None and (not isinstance(max_t, Real) or not max_t > 0):
+            raise ValueError(f"max_t must be None or a number > 0, but got {max_t=}.")
+        if max_t is not None and grace_period > max_t:
+            raise ValueError(f"grace_period must be <= max_t, but got {grace_period=} and {max_t=}.")
+        named = (("time_attr", time_attr), ("velocity_key", velocity_key), ("change_key", change_key))
+        for name, value in named:
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, but got {name}={value!r}.")
+        super().__init__()
+        self._metric = metric
+        self._mode = mode
+        self._time_attr = time_attr
+        self._max_t = max_t
+        self._grace_period = grace_period
+        self._velocity_key = velocity_key
+        self._change_key = change_key
+        self._allow_missing = bool(allow_missing)
+        self._rule = NeVeRule(stop_threshold=stop_threshold)  # validates stop_threshold
+        self._live: set[str] = set()
+        self._stopped: dict[str, StopInfo] = {}
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def mode(self) -> str | None:
+        return self._mode
+
+    @property
+    def stop_threshold(self) -> float:
+        return self._rule.stop_threshold
+
+    @property
+    def time_attr(self) -> str:
+        return self._time_attr
+
+    @property
+    def max_t(self) -> float | None:
+        return self._max_t
+
+    @property
+    def grace_period(self) -> float:
+        return self._grace_period
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        """Take ``metric``/``mode`` from ``tune.TuneConfig``; ``False`` if this scheduler already has one."""
+        if self._metric and metric:
+            return False
+        if self._mode and mode:
+            return False
+        _check_mode(mode)
+        if metric:
+            self._metric = metric
+        if mode:
+            self._mode = mode
+        if self._metric is None and self._mode:
+            # As ASHAScheduler: a mode alone means Tune's anonymous metric.
+            self._metric = DEFAULT_METRIC
+        return True
+
+    # ------------------------------------------------------------------ the decision
+    def check_result(self, result: Mapping[str, Any]) -> StopInfo | None:
+        """The stop decision for one flat result alone: a :class:`StopInfo`, or ``None`` to continue.
+
+        This is what :meth:`on_trial_result` uses. It keeps no state, so it can be replayed on any result
+        (e.g. a row of ``Result.metrics_dataframe``).
+
+        Raises:
+            ValueError: the result has no ``velocity_key`` (and ``allow_missing`` is off), or has a
+                velocity but no ``time_attr``.
+            TypeError: the velocity or velocity change is not a number.
+        """
+        velocity = result.get(self._velocity_key)
+        if velocity is None:
+            if not self._allow_missing and _has_user_keys(result):
+                raise ValueError(self._missing_key_message(self._velocity_key, result))
+            time = result.get(self._time_attr)
+            if self._max_t is not None and time is not None and time >= self._max_t:
+                return StopInfo(StopReason.MAX_T, _epoch(result), float(time), None)
+            return None
+        velocity = self._as_float(self._velocity_key, velocity)
+        change = result.get(self._change_key)
+        if change is not None:
+            change = self._as_float(self._change_key, change)
+        reason = self._rule.classify(velocity, change)
+        if reason is StopReason.DIVERGED:
+            return StopInfo(reason, _epoch(result), float(result.get(self._time_attr, math.nan)), velocity)
+        time = result.get(self._time_attr)
+        if time is None:
+            raise ValueError(self._missing_key_message(self._time_attr, result))
+        time = float(time)
+        if reason is StopReason.CONVERGED and time >= self._grace_period:
+            return StopInfo(reason, _epoch(result), time, velocity)
+        if self._max_t is not None and time >= self._max_t:
+            return StopInfo(StopReason.MAX_T, _epoch(result), time, velocity)
+        return None
+
+    def _as_float(self, key: str, value: Any) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{type(self).__name__} expects a number under {key!r}, but the result holds "
+                f"{value!r} ({type(value).__name__}). Report plain floats, as `neve.metrics()` does."
+            ) from None
+
+    def _missing_key_message(self, key: str, result: Mapping[str, Any]) -> str:
+        reported = sorted(k for k in result if k not in _BOOKKEEPING_KEYS)
+        if key == self._time_attr:
+            fix = (
+                f"Report {key!r} in every result, or pass `time_attr=` one of the keys the trainable "
+                f"reports (`training_iteration` is always there)."
+            )
+        else:
+            fix = _HOW_TO_REPORT + (
+                " If the trainable reports velocity only on some results, pass "
+                f"`{type(self).__name__}(allow_missing=True)`."
+            )
+        return (
+            f"{type(self).__name__} needs {key!r} in every result, but this result has no such key. "
+            f"{fix} Reported keys: {reported}"
+        )
+
+    # ------------------------------------------------------------------ records
+    def stop_info(self, trial_id: str) -> StopInfo | None:
+        """Why and when this scheduler stopped the trial, or ``None`` if it did not (yet)."""
+        return self._stopped.get(trial_id)
+
+    @property
+    def stopped_trials(self) -> dict[str, StopInfo]:
+        """``trial_id -> StopInfo`` for every trial this scheduler stopped (a copy)."""
+        return dict(self._stopped)
+
+    @property
+    def num_live_trials(self) -> int:
+        return len(self._live)
+
+    # ------------------------------------------------------------------ TrialScheduler hooks
+    def on_trial_add(self, tune_controller: TuneController | None, trial: Trial) -> None:
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):
+            # Tuner.restore re-adds finished trials: re-record the ones this scheduler had stopped.
+            info = StopInfo.from_metrics(trial.last_result)
+            if info is not None:
+                self._stopped[trial.trial_id] = info
+            return
+        self._live.add(trial.trial_id)
+
+    def on_trial_result(self, tune_controller: TuneController | None, trial: Trial, result: dict) -> str:
+        # Reads the result and this object's settings only: O(1), and no per-trial memory is touched
+        # unless the trial stops.
+        info = self.check_result(result)
+        if info is None:
+            return TrialScheduler.CONTINUE
+        self._stopped[trial.trial_id] = info
+        return TrialScheduler.STOP
+
+    def on_trial_complete(self, tune_controller: TuneController | None, trial: Trial, result: dict) -> None:
+        self._live.discard(trial.trial_id)
+        info = self._stopped.get(trial.trial_id)
+        if info is not None:
+            # Tune keeps trial.last_result in ResultGrid and in the experiment state: write the record there.
+            last = dict(trial.last_result)
+            last[STOP_REASON] = info.reason.value
+            last[STOP_EPOCH] = info.epoch
+            trial.update_last_result(last)
+
+    def on_trial_remove(self, tune_controller: TuneController | None, trial: Trial) -> None:
+        self._live.discard(trial.trial_id)
+
+    def on_trial_error(self, tune_controller: TuneController | None, trial: Trial) -> None:
+        # A retried trial is re-added (on_trial_add) before it runs again.
+        self._live.discard(trial.trial_id)
+
+    def debug_string(self) -> str:
+        counts: dict[str, int] = {}
+        for info in self._stopped.values():
+            counts[info.reason.value] = counts.get(info.reason.value, 0) + 1
+        stopped = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items())) or "none"
+        return (
+            f"Using NeVe scheduling (stop_threshold={self.stop_threshold}, "
+            f"grace_period={self._grace_period}, max_t={self._max_t}): stopped {stopped}."
+        )
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+    def __repr__(self) -> str:
+        return (
+            f"NeVeScheduler(metric={self._metric!r}, mode={self._mode!r}, time_attr={self._time_attr!r}, "
+            f"max_t={self._max_t}, grace_period={self._grace_period}, stop_threshold={self.stop_threshold}, "
+            f"velocity_key={self._velocity_key!r}, change_key={self._change_key!r}, "
+            f"allow_missing={self._allow_missing})"
+        )
+
+
+def _check_mode(mode: str | None) -> None:
+    if mode not in (None, "min", "max"):
+        raise ValueError(f"mode must be 'min', 'max' or None, but got {mode=}.")
+
+
+def _has_user_keys(result: Mapping[str, Any]) -> bool:
+    return any(k not in _BOOKKEEPING_KEYS for k in result)
+
+
+def _epoch(result: Mapping[str, Any]) -> int:
+    epoch = result.get(keys.EPOCH)
+    if epoch is None:
+        epoch = result.get(TRAINING_ITERATION, 0)
+    return int(epoch)
