@@ -1,0 +1,44 @@
+"""NeVe for Optuna: a pruner where converged trials COMPLETE and only diverged ones are PRUNED.
+
+* :class:`NeVePruner` — an ``optuna.pruners.BasePruner``; optionally wraps a validation-based pruner.
+* :func:`report_epoch` — the one call per epoch in the objective: reports, stores NeVe's metrics in the
+  trial's user attributes, and says whether to stop (raising ``optuna.TrialPruned`` only on divergence
+  or a pruner's rejection).
+* :class:`NeVeMLflowCallback` — a study callback that logs every trial, with every epoch's NeVe
+  metrics, to MLflow.
+
+Trial user attributes written (see :mod:`neve_tune.optuna._attrs` for the encoding): ``"neve"`` (the
+latest step's metrics), ``"neve_history"`` (all steps), ``"neve_stop_reason"`` and ``"neve_stop_epoch"``.
+
+Example:
+    >>> import optuna
+    >>> from neve_tune.optuna import NeVePruner
+    >>> study = optuna.create_study(direction="maximize", pruner=NeVePruner())
+"""
+
+from __future__ import annotations
+
+try:
+    import optuna as _optuna  # noqa: F401
+except ImportError as _err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "optuna was not found - please install with `pip install neve_tune[optuna]` (or `pip install optuna`)."
+    ) from _err
+
+from neve_tune.optuna._attrs import HISTORY_ATTR, NEVE_ATTR, STOP_EPOCH_ATTR, STOP_REASON_ATTR
+from neve_tune.optuna._mlflow import INTERMEDIATE_METRIC, STOP_EPOCH_TAG, STOP_REASON_TAG, NeVeMLflowCallback
+from neve_tune.optuna._pruner import NeVePruner
+from neve_tune.optuna._report import report_epoch
+
+__all__ = [
+    "HISTORY_ATTR",
+    "INTERMEDIATE_METRIC",
+    "NEVE_ATTR",
+    "STOP_EPOCH_ATTR",
+    "STOP_EPOCH_TAG",
+    "STOP_REASON_ATTR",
+    "STOP_REASON_TAG",
+    "NeVeMLflowCallback",
+    "NeVePruner",
+    "report_epoch",
+]

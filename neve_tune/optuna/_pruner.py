@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from optuna.pruners import BasePruner
+
+from neve_tune import keys
+from neve_tune._rule import NeVeRule, StopReason
+from neve_tune.optuna._attrs import NEVE_ATTR, STEP_KEY, decode
+
+if TYPE_CHECKING:
+    import optuna
+
+_HOW_TO_REPORT = (
+    "Call `neve_tune.optuna.report_epoch(trial, neve, value)` after every epoch (it reports the value and"
+    f" stores the metrics), or set them yourself with `trial.set_user_attr({NEVE_ATTR!r},"
+    f" {{{STEP_KEY!r}: step, **neve.metrics()}})` before `trial.report(value, step)`."
+)
+
+
+def _is_check_step(step: int, reported_steps: Iterable[int], n_warmup_steps: int, interval_steps: int) -> bool:
+    """Whether ``step`` is a pruning check, with the warmup/interval semantics of Optuna's own pruners.
+
+    Checks happen at ``n_warmup_steps``, ``n_warmup_steps + interval_steps``, ...; a check that falls on
+    a step that was not reported is postponed to the first reported step after it.
+    """
+    if step < n_warmup_steps:
+        return False
+    nearest_check = (step - n_warmup_steps) // interval_steps * interval_steps + n_warmup_steps
+    previous = max((s for s in reported_steps if s != step), default=-1)
+    return previous < nearest_check
+
+
+class NeVePruner(BasePruner):
+    """Pruner that ends diverged trials and lets converged ones finish as successes (NeVe).
+
+    NeVe (neural velocity) measures, inside each trial, how much the network still moves on a fixed
+    auxiliary set. The objective reports each epoch with :func:`neve_tune.optuna.report_epoch`, which
+    stores NeVe's metrics in the trial's user attribute ``"neve"`` (``trial.report`` takes one value
+    only) and reports the objective's intermediate value as usual. At every check, this pruner
+    classifies the latest metrics with :meth:`neve_tune.NeVeRule.classify`:
+
+    * **diverged** (model velocity or velocity change not finite): :meth:`prune` returns ``True``, the
+      trial ends ``PRUNED`` and ``report_epoch`` records ``neve_stop_reason="diverged"``;
+    * **converged** (model velocity under ``stop_threshold``): :meth:`prune` returns ``False``, even if
+      the base pruner would prune. Training is done, and that is a success: ``report_epoch`` returns
+      ``StopReason.CONVERGED``, the objective returns its value, and the trial ends ``COMPLETE``
+      (counted for ``best_trial``) with ``neve_stop_reason="converged"`` and ``neve_stop_epoch``;
+    * otherwise the optional ``base_pruner`` decides on the intermediate values, as it would alone
+      (``report_epoch`` records ``neve_stop_reason="pruned"`` when it prunes).
+
+    ``BasePruner.prune`` can only answer "prune or not", so stopping on convergence is
+    :func:`~neve_tune.optuna.report_epoch`'s job; a hand-written ``if trial.should_prune(): raise``
+    loop gets the divergence and base-pruner decisions but must check convergence itself.
+
+    The pruner keeps no state: every decision is recomputed from the trial in storage, so it works the
+    same in one process or in many sharing an RDB storage (e.g. an SQLite file).
+
+    The pruner handles NaN values in the following manner:
+        1. A NaN or infinite model velocity or velocity change means the trial **diverged**: it is
+           pruned at the first check that sees it (checks follow ``n_warmup_steps`` and
+           ``interval_steps``).
+        2. NaN intermediate *values* (the objective's own reports) are left to the base pruner's NaN
+           policy; without a base pruner they never prune.
+        3. A step whose ``"neve"`` attribute has no model velocity (NeVe took a fresh baseline after a
+           failed measurement) gives no NeVe decision.
+
+    A check at which the trial's ``"neve"`` attribute is missing, or belongs to another step than the
+    latest ``trial.report``, raises ``ValueError`` saying how to report it.
+
+    Example:
+
+        We tune a small network on digits; NeVe decays its LR and decides when it is done.
+
+        .. testcode::
+
+            import optuna
+            import torch
+            from torch import nn
+
+            from neve_tune import NeVe, noise_aux
+            from neve_tune.optuna import NeVePruner, report_epoch
+            from studies.digits import DigitsCNN, load_digits_splits
+
+            data = load_digits_splits()
+
+
+            def objective(trial):
+                lr = trial.suggest_float("lr", 1e-2, 1e-1, log=True)
+                torch.manual_seed(trial.number)
+                model = DigitsCNN(width=8)
+                opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+                neve = NeVe(model, opt, noise_aux((1, 8, 8)), patience=3)
+                for epoch in range(30):
+                    model.train()
+                    for i in range(0, len(data.y_train), 64):
+                        loss = nn.functional.cross_entropy(
+                            model(data.x_train[i : i + 64]), data.y_train[i : i + 64]
+                        )
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                    neve.step()
+                    model.eval()
+                    with torch.no_grad():
+                        acc = (model(data.x_train).argmax(1) == data.y_train).float().mean().item()
+                    if report_epoch(trial, neve, acc):  # converged: stop, the trial is COMPLETE
+                        break
+                return acc
+
+
+            study = optuna.create_study(direction="maximize", pruner=NeVePruner())
+            study.optimize(objective, n_trials=3)
+            print(study.best_trial.user_attrs["neve_stop_reason"])
+
+    Args:
+        base_pruner:
+            An Optuna pruner (e.g. :class:`~optuna.pruners.MedianPruner`) that may also prune on the
+            objective's intermediate values. :obj:`None` (default): only divergence prunes.
+        stop_threshold:
+            A trial converged once its model velocity is under this value. Use the same value as the
+            ``NeVe`` controller in the objective; this pruner's value decides.
+        n_warmup_steps:
+            NeVe's decisions are disabled while the current step is less than ``n_warmup_steps``; the
+            earliest a trial can stop is at ``step == n_warmup_steps``. ``report_epoch`` reports epoch
+            ``e`` (1-based, ``neve/epoch``) as step ``e - 1``. The base pruner keeps its own warmup.
+        interval_steps:
+            Interval in number of steps between NeVe's checks, offset by the warmup steps. If no value
+            has been reported at the time of a check, that check is postponed until a value is
+            reported. Value must be at least 1.
+    """
+
+    def __init__(
+        self,
+        base_pruner: BasePruner | None = None,
+        *,
+        stop_threshold: float = 1e-3,
+        n_warmup_steps: int = 0,
+        interval_steps: int = 1,
+    ) -> None:
+        if base_pruner is not None and not isinstance(base_pruner, BasePruner):
+            raise TypeError(
+                f"base_pruner must be an optuna.pruners.BasePruner or None, but got {type(base_pruner).__name__}."
+            )
+        if isinstance(base_pruner, NeVePruner):
+            raise ValueError("base_pruner must not be another NeVePruner; configure one NeVePruner instead.")
+        if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int) or n_warmup_steps < 0:
+            raise ValueError(f"Number of warmup steps cannot be negative, but got {n_warmup_steps=}.")
+        if isinstance(interval_steps, bool) or not isinstance(interval_steps, int) or interval_steps < 1:
+            raise ValueError(f"Pruning interval steps must be at least 1, but got {interval_steps=}.")
+        self._rule = NeVeRule(stop_threshold=stop_threshold)  # validates stop_threshold
+        self._base_pruner = base_pruner
+        self._n_warmup_steps = n_warmup_steps
+        self._interval_steps = interval_steps
+
+    @property
+    def stop_threshold(self) -> float:
+        return self._rule.stop_threshold
+
+    @property
+    def base_pruner(self) -> BasePruner | None:
+        return self._base_pruner
+
+    def prune(self, study: optuna.study.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        reason = self.neve_decision(trial)
+        if reason is StopReason.DIVERGED:
+            return True
+        if reason is StopReason.CONVERGED:
+            return False
+        if self._base_pruner is None:
+            return False
+        return bool(self._base_pruner.prune(study, trial))  # some pruners return numpy bools
+
+    def neve_decision(self, trial: optuna.trial.FrozenTrial) -> StopReason | None:
+        """NeVe's decision at the trial's latest reported step: ``CONVERGED``, ``DIVERGED`` or ``None``.
+
+        ``None`` also before any report, during warmup and between interval checks. The base pruner is
+        not consulted.
+        """
+        step = trial.last_step
+        if step is None:
+            return None
+        return self._decide(step, trial.intermediate_values.keys(), trial.user_attrs.get(NEVE_ATTR), trial.number)
+
+    def _decide(
+        self, step: int, reported_steps: Iterable[int], entry: Mapping[str, Any] | None, number: int
+    ) -> StopReason | None:
+        if not _is_check_step(step, reported_steps, self._n_warmup_steps, self._interval_steps):
+            return None
+        if entry is None:
+            raise ValueError(
+                f"NeVePruner: trial {number} reported step {step} without NeVe metrics (no user attr"
+                f" {NEVE_ATTR!r}). {_HOW_TO_REPORT}"
+            )
+        if not isinstance(entry, Mapping) or STEP_KEY not in entry or keys.EPOCH not in entry:
+            got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
+            raise ValueError(
+                f"NeVePruner: user attr {NEVE_ATTR!r} of trial {number} must be a dict with keys"
+                f" {STEP_KEY!r} and {keys.EPOCH!r} plus NeVe.metrics(), but got {got}. {_HOW_TO_REPORT}"
+            )
+        if entry[STEP_KEY] != step:
+            raise ValueError(
+                f"NeVePruner: trial {number}'s NeVe metrics (user attr {NEVE_ATTR!r}) are for step"
+                f" {entry[STEP_KEY]}, but its latest report is step {step}; store them at every step you"
+                f" report. {_HOW_TO_REPORT}"
+            )
+        velocity = entry.get(keys.MODEL_VELOCITY)
+        if velocity is None:  # a re-baseline step: nothing was measured
+            return None
+        change = entry.get(keys.VELOCITY_CHANGE)
+        return self._rule.classify(decode(velocity), None if change is None else decode(change))
+
+    def __repr__(self) -> str:
+        return (
+            f"NeVePruner(base_pruner={self._base_pruner!r}, stop_threshold={self.stop_threshold},"
+            f" n_warmup_steps={self._n_warmup_steps}, interval_steps={self._interval_steps})"
+        )

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+import optuna
+
+from neve_tune import keys
+from neve_tune._rule import NeVeRule, StopReason
+from neve_tune.optuna._attrs import (
+    HISTORY_ATTR,
+    NEVE_ATTR,
+    STEP_KEY,
+    STOP_EPOCH_ATTR,
+    STOP_REASON_ATTR,
+    decode,
+    encode_entry,
+)
+from neve_tune.optuna._pruner import NeVePruner
+
+if TYPE_CHECKING:
+    from neve_tune import StepResult
+
+
+class _HasMetrics(Protocol):
+    def metrics(self) -> dict[str, float]: ...
+
+
+NeVeLike = Union[_HasMetrics, "StepResult", Mapping[str, float]]
+
+# classify() with a zero threshold can only say DIVERGED: used when no NeVePruner sets the threshold.
+_DIVERGENCE_ONLY = NeVeRule(stop_threshold=0.0)
+
+
+def _as_metrics(neve: Any) -> dict[str, float]:
+    """``NeVe.metrics()`` from a NeVe controller, a StepResult or an already-flat metrics mapping."""
+    if callable(getattr(neve, "metrics", None)):
+        return dict(neve.metrics())
+    if isinstance(neve, Mapping):
+        return {str(k): float(v) for k, v in neve.items()}
+    if hasattr(neve, "epoch") and hasattr(neve, "lrs") and hasattr(neve, "stop_reason"):  # a StepResult
+        out: dict[str, float] = {keys.EPOCH: float(neve.epoch)}
+        if neve.model_velocity is not None:
+            out[keys.MODEL_VELOCITY] = float(neve.model_velocity)
+        if neve.velocity_change is not None:
+            out[keys.VELOCITY_CHANGE] = float(neve.velocity_change)
+        out[keys.LR] = float(neve.lrs[0])
+        if len(neve.lrs) > 1:
+            out.update({keys.lr_key(i): float(lr) for i, lr in enumerate(neve.lrs)})
+        out[keys.LR_DECAYED] = float(bool(neve.lr_decayed))
+        out[keys.CONVERGED] = float(neve.stop_reason is StopReason.CONVERGED)
+        out[keys.DIVERGED] = float(neve.stop_reason is StopReason.DIVERGED)
+        return out
+    raise TypeError(
+        "report_epoch expects a neve_tune.NeVe, a neve_tune.StepResult or a dict of NeVe metrics"
+        f" (neve.metrics()), but got {type(neve).__name__}."
+    )
+
+
+def _own_reason(metrics: Mapping[str, float]) -> StopReason | None:
+    """The NeVe controller's own decision, used when the study's pruner is not a NeVePruner."""
+    velocity = metrics.get(keys.MODEL_VELOCITY)
+    if velocity is None:
+        return None
+    change = metrics.get(keys.VELOCITY_CHANGE)
+    if metrics.get(keys.DIVERGED) == 1.0 or _DIVERGENCE_ONLY.classify(velocity, change) is not None:
+        return StopReason.DIVERGED
+    if metrics.get(keys.CONVERGED) == 1.0:
+        return StopReason.CONVERGED
+    return None
+
+
+def report_epoch(
+    trial: optuna.trial.BaseTrial,
+    neve: NeVeLike,
+    value: float,
+    *,
+    step: int | None = None,
+    max_epochs: int | None = None,
+) -> StopReason | None:
+    """Report one epoch to Optuna and say whether to stop: the NeVe training loop's only Optuna call.
+
+    Call it after ``neve.step()`` at the end of every epoch. It stores NeVe's metrics in the trial's
+    user attributes (``"neve"``: this step, ``"neve_history"``: every step), reports ``value`` with
+    ``trial.report(value, step)``, and then:
+
+    * returns :obj:`None` to keep training;
+    * returns ``StopReason.CONVERGED`` when NeVe says training is done: stop and **return the
+      objective's value**, so the trial ends ``COMPLETE`` and counts for ``best_trial``;
+    * returns ``StopReason.MAX_T`` at epoch ``max_epochs`` (when given): the budget is spent;
+    * raises :class:`optuna.TrialPruned` when the trial diverged (NaN/inf velocity) or the pruner
+      prunes it (e.g. the base pruner of :class:`~neve_tune.optuna.NeVePruner` on ``value``): the trial
+      ends ``PRUNED``.
+
+    On every stop it records the user attributes ``neve_stop_reason`` (``"converged"``, ``"max_t"``,
+    ``"diverged"`` or ``"pruned"``) and ``neve_stop_epoch`` (``neve/epoch``: epochs trained). The return
+    value is truthy exactly when the loop should end, so ``if report_epoch(...): break`` is the idiom.
+
+    Who decides: with a :class:`~neve_tune.optuna.NeVePruner` as the study's pruner, the pruner does
+    (its ``stop_threshold``, ``n_warmup_steps`` and ``interval_steps``); with any other pruner, or a
+    :class:`optuna.trial.FixedTrial`, the NeVe controller's own ``converged``/``diverged`` flags do,
+    and ``should_prune()`` adds the study pruner's decision.
+
+    Re-running a step (a trial retried by ``RetryHeartbeatStaleTrialCallback`` inherits the failed
+    attempt's attributes, or a trial resumed from a checkpoint) drops the history from that step on, so
+    ``"neve_history"`` always describes one consistent run.
+
+    NaN policy: a NaN/inf model velocity or velocity change is a divergence (the trial is pruned); a NaN
+    ``value`` is reported as is and left to the study's pruner.
+
+    Args:
+        trial: the trial passed to the objective.
+        neve: the :class:`neve_tune.NeVe` controller (after its ``step()`` for this epoch), the
+            :class:`neve_tune.StepResult` that ``step()`` returned, or a dict of NeVe metrics.
+        value: this epoch's objective value (e.g. training or test accuracy), for ``trial.report``.
+        step: the Optuna step; defaults to ``neve/epoch - 1`` (0 after the first epoch).
+        max_epochs: the epoch budget; reaching it returns ``StopReason.MAX_T``.
+
+    Returns:
+        Why to stop (``CONVERGED`` or ``MAX_T``), or ``None`` to continue.
+
+    Raises:
+        optuna.TrialPruned: the trial diverged or was pruned.
+    """
+    metrics = _as_metrics(neve)
+    if keys.EPOCH not in metrics or metrics[keys.EPOCH] < 1:
+        raise ValueError(
+            f"report_epoch needs NeVe metrics of a finished epoch ({keys.EPOCH!r} >= 1), but got"
+            f" {metrics.get(keys.EPOCH)}; call neve.step() after the epoch's training, then report_epoch."
+        )
+    if max_epochs is not None and max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, but got {max_epochs=}.")
+    epoch = int(metrics[keys.EPOCH])
+    step = epoch - 1 if step is None else int(step)
+    if step < 0:
+        raise ValueError(f"step must be a non-negative integer, but got {step=}.")
+
+    entry = encode_entry(step, value, metrics)
+    earlier = trial.user_attrs.get(HISTORY_ATTR, [])
+    history = [dict(e) for e in earlier if isinstance(e, Mapping) and e.get(STEP_KEY, -1) < step]
+    history.append(dict(entry))
+    trial.set_user_attr(NEVE_ATTR, entry)
+    trial.set_user_attr(HISTORY_ATTR, history)
+    trial.report(value, step)
+
+    pruner = getattr(getattr(trial, "study", None), "pruner", None)
+    if isinstance(pruner, NeVePruner):
+        reported_steps = [e[STEP_KEY] for e in history]
+        reason = pruner._decide(step, reported_steps, entry, trial.number)
+    else:
+        reason = _own_reason(metrics)
+    if reason is None and trial.should_prune():
+        reason = StopReason.PRUNED
+    if reason is None and max_epochs is not None and epoch >= max_epochs:
+        reason = StopReason.MAX_T
+    if reason is None:
+        return None
+
+    trial.set_user_attr(STOP_REASON_ATTR, reason.value)
+    trial.set_user_attr(STOP_EPOCH_ATTR, epoch)
+    if reason in (StopReason.DIVERGED, StopReason.PRUNED):
+        raise optuna.TrialPruned(_pruned_message(trial.number, reason, epoch, metrics, value))
+    return reason
+
+
+def _pruned_message(number: int, reason: StopReason, epoch: int, metrics: Mapping[str, float], value: float) -> str:
+    if reason is StopReason.DIVERGED:
+        velocity = metrics.get(keys.MODEL_VELOCITY, math.nan)
+        change = metrics.get(keys.VELOCITY_CHANGE)
+        return (
+            f"Trial {number} diverged at epoch {epoch}: model velocity {decode(velocity)}, velocity change"
+            f" {change}. Lower the learning rate or check the loss."
+        )
+    return f"Trial {number} was pruned at epoch {epoch} on its reported value {value}."
