@@ -11,12 +11,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from . import keys
-from ._rule import NeVeRule, PlateauOn, StopReason
+from ._rule import NeVeRule, PlateauOn, StopFlags, StopReason
 from ._velocity import AuxInput, LayerSelection, VelocityMonitor
 
 
 @dataclass(frozen=True)
-class StepResult:
+class StepResult(StopFlags):
     """What one :meth:`NeVe.step` measured and decided.
 
     Attributes:
@@ -37,19 +37,6 @@ class StepResult:
     lrs: list[float]
     stop_reason: StopReason | None
     layer_velocity: dict[str, float] = field(default_factory=dict, repr=False)
-
-    @property
-    def converged(self) -> bool:
-        return self.stop_reason is StopReason.CONVERGED
-
-    @property
-    def diverged(self) -> bool:
-        return self.stop_reason is StopReason.DIVERGED
-
-    @property
-    def should_stop(self) -> bool:
-        """True when training should end here (converged or diverged)."""
-        return self.stop_reason is not None
 
     @property
     def message(self) -> str:

@@ -34,18 +34,9 @@ class StopReason(str, enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What the rule decided at one step.
+class StopFlags:
+    """``converged`` / ``diverged`` / ``should_stop``, derived from a ``stop_reason`` attribute."""
 
-    Attributes:
-        lrs: the learning rates after this step, one per param group.
-        lr_decayed: whether at least one learning rate was lowered at this step.
-        stop_reason: ``CONVERGED``, ``DIVERGED`` or ``None`` (keep training).
-    """
-
-    lrs: tuple[float, ...]
-    lr_decayed: bool
     stop_reason: StopReason | None
 
     @property
@@ -58,7 +49,23 @@ class Decision:
 
     @property
     def should_stop(self) -> bool:
+        """True when training should end here (converged or diverged)."""
         return self.stop_reason is not None
+
+
+@dataclass(frozen=True)
+class Decision(StopFlags):
+    """What the rule decided at one step.
+
+    Attributes:
+        lrs: the learning rates after this step, one per param group.
+        lr_decayed: whether at least one learning rate was lowered at this step.
+        stop_reason: ``CONVERGED``, ``DIVERGED`` or ``None`` (keep training).
+    """
+
+    lrs: tuple[float, ...]
+    lr_decayed: bool
+    stop_reason: StopReason | None
 
 
 def _is_finite(value: float | None) -> bool:
