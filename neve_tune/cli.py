@@ -1,0 +1,224 @@
+"""The ``neve-tune`` command line.
+
+``neve-tune study run STUDY`` runs NeVe against validation-based ASHA (and a FIFO compute reference) on
+the same sampled configurations and prints the comparison; ``neve-tune study compare`` rebuilds that
+table (and its plots) from MLflow; ``neve-tune study list`` lists the studies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one message, exit status 2."""
+
+
+def _version() -> str:
+    from neve_tune import __version__
+
+    return __version__
+
+
+def _arms(text: str) -> list[str]:
+    return [a for a in (x.strip() for x in text.split(",")) if a]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neve-tune",
+        description="NeVe (Neural Velocity): validation-free LR decay and early stopping, compared with "
+        "validation-based ASHA on the same work.",
+    )
+    parser.add_argument("--version", action="version", version=f"neve-tune {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    study = commands.add_parser("study", help="run and compare studies (NeVe vs ASHA vs FIFO)")
+    study_commands = study.add_subparsers(dest="study_command", metavar="SUBCOMMAND")
+
+    run = study_commands.add_parser(
+        "run",
+        help="run a study's arms and print the comparison table",
+        description="Run every arm on the same sampled configurations, trial count, seed and epoch cap, "
+        "track it in MLflow and print the comparison table.",
+    )
+    run.add_argument("study", metavar="STUDY", help="a study name (see `neve-tune study list`) or module:DEFINITION")
+    run.add_argument(
+        "--arms",
+        type=_arms,
+        default=["neve", "asha", "fifo"],
+        help="comma-separated arms among neve, asha, fifo (default: neve,asha,fifo)",
+    )
+    run.add_argument("--trials", type=int, default=None, help="configurations per arm (default: the study's)")
+    run.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every trial (default: the study's)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the configurations, splits and inits (default 0)")
+    run.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder)",
+    )
+    run.add_argument("--experiment", default=None, help="MLflow experiment name (default: neve-tune-STUDY)")
+    run.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow (table and files only)")
+    run.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
+    run.add_argument("--backend", choices=("ray", "optuna"), default="ray", help="tuning backend (default: ray)")
+    run.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default: the study's)")
+    run.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (default: the study's)")
+    run.add_argument("--data-root", default=None, help="dataset folder (download target for CIFAR)")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per trial (default 0)")
+    run.add_argument(
+        "--output-dir", default="neve_results", help="where Ray results, tables and plots go (default: neve_results)"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    compare = study_commands.add_parser(
+        "compare",
+        help="print the comparison table of a study tracked in MLflow and write its plots",
+        description="Rebuild the comparison table of the latest study run of an MLflow experiment.",
+    )
+    compare.add_argument("study", metavar="STUDY", nargs="?", default="digits", help="study name (default: digits)")
+    compare.add_argument("--experiment", default=None, help="MLflow experiment (default: neve-tune-STUDY)")
+    compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for `study run`)")
+    compare.add_argument("--run-id", default=None, help="a specific study run id (default: the latest)")
+    compare.add_argument(
+        "--output-dir", default="neve_results", help="where the plots and tables go (default: neve_results)"
+    )
+
+    study_commands.add_parser("list", help="list the known studies")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    return console
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from neve_tune.studies import get_study, list_studies
+
+    console = _console()
+    for name in list_studies():
+        try:
+            definition = get_study(name)
+            b = definition.budget
+            console.print(
+                f"[bold]{name:12s}[/bold] {definition.description} "
+                f"[dim](default: {b.trials} trials x <= {b.max_epochs} epochs)[/dim]"
+            )
+        except ImportError as err:
+            console.print(f"[bold]{name:12s}[/bold] [red]unavailable: {err}[/red]")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from neve_tune.studies import run_study
+
+    console = _console()
+    started = time.perf_counter()
+    result = run_study(
+        args.study,
+        arms=args.arms,
+        trials=args.trials,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        track=not args.no_mlflow,
+        ray_address=args.ray_address,
+        backend=args.backend,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        data_root=args.data_root,
+        num_workers=args.num_workers,
+        output_dir=args.output_dir,
+        progress=not args.no_progress,
+        console=console,
+    )
+    console.print()
+    console.print(result.table())
+    for summary in result.summaries:
+        console.print(f"  pick rule, [bold]{summary.arm}[/bold]: {summary.pick_rule}")
+    console.print(
+        "  test accuracy is reported only; no arm sees it. 'train data': fraction of the labelled "
+        "(non-test) data the arm trains on."
+    )
+    console.print(f"\nTables and plots: {result.output_dir}")
+    if result.tracking_uri:
+        console.print(
+            f"MLflow: {result.tracking_uri} - experiment id {result.experiment_id}, study run "
+            f"{result.study_run_id}. Browse with `mlflow ui --backend-store-uri {result.tracking_uri}`."
+        )
+    console.print(f"Done in {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from neve_tune.studies import comparison_table, summarize_arm
+    from neve_tune.studies._from_mlflow import load_study
+    from neve_tune.studies._runner import write_outputs
+
+    console = _console()
+    experiment = args.experiment or f"neve-tune-{args.study}"
+    stored = load_study(args.tracking_uri, experiment, study_run_id=args.run_id)
+    if not stored.arms:
+        raise CLIError(f"The study run {stored.study_run_id} of {experiment!r} has no arm runs.")
+    summaries = [summarize_arm(arm) for arm in stored.arms]
+    folder = Path(args.output_dir) / f"compare-{stored.study_run_name}"
+    files = write_outputs(folder, stored.arms, summaries)
+    title = f"{stored.study} - study run {stored.study_run_name} ({stored.status})"
+    console.print(comparison_table(summaries, title=title))
+    for summary in summaries:
+        console.print(f"  pick rule, [bold]{summary.arm}[/bold]: {summary.pick_rule}")
+    console.print(f"\nTables and plots: {folder.resolve()} ({', '.join(sorted(files))})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``neve-tune`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "study" or getattr(args, "study_command", None) is None:
+        parser.print_help()
+        return EXIT_USAGE if args.command is None or args.command == "study" else 0
+    _quiet_libraries()
+    from neve_tune.mlflow import TrackingUnavailableError
+    from neve_tune.studies import StudyError, UnknownStudyError
+
+    handlers = {"run": cmd_run, "compare": cmd_compare, "list": cmd_list}
+    try:
+        return handlers[args.study_command](args)
+    except (UnknownStudyError, StudyError, TrackingUnavailableError, CLIError, ValueError) as err:
+        print(f"neve-tune: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as err:
+        print(f"neve-tune: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("neve-tune: interrupted; open MLflow runs were ended KILLED.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The comparison of study arms, from plain per-trial records (Ray results or MLflow runs alike).
+
+Pick rules, i.e. which trial each arm would deploy, using only what that arm is allowed to see:
+
+* ``neve``: no validation data exists. Among the trials NeVe stopped as *converged*, the one with the
+  lowest final training loss (mean over its last epoch's minibatches, on the training split); if none
+  converged, among all trials that did not diverge. Ties: fewer epochs, then lower config id. This is a
+  fit criterion, not a generalisation estimate: it is what a validation-free arm can honestly use.
+* ``asha`` and ``fifo``: the highest validation accuracy at the trial's last epoch (ties: lower
+  validation loss, fewer epochs, lower config id), i.e. ``ResultGrid.get_best_result(scope="last")``.
+
+The test accuracy is only reported: it never picks a trial or stops one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+PICK_RULES: dict[str, str] = {
+    "neve": "lowest final train loss among converged trials (validation-free)",
+    "asha": "highest validation accuracy at the trial's last epoch",
+    "fifo": "highest validation accuracy at the trial's last epoch",
+}
+
+
+@dataclass
+class TrialRecord:
+    """What the comparison needs from one trial.
+
+    NaN policy: a missing or non-numeric metric reads as NaN; NaN values never win a pick and are left out
+    of the quantiles. State: plain data (rebuilt from MLflow by ``neve-tune study compare``).
+
+    Attributes:
+        arm: the arm.
+        config_id: index of the sampled configuration (the same config id means the same
+            hyperparameters in every arm).
+        config: the hyperparameters.
+        epochs: epochs trained (its last reported epoch).
+        stop_reason: ``converged``, ``diverged``, ``max_t``, ``pruned``, ``error`` or ``stopped``.
+        final: its last reported metrics (``train/loss``, ``val/acc``, ``test/acc``, ...).
+        test_acc_curve: ``(epoch, test accuracy)`` per epoch, for the plots.
+        trial_id: the backend's trial id.
+        run_id: its MLflow run id, when known.
+    """
+
+    arm: str
+    config_id: int
+    config: dict[str, Any]
+    epochs: int
+    stop_reason: str
+    final: dict[str, float]
+    test_acc_curve: list[tuple[int, float]] = field(default_factory=list)
+    trial_id: str | None = None
+    run_id: str | None = None
+
+    def metric(self, key: str) -> float:
+        value = self.final.get(key)
+        try:
+            return float(value) if value is not None else math.nan
+        except (TypeError, ValueError):
+            return math.nan
+
+    @property
+    def test_acc(self) -> float:
+        return self.metric("test/acc")
+
+
+@dataclass
+class ArmResult:
+    """All trials of one arm, plus its wall time and the fraction of labelled data it trained on."""
+
+    arm: str
+    records: list[TrialRecord]
+    wall_time_s: float
+    train_fraction: float
+    max_epochs: int
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """One row of the comparison table (NaN where no trial qualifies, e.g. no pick; immutable)."""
+
+    arm: str
+    trials: int
+    picked_config_id: int | None
+    picked_test_acc: float
+    median_test_acc: float
+    q1_test_acc: float
+    q3_test_acc: float
+    min_test_acc: float
+    max_test_acc: float
+    trial_epochs: int
+    wall_time_s: float
+    train_fraction: float
+    stop_epochs: tuple[int, ...]
+    stop_reasons: dict[str, int]
+    pick_rule: str
+
+    @property
+    def stop_epochs_text(self) -> str:
+        if not self.stop_epochs:
+            return "-"
+        e = sorted(self.stop_epochs)
+        median = _quantile([float(x) for x in e], 0.5)
+        return f"{e[0]}-{e[-1]} (med {median:g})"
+
+    @property
+    def stop_reasons_text(self) -> str:
+        return ", ".join(f"{reason} {n}" for reason, n in sorted(self.stop_reasons.items(), key=lambda kv: -kv[1]))
+
+    def as_row(self, reference_epochs: int | None = None) -> dict[str, Any]:
+        """The row as plain values (for CSV/markdown)."""
+        return {
+            "arm": self.arm,
+            "trials": self.trials,
+            "picked_config": "-" if self.picked_config_id is None else self.picked_config_id,
+            "picked_test_acc": _r(self.picked_test_acc),
+            "median_test_acc": _r(self.median_test_acc),
+            "iqr_test_acc": f"{_r(self.q1_test_acc)}-{_r(self.q3_test_acc)}",
+            "min_max_test_acc": f"{_r(self.min_test_acc)}-{_r(self.max_test_acc)}",
+            "trial_epochs": self.trial_epochs,
+            "compute_vs_fifo": "-" if not reference_epochs else f"{self.trial_epochs / reference_epochs:.2f}",
+            "wall_time_s": "nan" if not math.isfinite(self.wall_time_s) else round(self.wall_time_s, 1),
+            "train_fraction": round(self.train_fraction, 3),
+            "stop_epochs": self.stop_epochs_text,
+            "stop_reasons": self.stop_reasons_text,
+            "pick_rule": self.pick_rule,
+        }
+
+
+def _r(x: float) -> str:
+    return "nan" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default); NaN for an empty list."""
+    xs = sorted(v for v in values if math.isfinite(v))
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def pick_trial(arm: str, records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The trial ``arm`` would pick, by :data:`PICK_RULES` (never by test accuracy); None if none qualifies."""
+    ok = [r for r in records if r.stop_reason != "error"]
+    if arm == "neve":
+        converged = [r for r in ok if r.stop_reason == "converged" and math.isfinite(r.metric("train/loss"))]
+        pool = converged or [r for r in ok if r.stop_reason != "diverged" and math.isfinite(r.metric("train/loss"))]
+        if not pool:
+            return None
+        return min(pool, key=lambda r: (r.metric("train/loss"), r.epochs, r.config_id))
+    pool = [r for r in ok if math.isfinite(r.metric("val/acc"))]
+    if not pool:
+        return None
+
+    def key(r: TrialRecord) -> tuple[float, float, int, int]:
+        loss = r.metric("val/loss")
+        return (-r.metric("val/acc"), loss if math.isfinite(loss) else math.inf, r.epochs, r.config_id)
+
+    return min(pool, key=key)
+
+
+def summarize_arm(result: ArmResult) -> ArmSummary:
+    """The comparison row of one arm."""
+    records = result.records
+    picked = pick_trial(result.arm, records)
+    accs = [r.test_acc for r in records]
+    finite = [a for a in accs if math.isfinite(a)]
+    return ArmSummary(
+        arm=result.arm,
+        trials=len(records),
+        picked_config_id=None if picked is None else picked.config_id,
+        picked_test_acc=math.nan if picked is None else picked.test_acc,
+        median_test_acc=_quantile(accs, 0.5),
+        q1_test_acc=_quantile(accs, 0.25),
+        q3_test_acc=_quantile(accs, 0.75),
+        min_test_acc=min(finite) if finite else math.nan,
+        max_test_acc=max(finite) if finite else math.nan,
+        trial_epochs=sum(r.epochs for r in records),
+        wall_time_s=result.wall_time_s,
+        train_fraction=result.train_fraction,
+        stop_epochs=tuple(sorted(r.epochs for r in records)),
+        stop_reasons=dict(Counter(r.stop_reason for r in records)),
+        pick_rule=PICK_RULES.get(result.arm, "-"),
+    )
+
+
+def _reference_epochs(summaries: Sequence[ArmSummary]) -> int | None:
+    for s in summaries:
+        if s.arm == "fifo":
+            return s.trial_epochs or None
+    return None
+
+
+def comparison_rows(summaries: Sequence[ArmSummary]) -> list[dict[str, Any]]:
+    ref = _reference_epochs(summaries)
+    return [s.as_row(ref) for s in summaries]
+
+
+_HEADERS = {
+    "arm": "arm",
+    "trials": "trials",
+    "picked_config": "picked",
+    "picked_test_acc": "test acc (picked)",
+    "median_test_acc": "test acc median",
+    "iqr_test_acc": "IQR",
+    "min_max_test_acc": "min-max",
+    "trial_epochs": "trial-epochs",
+    "compute_vs_fifo": "vs fifo",
+    "wall_time_s": "wall s",
+    "train_fraction": "train data",
+    "stop_epochs": "stop epochs",
+    "stop_reasons": "stop reasons",
+}
+
+
+def comparison_markdown(summaries: Sequence[ArmSummary]) -> str:
+    """The table as GitHub markdown, followed by the pick rules."""
+    rows = comparison_rows(summaries)
+    lines = [
+        "| " + " | ".join(_HEADERS.values()) + " |",
+        "|" + "|".join("---" for _ in _HEADERS) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[k]) for k in _HEADERS) + " |")
+    lines.append("")
+    for s in summaries:
+        lines.append(f"- pick rule, {s.arm}: {s.pick_rule}")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv(summaries: Sequence[ArmSummary]) -> str:
+    """The table as CSV (every column, including the pick rule)."""
+    rows = comparison_rows(summaries)
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def comparison_table(summaries: Sequence[ArmSummary], *, title: str | None = None) -> Table:
+    """The table for a terminal (rich); compacter than the markdown/CSV (same numbers)."""
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold", title_style="bold")
+    columns = [
+        ("arm", "left"),
+        ("trials", "right"),
+        ("picked\nconfig", "right"),
+        ("test acc\n(picked)", "right"),
+        ("test acc\nmedian [IQR]", "right"),
+        ("test acc\nmin-max", "right"),
+        ("trial-epochs\n(vs fifo)", "right"),
+        ("wall\ntime s", "right"),
+        ("train\ndata", "right"),
+        ("stop epochs", "left"),
+        ("stop reasons", "left"),
+    ]
+    for header, justify in columns:
+        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for row in comparison_rows(summaries):
+        ratio = "" if row["compute_vs_fifo"] == "-" else f" ({row['compute_vs_fifo']}x)"
+        table.add_row(
+            str(row["arm"]),
+            str(row["trials"]),
+            str(row["picked_config"]),
+            str(row["picked_test_acc"]),
+            f"{row['median_test_acc']} [{row['iqr_test_acc']}]",
+            str(row["min_max_test_acc"]),
+            f"{row['trial_epochs']}{ratio}",
+            str(row["wall_time_s"]),
+            f"{100 * float(row['train_fraction']):.0f}%",
+            str(row["stop_epochs"]),
+            str(row["stop_reasons"]),
+        )
+    return table
+
+
+def records_by_arm(records: Sequence[TrialRecord]) -> Mapping[str, list[TrialRecord]]:
+    out: dict[str, list[TrialRecord]] = {}
+    for r in records:
+        out.setdefault(r.arm, []).append(r)
+    return out

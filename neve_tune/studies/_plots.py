@@ -1,0 +1,75 @@
+"""Study-level figures: test accuracy per epoch for each arm, and the compute each arm used."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ._compare import ArmResult, ArmSummary, pick_trial
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+ARM_COLORS = {"neve": "C0", "asha": "C1", "fifo": "C2"}
+
+
+def plot_test_acc_vs_epochs(results: Sequence[ArmResult]) -> Figure:
+    """One panel per arm: every trial's test accuracy per epoch (thin), the arm's picked trial in bold.
+
+    The test accuracy is shown for reporting only; no arm ever sees it.
+    """
+    from matplotlib.figure import Figure
+
+    n = max(1, len(results))
+    fig = Figure(figsize=(4.2 * n, 3.6), dpi=100)
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
+    for ax, result in zip(axes, results, strict=False):
+        picked = pick_trial(result.arm, result.records)
+        color = ARM_COLORS.get(result.arm, "C3")
+        for record in result.records:
+            if not record.test_acc_curve:
+                continue
+            epochs = [e for e, _ in record.test_acc_curve]
+            accs = [a if math.isfinite(a) else math.nan for _, a in record.test_acc_curve]
+            ax.plot(epochs, accs, color=color, alpha=0.35, lw=1)
+            ax.plot(epochs[-1:], accs[-1:], "o", color=color, alpha=0.6, ms=3)
+        if picked is not None and picked.test_acc_curve:
+            ax.plot(
+                [e for e, _ in picked.test_acc_curve],
+                [a for _, a in picked.test_acc_curve],
+                color="black",
+                lw=2,
+                label=f"picked: config {picked.config_id} ({picked.test_acc:.3f})",
+            )
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(f"{result.arm} ({len(result.records)} trials)")
+        ax.set_xlabel("epoch")
+        ax.set_xlim(0, result.max_epochs + 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (reported only)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_compute(summaries: Sequence[ArmSummary]) -> Figure:
+    """Trial-epochs and wall time per arm (bars), with the picked trial's test accuracy on top."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.6), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
+    arms = [s.arm for s in summaries]
+    colors = [ARM_COLORS.get(a, "C3") for a in arms]
+    bars = ax1.bar(arms, [s.trial_epochs for s in summaries], color=colors)
+    for bar, s in zip(bars, summaries, strict=True):
+        label = "n/a" if not math.isfinite(s.picked_test_acc) else f"acc {s.picked_test_acc:.3f}"
+        ax1.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax1.set_ylabel("total trial-epochs")
+    ax1.set_title("compute (epochs trained)")
+    ax2.bar(arms, [s.wall_time_s for s in summaries], color=colors)
+    ax2.set_ylabel("wall time (s)")
+    ax2.set_title("wall time")
+    for ax in (ax1, ax2):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

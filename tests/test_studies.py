@@ -1,0 +1,425 @@
+"""Studies: the protocol pieces (fast) and the digits study end-to-end on a real local Ray (slow).
+
+The end-to-end runs use a tiny budget and check everything through MlflowClient against a real
+`mlflow server` on 127.0.0.1 (the default SQLite store is covered through the CLI in test_cli.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neve_tune.studies import (
+    ARMS,
+    ArmResult,
+    Budget,
+    Choice,
+    LogUniform,
+    StudyError,
+    TrialRecord,
+    UnknownStudyError,
+    comparison_csv,
+    comparison_markdown,
+    get_study,
+    list_studies,
+    pick_trial,
+    sample_configs,
+    summarize_arm,
+)
+from tests.test_mlflow import MlflowServer
+
+# ---------------------------------------------------------------------------- protocol pieces (fast)
+
+
+def _record(arm: str, cid: int, *, reason: str, epochs: int, test: float, **final: float) -> TrialRecord:
+    return TrialRecord(arm, cid, {"config_id": cid}, epochs, reason, {"test/acc": test, **final})
+
+
+def test_every_arm_gets_the_same_configurations() -> None:
+    digits = get_study("digits")
+    space = {"lr": LogUniform(1e-3, 1.0), "width": Choice((8, 16, 32))}
+    first, again = sample_configs(space, 12, seed=5), sample_configs(space, 12, seed=5)
+    assert first == again and [c["config_id"] for c in first] == list(range(12))
+    assert sample_configs(space, 12, seed=6) != first
+    assert all(1e-3 <= c["lr"] <= 1.0 and c["width"] in (8, 16, 32) for c in first)
+    assert len({c["lr"] for c in first}) == 12
+    assert digits.configs(4, 0) == digits.configs(4, 0)
+
+
+def test_budget_validation_and_overrides() -> None:
+    budget = get_study("digits").budget
+    assert budget.with_overrides(max_epochs=2).grace_period == 2  # ASHA's grace never exceeds the cap
+    assert budget.with_overrides(trials=None).trials == budget.trials
+    with pytest.raises(ValueError, match="val_fraction"):
+        Budget(trials=1, max_epochs=1, val_fraction=0.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        Budget(trials=1, max_epochs=1, lr_schedule="linear")
+
+
+def test_registry_lists_and_rejects() -> None:
+    assert {"digits", "cifar10", "cifar100", "imagenet100"} <= set(list_studies())
+    with pytest.raises(UnknownStudyError, match="Unknown study 'mnist'. Known studies: cifar10, cifar100, digits"):
+        get_study("mnist")
+    assert get_study("studies.digits:STUDY") is get_study("digits")
+
+
+def test_pick_rules_never_look_at_test_accuracy() -> None:
+    # The highest test accuracy is always the trial the rule must NOT pick.
+    neve = [
+        _record("neve", 0, reason="converged", epochs=9, test=0.99, **{"train/loss": 0.30}),
+        _record("neve", 1, reason="converged", epochs=12, test=0.90, **{"train/loss": 0.05}),
+        _record("neve", 2, reason="max_t", epochs=40, test=0.995, **{"train/loss": 0.01}),  # not converged
+        _record("neve", 3, reason="diverged", epochs=3, test=0.999, **{"train/loss": math.nan}),
+    ]
+    assert pick_trial("neve", neve).config_id == 1
+    # Nothing converged: the lowest train loss among the trials that did not diverge.
+    slow = _record("neve", 4, reason="max_t", epochs=40, test=0.999, **{"train/loss": 0.2})
+    assert pick_trial("neve", [slow, neve[2], neve[3]]).config_id == 2
+    assert pick_trial("neve", [neve[3]]) is None
+    asha = [
+        _record("asha", 0, reason="max_t", epochs=40, test=0.99, **{"val/acc": 0.95, "val/loss": 0.2}),
+        _record("asha", 1, reason="pruned", epochs=4, test=0.999, **{"val/acc": 0.97, "val/loss": 0.3}),
+        _record("asha", 2, reason="max_t", epochs=40, test=0.80, **{"val/acc": 0.97, "val/loss": 0.1}),
+        _record("asha", 3, reason="error", epochs=1, test=1.0, **{"val/acc": 1.0}),
+    ]
+    assert pick_trial("asha", asha).config_id == 2  # tie on val acc -> lower val loss
+
+
+def test_summary_row() -> None:
+    records = [
+        _record("asha", i, reason=r, epochs=e, test=t, **{"val/acc": v})
+        for i, (r, e, t, v) in enumerate(
+            [("max_t", 40, 0.96, 0.9), ("pruned", 4, 0.50, 0.5), ("pruned", 12, 0.90, 0.8), ("max_t", 40, 0.98, 0.95)]
+        )
+    ]
+    summary = summarize_arm(ArmResult("asha", records, wall_time_s=12.34, train_fraction=0.9, max_epochs=40))
+    assert summary.picked_config_id == 3 and summary.picked_test_acc == 0.98
+    assert summary.median_test_acc == pytest.approx(0.93)
+    assert (summary.min_test_acc, summary.max_test_acc) == (0.5, 0.98)
+    assert summary.q1_test_acc == pytest.approx(0.8) and summary.q3_test_acc == pytest.approx(0.965)
+    assert summary.trial_epochs == 96 and summary.stop_epochs == (4, 12, 40, 40)
+    assert summary.stop_reasons == {"max_t": 2, "pruned": 2}
+    fifo = summarize_arm(ArmResult("fifo", records, 20.0, 0.9, 40))
+    md = comparison_markdown([summary, fifo])
+    assert "| asha | 4 | 3 | 0.980 | 0.930 | 0.800-0.965 | 0.500-0.980 | 96 | 1.00 | 12.3 | 0.9 | 4-40 (med 26) |" in md
+    assert "pick rule, asha: highest validation accuracy" in md
+    header, first, _ = comparison_csv([summary, fifo]).splitlines()
+    assert header.startswith("arm,trials,picked_config,picked_test_acc") and first.startswith("asha,4,3,0.980")
+
+
+def test_bad_arm_and_backend_fail_before_anything_runs(tmp_path: Path) -> None:
+    from neve_tune.studies import run_study
+
+    with pytest.raises(StudyError, match="Unknown arm 'hyperband'"):
+        run_study("digits", arms=["neve", "hyperband"], output_dir=tmp_path)
+    with pytest.raises(StudyError, match="Unknown backend"):
+        run_study("digits", backend="dask", output_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- end to end (Ray, MLflow)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def _tiny_digits() -> Any:
+    """digits with ASHA able to prune within 4 epochs (grace 1, reduction factor 2)."""
+    base = get_study("digits")
+    return dataclasses.replace(base, budget=dataclasses.replace(base.budget, grace_period=1, reduction_factor=2))
+
+
+def _tree(client: Any, experiment_id: str, parent: str) -> list:
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def _steps(client: Any, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_digits_study_end_to_end_against_a_real_mlflow_server(local_ray: Any, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from neve_tune.studies import run_study
+    from neve_tune.studies._from_mlflow import load_study
+
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        result = run_study(
+            _tiny_digits(), trials=3, max_epochs=4, tracking_uri=server.uri, output_dir=tmp_path / "out", progress=False
+        )
+        client = MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("neve-tune-digits")
+        study = client.get_run(result.study_run_id)
+        assert study.info.status == "FINISHED" and study.data.tags["role"] == "study"
+        assert study.data.params["trials"] == "3" and study.data.params["max_epochs"] == "4"
+        assert {a.path for a in client.list_artifacts(study.info.run_id)} >= {"comparison.md", "comparison.csv"}
+        assert {a.path for a in client.list_artifacts(study.info.run_id, "plots")} == {
+            "plots/test_acc_vs_epochs.png",
+            "plots/compute_per_arm.png",
+        }
+        arm_runs = {r.data.tags["arm"]: r for r in _tree(client, exp.experiment_id, study.info.run_id)}
+        assert set(arm_runs) == set(ARMS)
+        configs_by_arm = {}
+        for arm, arm_run in arm_runs.items():
+            assert arm_run.info.status == "FINISHED" and arm_run.data.tags["role"] == "arm"
+            assert arm_run.data.params["train_fraction"] == ("1.0" if arm == "neve" else "0.9")
+            trials = _tree(client, exp.experiment_id, arm_run.info.run_id)
+            assert len(trials) == 3
+            configs_by_arm[arm] = sorted(
+                (r.data.params["config_id"], r.data.params["lr"], r.data.params["weight_decay"], r.data.params["width"])
+                for r in trials
+            )
+            picked = [r for r in trials if r.data.tags.get("picked") == "true"]
+            assert len(picked) == 1
+            for run in trials:
+                tags, metrics = run.data.tags, run.data.metrics
+                assert run.info.status == "FINISHED", (arm, run.info.run_name, run.info.status)
+                assert tags["role"] == "trial" and tags["arm"] == arm
+                assert tags["mlflow.parentRunId"] == arm_run.info.run_id
+                stop_epoch = int(tags["neve/stop_epoch"])
+                reason = tags["neve/stop_reason"]
+                assert 1 <= stop_epoch <= 4
+                allowed = {"neve": {"converged", "diverged", "max_t"}, "asha": {"pruned", "diverged", "max_t"}}
+                assert reason in allowed.get(arm, {"max_t", "diverged"})
+                if reason == "max_t":
+                    assert stop_epoch == 4
+                # Per-epoch metrics with step = epoch (a pruned trial may log the epoch it was computing).
+                assert _steps(client, run.info.run_id, "test/acc")[:stop_epoch] == list(range(1, stop_epoch + 1))
+                common = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "epoch", "time/epoch_s"}
+                assert common <= set(metrics)
+                assert any(k.startswith("layer_velocity/features.") for k in metrics)
+                if arm == "neve":
+                    assert {"neve/model_velocity", "neve/lr", "neve/num_decays", "neve/converged"} <= set(metrics)
+                    assert not any(k.startswith("val/") for k in metrics)  # no validation data at all
+                else:
+                    assert {"val/loss", "val/acc", "monitor/model_velocity"} <= set(metrics)
+                    assert not any(k.startswith("neve/") for k in metrics)
+                plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+                assert plots == {"plots/velocity_curve.png", "plots/layer_velocity_heatmap.png"}
+        # The same configurations in every arm.
+        assert configs_by_arm["neve"] == configs_by_arm["asha"] == configs_by_arm["fifo"]
+
+        # The returned comparison matches the run, and `study compare` rebuilds the same rows from MLflow.
+        by_arm = {s.arm: s for s in result.summaries}
+        assert by_arm["fifo"].trial_epochs == 12 and by_arm["fifo"].stop_reasons == {"max_t": 3}
+        assert by_arm["neve"].train_fraction == 1.0 and by_arm["asha"].train_fraction == pytest.approx(0.9)
+        for arm in ARMS:
+            assert by_arm[arm].trials == 3
+            assert by_arm[arm].trial_epochs == sum(r.epochs for r in result.arms[arm].records)
+            assert float(arm_runs[arm].data.metrics["trial_epochs"]) == by_arm[arm].trial_epochs
+        stored = load_study(server.uri, "neve-tune-digits")
+        again = {a.arm: summarize_arm(a) for a in stored.arms}
+        for arm in ARMS:
+            got, want = again[arm], by_arm[arm]
+            assert (got.picked_config_id, got.trial_epochs, got.stop_epochs) == (
+                want.picked_config_id,
+                want.trial_epochs,
+                want.stop_epochs,
+            )
+            assert got.picked_test_acc == pytest.approx(want.picked_test_acc)
+            assert got.median_test_acc == pytest.approx(want.median_test_acc)
+        assert (result.output_dir / "comparison.md").read_text() == result.markdown()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_leaves_its_run_failed_and_the_study_goes_on(local_ray: Any, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from neve_tune.studies import run_study
+
+    base = get_study("digits")
+
+    def build_model(config: dict) -> Any:
+        model = base.build_model(config)
+        if config["config_id"] == 1:
+            calls = {"n": 0}
+
+            def fail_in_epoch_two(module: Any, inputs: Any) -> None:
+                calls["n"] += module.training
+                if calls["n"] > 25:  # an epoch of fifo is 19 training batches
+                    raise RuntimeError("simulated failure in epoch 2")
+
+            model.register_forward_pre_hook(fail_in_epoch_two)
+        return model
+
+    failing = dataclasses.replace(base, name="digits-failing", build_model=build_model)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_study(
+        failing, arms=["fifo"], trials=2, max_epochs=3, tracking_uri=uri, output_dir=tmp_path, progress=False
+    )
+    records = {r.config_id: r for r in result.arms["fifo"].records}
+    assert records[1].stop_reason == "error" and records[1].epochs == 1
+    assert records[0].stop_reason == "max_t" and records[0].epochs == 3
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("neve-tune-digits-failing")
+    runs = {r.data.params.get("config_id"): r for r in client.search_runs([exp.experiment_id], "tags.role = 'trial'")}
+    assert runs["1"].info.status == "FAILED"
+    assert "simulated failure in epoch 2" in runs["1"].data.tags["error"]
+    assert _steps(client, runs["1"].info.run_id, "train/loss") == [1]  # what it did before failing is kept
+    assert runs["0"].info.status == "FINISHED"
+    assert client.get_run(result.study_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
+def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(local_ray: Any, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from neve_tune.mlflow import replay_unsent
+    from neve_tune.studies import run_study
+
+    server = MlflowServer(tmp_path / "server").start()
+
+    class KillServer(tune.Callback):  # Tune pickles its callbacks: it holds the server's process group id only
+        def __init__(self, pgid: int) -> None:
+            self.pgid, self.done = pgid, False
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if not self.done:  # at the first result of the first arm
+                self.done = True
+                os.killpg(self.pgid, signal.SIGTERM)  # the server this test started
+
+    try:
+        with pytest.warns(Warning) as caught:
+            result = run_study(
+                "digits",
+                arms=["neve", "asha"],
+                trials=2,
+                max_epochs=3,
+                tracking_uri=server.uri,
+                output_dir=tmp_path / "out",
+                progress=False,
+                callbacks=[KillServer(server.proc.pid)],
+            )
+        assert any("unavailable" in str(w.message) for w in caught)
+        # The study ran to the end: every trial trained, the table was computed.
+        for arm in ("neve", "asha"):
+            assert len(result.arms[arm].records) == 2
+            assert all(r.epochs >= 1 and r.stop_reason != "error" for r in result.arms[arm].records)
+        assert (result.output_dir / "comparison.csv").exists()
+        unsent = sorted((tmp_path / "out" / "mlflow-unsent").glob("*.jsonl"))
+        assert unsent, "nothing was saved for later"
+
+        # Nothing is lost: with the server back (same database), replaying the saved records completes the tree.
+        server.stop()  # reap the killed process group
+        server.start()
+        for path in sorted(unsent, key=lambda p: "arm-" in p.name or "study" in p.name):  # trials first
+            replay_unsent(path)
+        client = MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("neve-tune-digits")
+        trials = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
+        assert len(trials) == 4
+        for run in trials:
+            assert run.info.status == "FINISHED"
+            epochs = int(run.data.tags["neve/stop_epoch"])
+            assert _steps(client, run.info.run_id, "train/loss")[:epochs] == list(range(1, epochs + 1))
+        assert client.get_run(result.study_run_id).info.status == "FINISHED"
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_optuna_backend_runs_the_same_protocol(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    import optuna
+    from mlflow import MlflowClient
+
+    from neve_tune.studies import run_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_study(
+        _tiny_digits(), backend="optuna", trials=3, max_epochs=4, tracking_uri=uri, output_dir=tmp_path, progress=False
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna' / 'optuna.db'}"
+    studies = {s.study_name.split("-")[1]: s for s in optuna.get_all_study_summaries(storage)}
+    assert set(studies) == set(ARMS)
+    neve = optuna.load_study(study_name=studies["neve"].study_name, storage=storage)
+    # NeVe's converged (or capped) trials COMPLETE with their stop reason; only divergence is PRUNED.
+    for trial in neve.trials:
+        reason = trial.user_attrs["neve_stop_reason"]
+        assert trial.state == (
+            optuna.trial.TrialState.PRUNED if reason == "diverged" else optuna.trial.TrialState.COMPLETE
+        )
+    fifo = optuna.load_study(study_name=studies["fifo"].study_name, storage=storage)
+    assert [t.state.name for t in fifo.trials] == ["COMPLETE"] * 3
+    # The same enqueued configurations in every arm.
+    params = {arm: sorted(tuple(sorted(t.params.items())) for t in optuna.load_study(
+        study_name=s.study_name, storage=storage).trials) for arm, s in studies.items()}  # fmt: skip
+    assert params["neve"] == params["asha"] == params["fifo"]
+    assert {s.arm: s.trials for s in result.summaries} == {"neve": 3, "asha": 3, "fifo": 3}
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("neve-tune-digits")
+    trials = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
+    assert len(trials) == 9 and {r.info.status for r in trials} == {"FINISHED"}
+    for run in trials:
+        assert {"plots/velocity_curve.png", "plots/layer_velocity_heatmap.png"} == {
+            a.path for a in client.list_artifacts(run.info.run_id, "plots")
+        }
+        epochs = int(run.data.tags["neve/stop_epoch"])
+        assert _steps(client, run.info.run_id, "train/loss") == list(range(1, epochs + 1))
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+@pytest.mark.slow
+def test_a_crashed_trial_resumes_from_its_checkpoint_with_identical_numbers(local_ray: Any, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from neve_tune.studies import run_study
+
+    base = get_study("digits")
+    marker = tmp_path / "crashed-once"
+
+    def build_model(config: dict) -> Any:
+        model = base.build_model(config)
+        calls = {"n": 0}
+
+        def crash_once(module: Any, inputs: Any) -> None:
+            calls["n"] += module.training
+            if calls["n"] > 30 and not marker.exists():  # in epoch 2 of the first attempt only
+                marker.write_text("crashed")
+                raise RuntimeError("simulated crash")
+
+        model.register_forward_pre_hook(crash_once)
+        return model
+
+    budget = dataclasses.replace(base.budget, checkpoint_every=1, max_failures=1)
+    flaky = dataclasses.replace(base, name="digits-flaky", build_model=build_model, budget=budget)
+    steady = dataclasses.replace(base, name="digits-steady", budget=budget)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = {"arms": ["neve"], "trials": 1, "max_epochs": 4, "tracking_uri": uri, "progress": False}
+    crashed = run_study(flaky, output_dir=tmp_path / "flaky", **common)
+    assert marker.exists()
+    reference = run_study(steady, output_dir=tmp_path / "steady", **common)
+    [a], [b] = crashed.arms["neve"].records, reference.arms["neve"].records
+    assert a.stop_reason == b.stop_reason != "error" and a.epochs == b.epochs == 4
+    # Resumed from the epoch-1 checkpoint (model, optimizer, NeVe state, data order): the very same numbers.
+    for key in ("train/loss", "test/acc", "neve/model_velocity", "lr"):
+        assert _same(a.final[key], b.final[key]), key
+    assert [acc for _, acc in a.test_acc_curve] == [acc for _, acc in b.test_acc_curve]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("neve-tune-digits-flaky")
+    [run] = client.search_runs([exp.experiment_id], "tags.role = 'trial'")  # the restart reopened its run
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1" and "error" not in run.data.tags
+    # Epoch 1 was logged once: the second attempt started at epoch 2, from the checkpoint, not from scratch.
+    assert _steps(client, run.info.run_id, "neve/model_velocity") == [1, 2, 3, 4]
