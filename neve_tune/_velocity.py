@@ -243,7 +243,7 @@ class Measurement:
 class _Layer:
     """Hook-side state of one hooked module: where its neurons sit and its snapshot slices."""
 
-    __slots__ = ("calls", "dim", "module", "name", "sample_index", "segment", "snapshots")
+    __slots__ = ("calls", "dim", "module", "name", "sample_index", "scale", "segment", "snapshots", "views")
 
     def __init__(self, name: str, module: nn.Module, segment: slice | None) -> None:
         self.name = name
@@ -254,6 +254,9 @@ class _Layer:
         self.snapshots: list[list[Tensor | None]] = []
         self.sample_index: list[Tensor | None] = []  # per call, bounded-memory position subsample
         self.calls = 0
+        # (cur_sq, diff_sq, scale, first_sq): this layer's views of the monitor's flat per-neuron buffers.
+        self.views: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self.scale: Tensor | None = None  # s, in the compute dtype, shaped to broadcast over the output
 
 
 class VelocityMonitor:
@@ -553,31 +556,29 @@ class VelocityMonitor:
                     f"Module '{layer.name}' output shape changed from {tuple(prev.shape)} to"
                     f" {tuple(out.shape)} on the same aux batch; the aux set and architecture must stay fixed."
                 )
-            assert self._cur_sq is not None and self._diff_sq is not None
-            assert self._first_sq is not None and self._scale is not None
-            seg = layer.segment
+            assert layer.views is not None
+            cur_sq, diff_sq, scale_flat, first_sq = layer.views
             wide = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
             part = _sum_squares(out, dim)
-            self._cur_sq[seg] += part
+            cur_sq.add_(part)
             if call == 0 and self._batch_index == 0:
-                # cos(a, b) = cos(a, s*b) for any s > 0. Comparing a with s*b, s ~ |a|/|b|, keeps
-                # ||a - s*b||^2 - (|a| - s|b|)^2 well conditioned even when the norms differ a lot.
-                old = self._first_sq[seg]
-                ok = (old > 0) & (part > 0) & torch.isfinite(part) & torch.isfinite(old)
-                # Rounded to the compute dtype, so that the finalisation uses exactly the s applied here.
-                scale = torch.where(ok, (part / torch.where(ok, old, 1.0)).sqrt(), 1.0).to(wide)
-                self._scale[seg] = scale
-                self._first_sq[seg] = part
-            scale = self._scale[seg].to(wide)
-            shape = [1] * out.ndim
-            shape[dim] = -1
-            scale = scale.view(shape)
+                # cos(a, b) = cos(a, s*b) for any s > 0. Comparing a with s*b, s ~ |a|/|b| (measured on this
+                # first slice), keeps ||a - s*b||^2 - (|a| - s|b|)^2 well conditioned even when the norms
+                # differ a lot. 0/0, x/0, inf and 0 fall back to s = 1. s is rounded to the compute dtype,
+                # so that the finalisation uses exactly the s applied here.
+                scale = (part / first_sq).sqrt_().nan_to_num_(1.0, 1.0, 1.0).to(wide)
+                scale.masked_fill_(scale == 0, 1.0)
+                scale_flat.copy_(scale)
+                first_sq.copy_(part)
+                layer.scale = scale.view([-1 if d == dim else 1 for d in range(out.ndim)])
+            scale = layer.scale
+            assert scale is not None
             if out.dtype == wide:
                 # prev <- out - s*prev, reduced while this layer's slice is still in cache; then prev <- out.
                 torch.addcmul(out, prev, scale, value=-1.0, out=prev)
-                self._diff_sq[seg] += _sum_squares(prev, dim)
+                diff_sq.add_(_sum_squares(prev, dim))
             else:  # half/bfloat16 outputs (AMP): the difference in float32
-                self._diff_sq[seg] += _sum_squares(torch.addcmul(out.float(), prev.float(), scale, value=-1.0), dim)
+                diff_sq.add_(_sum_squares(torch.addcmul(out.float(), prev.float(), scale, value=-1.0), dim))
             prev.copy_(out)
 
         return hook
@@ -610,10 +611,12 @@ class VelocityMonitor:
             self._cur_sq = torch.zeros(n, dtype=dtype, device=device)
             self._diff_sq = torch.zeros(n, dtype=dtype, device=device)
             self._scale = torch.ones(n, dtype=dtype, device=device)
+            self._prev_sq = torch.zeros(n, dtype=dtype, device=device)
+            self._first_sq = torch.zeros(n, dtype=dtype, device=device)
             self._build_weights()
         # The baseline's squared norms: computed once here, then carried from measurement to measurement.
-        self._prev_sq = torch.zeros(n, dtype=dtype, device=device)
-        self._first_sq = torch.zeros(n, dtype=dtype, device=device)
+        assert self._prev_sq is not None and self._first_sq is not None
+        self._prev_sq.zero_()
         for layer in self._layers:
             assert layer.segment is not None
             dim = layer.dim
@@ -640,6 +643,11 @@ class VelocityMonitor:
         self._layer_counts = counts
         # D = sum_i w_i * dv_i^2 with w_i = 1 / (num_layers * neurons_in_layer(i)).
         self._d_weight = (1.0 / (len(sizes) * counts))[self._layer_of]
+        assert self._cur_sq is not None and self._diff_sq is not None
+        assert self._scale is not None and self._first_sq is not None
+        for layer in self._layers:
+            seg = layer.segment
+            layer.views = (self._cur_sq[seg], self._diff_sq[seg], self._scale[seg], self._first_sq[seg])
 
     def _finish(self) -> Measurement:
         assert self._v is not None and self._prev_sq is not None
@@ -668,7 +676,7 @@ class VelocityMonitor:
             ]
         ).cpu()  # the one synchronisation of a measurement
         self._v = v_new
-        self._prev_sq, self._cur_sq = cur_sq, prev_sq  # reuse the old buffer as next accumulator
+        prev_sq.copy_(cur_sq)  # this measurement's norms are the next one's previous norms
         index = self._count
         self._count += 1
         num_layers = len(self._layers)
