@@ -212,7 +212,7 @@ def _budget() -> Budget:
         reduction_factor=3,
         lr_schedule="step",
         momentum=0.9,
-        neve=NeVeSettings(patience=10, factor=0.5, stop_threshold=1e-3, momentum=0.5, aux_samples=100),
+        neve=NeVeSettings(),  # the paper's defaults: patience 10, factor 0.5, threshold 1e-3, 100 noise samples
         checkpoint_every=10,
         max_failures=2,
         cpus_per_trial=2.0,

@@ -124,7 +124,7 @@ STUDY = StudyDefinition(
         grace_period=4,
         reduction_factor=3,
         lr_schedule="cosine",
-        neve=NeVeSettings(patience=10, factor=0.5, stop_threshold=1e-3, momentum=0.5, aux_samples=100),
+        neve=NeVeSettings(),  # the paper's defaults: patience 10, factor 0.5, threshold 1e-3, 100 noise samples
     ),
     data_note="bundled with scikit-learn (nothing to download)",
 )

@@ -116,7 +116,7 @@ STUDY = StudyDefinition(
         reduction_factor=3,
         lr_schedule="cosine",
         momentum=0.9,
-        neve=NeVeSettings(patience=10, factor=0.5, stop_threshold=1e-3, momentum=0.5, aux_samples=100),
+        neve=NeVeSettings(),  # the paper's defaults: patience 10, factor 0.5, threshold 1e-3, 100 noise samples
         checkpoint_every=5,
         max_failures=2,
         cpus_per_trial=8.0,
