@@ -8,15 +8,27 @@ position) at measurement ``t``::
     V^t     = mean over all neurons of |v_i^t|
     D^t     = mean over modules of (mean over the module's neurons of (v_i^t - v_i^{t-1})^2),  t >= 1
 
-How it is computed (one pass over memory, one snapshot):
+How it is computed (one pass over memory, at most one snapshot):
 
 * Every hooked output is compared, batch by batch and inside its forward hook, with the stored slice of
-  the previous snapshot: we accumulate per neuron ``||y^t||^2`` and ``||y^t - y^{t-1}||^2``; then the
+  the previous snapshot: we accumulate per neuron ``||y^t||^2`` and ``||y^t - s*y^{t-1}||^2``; then the
   slice is overwritten with the current output. That single copy is also what keeps the measurement
   correct when a later in-place op (``ReLU(inplace=True)``) rewrites the output.
-* ``||y^{t-1}||^2`` is kept from the previous measurement, never recomputed; nothing is concatenated.
-* ``1 - rho = (||a - b||^2 - (|a| - |b|)^2) / (2 |a| |b|)``. This form has no catastrophic cancellation
-  when ``rho`` is close to 1 (late training, where the stop decision is made), unlike ``1 - a.b/|a||b|``.
+* The snapshot is allocated once, as one flat buffer per dtype: the baseline runs the aux set twice, first
+  to learn the output shapes, then to fill it. Nothing is allocated or concatenated per measurement.
+* ``||y^{t-1}||^2`` is kept from the previous measurement, never recomputed.
+* ``1 - rho = (||a - s b||^2 - (|a| - s|b|)^2) / (2 |a| s|b|)``. This form has no catastrophic
+  cancellation when ``rho`` is close to 1 (late training, where the stop decision is made), unlike
+  ``1 - a.b/|a||b|``.
+* On CPU, float32/float64 outputs go through a compiled C kernel (``_compare.c``, see ``_kernel.py``) that
+  reads the output and the snapshot slice once, sums in double (so s = 1) and writes the slice. With
+  PyTorch ops (GPU, AMP dtypes, no C compiler), s = |a|/|b| measured on the first slice keeps the form
+  well conditioned in float32.
+* An eval-mode BatchNorm whose input is exactly the output of the hooked module before it (conv -> BN)
+  computes ``alpha * x + beta`` per channel, so on the kernel path its sums come from that module's pass
+  (with alpha, beta now and at the previous measurement) and it keeps no snapshot of its own. The pairing is
+  found at the baseline and checked at every measurement; if the BatchNorm stops taking that output, the
+  measurement raises MeasurementError and the next one re-baselines.
 * All per-neuron state lives in flat buffers on the model's device; a measurement synchronises once.
 """
 
@@ -31,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from . import _kernel
 
 #: Modules whose neurons lie on dim 1 of their output ``(N, C, ...)``.
 CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
@@ -48,6 +62,9 @@ CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
 CHANNELS_LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
 #: The layer types hooked by default.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = CHANNELS_FIRST + CHANNELS_LAST
+
+#: A neuron whose squared response norm exceeds this (NaN, inf, or a norm above 1.8e19) has diverged.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 LayerSelection = Sequence[type[nn.Module]] | Sequence[str] | Callable[[str, nn.Module], bool] | None
 AuxInput = Tensor | Iterable[Any]
@@ -175,6 +192,44 @@ def _sum_squares(x: Tensor, dim: int) -> Tensor:
     return (norms * norms).sum(0)
 
 
+def _signature(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+    """Identifies a tensor's contents: where it lives, its shape, strides and in-place version."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+
+
+def _fits(module: nn.Module, inputs: Any, last: tuple[Any, ...]) -> bool:
+    """Whether ``module`` is an eval-mode, running-stats BatchNorm whose input is the output ``last``
+    recorded, unchanged: its output is then an exact per-channel affine function of that output."""
+    return (
+        type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        and not module.training
+        and getattr(module, "running_mean", None) is not None
+        and getattr(module, "running_var", None) is not None
+        and isinstance(inputs, tuple)
+        and len(inputs) == 1
+        and isinstance(inputs[0], Tensor)
+        and inputs[0].dtype == last[3]
+        and _signature(inputs[0]) == last[2]
+        and all(
+            t is None or (t.dtype == last[3] and t.device.type == "cpu" and t.is_contiguous())
+            for t in (module.running_mean, module.running_var, module.weight, module.bias)
+        )
+    )
+
+
+def _batchnorm_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """alpha, beta (float64) with ``bn(x) = alpha * x + beta`` per channel, for a BatchNorm in eval mode."""
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    assert bn.running_mean is not None and bn.running_var is not None
+    alpha = (bn.running_var.double() + bn.eps).rsqrt()
+    if bn.weight is not None:
+        alpha = alpha * bn.weight.double()
+    beta = -bn.running_mean.double() * alpha
+    if bn.bias is not None:
+        beta = beta + bn.bias.double()
+    return alpha, beta
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
@@ -243,7 +298,23 @@ class Measurement:
 class _Layer:
     """Hook-side state of one hooked module: where its neurons sit and its snapshot slices."""
 
-    __slots__ = ("calls", "dim", "module", "name", "sample_index", "scale", "segment", "snapshots", "views")
+    __slots__ = (
+        "affine",
+        "calls",
+        "dim",
+        "expect",
+        "fed_by",
+        "feeds",
+        "first_stale",
+        "layout",
+        "module",
+        "name",
+        "sample_index",
+        "scale",
+        "segment",
+        "snapshots",
+        "views",
+    )
 
     def __init__(self, name: str, module: nn.Module, segment: slice | None) -> None:
         self.name = name
@@ -252,11 +323,22 @@ class _Layer:
         self.segment = segment  # slice of the flat per-neuron buffers; None until the first output
         # snapshots[call][batch]: the previous output of the call-th invocation on that aux batch.
         self.snapshots: list[list[Tensor | None]] = []
+        # layout[call][batch]: (shape, dtype, device) of that slice, recorded by the baseline's first pass.
+        self.layout: list[list[tuple[torch.Size, torch.dtype, torch.device] | None]] = []
         self.sample_index: list[Tensor | None] = []  # per call, bounded-memory position subsample
+        # Eval-mode BatchNorm fed directly by another hooked module (the "source"): per call, the source and
+        # its call (fed_by, on the BatchNorm) and the BatchNorm and its call (feeds, on the source). Such a
+        # BatchNorm keeps no snapshot: its sums come from the source's pass, through affine = (alpha, beta
+        # now; alpha, beta at the previous measurement), 4 x neurons in float64.
+        self.fed_by: list[tuple[_Layer, int] | None] = []
+        self.feeds: list[tuple[_Layer, int] | None] = []
+        self.affine: Tensor | None = None
+        self.expect: tuple[int, tuple[int, ...], tuple[int, ...], int] | None = None  # the input it must get
         self.calls = 0
         # (cur_sq, diff_sq, scale, first_sq): this layer's views of the monitor's flat per-neuron buffers.
         self.views: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.scale: Tensor | None = None  # s, in the compute dtype, shaped to broadcast over the output
+        self.first_stale = False  # first_sq is out of date (the kernel path, which uses s = 1, ran last)
 
 
 class VelocityMonitor:
@@ -270,10 +352,12 @@ class VelocityMonitor:
     Neurons: dim 1 of Conv/ConvTranspose/BatchNorm (and any other selected module's) outputs, the last
     dim of Linear/LayerNorm outputs, so sequence models ``(N, T, C)`` are measured per feature.
 
-    NaN policy: a response holding NaN or inf gives that neuron a NaN velocity, hence a NaN model
-    velocity; it is never turned into zeros, so a diverged model never looks converged.
+    NaN policy: a response holding NaN or inf, or one so large that its squared norm leaves the float32
+    range (norm above 1.8e19), gives that neuron a NaN velocity, hence a NaN model velocity; it is never
+    turned into zeros, so a diverged model never looks converged.
 
-    Memory: one snapshot of the hooked outputs (in their own dtype) plus a few floats per neuron. With
+    Memory: at most one snapshot of the hooked outputs (in their own dtype) plus a few floats per neuron;
+    on the CPU fast path, eval BatchNorms fed directly by a hooked module keep none (see above). With
     ``max_positions=k`` only ``k`` fixed, randomly chosen positions per neuron and aux sample are kept
     (bounded memory for big models and inputs); velocities are then estimates of the exact ones.
 
@@ -345,6 +429,16 @@ class VelocityMonitor:
         self._count = 0  # measurements after the baseline
         self._has_baseline = False
         self._closed = False
+        # The snapshot: one flat buffer per (device, dtype); every slice in layer.snapshots is a view of one.
+        self._snapshot_buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # Per measurement: what the hooks do ("shape", "fill" or "compare"), and the compiled comparison
+        # kernel (CPU only; None = PyTorch ops).
+        self._mode = "compare"
+        self._kernel: _kernel.Kernel | None = None
+        self._pairing = False  # whether eval BatchNorms may take their sums from the module feeding them
+        self._affine: Tensor | None = None  # see _allocate_affine
+        self._last_output: tuple[Any, ...] | None = None
+        self._batch_index = 0
 
     # ------------------------------------------------------------------ public API
     @property
@@ -370,6 +464,7 @@ class VelocityMonitor:
     def state_bytes(self) -> int:
         """All bytes kept between measurements: the snapshot plus the per-neuron buffers."""
         flat = [self._v, self._prev_sq, self._cur_sq, self._diff_sq, self._first_sq, self._scale]
+        flat.append(self._affine)
         return self.snapshot_bytes() + sum(t.numel() * t.element_size() for t in flat if t is not None)
 
     def measure(self) -> Measurement | None:
@@ -382,44 +477,40 @@ class VelocityMonitor:
         batches = self._batches_on(device)
         modes = [(m, m.training) for m in self._inner.modules()]
         cuda = [device] if device.type == "cuda" else []
-        self._handles = [
-            layer.module.register_forward_hook(self._make_hook(layer, baseline)) for layer in self._layers
-        ]
+        self._kernel = _kernel.get() if device.type == "cpu" else None
+        self._handles = [layer.module.register_forward_hook(self._make_hook(layer)) for layer in self._layers]
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                self._inner.eval()
-                if not baseline:
-                    assert self._cur_sq is not None and self._diff_sq is not None
-                    self._cur_sq.zero_()
-                    self._diff_sq.zero_()
-                for index, batch in enumerate(batches):
-                    self._batch_index = index
-                    for layer in self._layers:
-                        layer.calls = 0
-                    try:
-                        _call(self._inner, batch)
-                    except (torch.OutOfMemoryError, MeasurementError):
-                        raise
-                    except RuntimeError as exc:
-                        raise ValueError(
-                            f"The aux set does not fit the model: {type(self._inner).__name__} failed on an"
-                            f" aux batch of shape {_batch_shape(batch)}: {exc}.{_expected_input(self._inner)}"
-                            " Pass aux inputs shaped like one training batch, e.g."
-                            " neve_tune.noise_aux(sample_shape) with the shape of one sample (no batch dim)."
-                        ) from exc
-                    self._check_calls(index)
+                if any(training for _, training in modes):
+                    self._inner.eval()
                 if baseline:
+                    # Two passes: the first only records the outputs' shapes, so that the snapshot is then
+                    # allocated once, in one piece per dtype; the second fills it.
+                    for layer in self._layers:
+                        layer.layout, layer.fed_by, layer.feeds = [], [], []
+                    self._pairing = self._kernel is not None and self.max_positions is None
+                    self._last_output = None
+                    self._run("shape", batches)
+                    self._last_output = None
                     self._drop_silent_layers()
+                    self._allocate_affine()
+                    self._allocate_snapshot()
+                    self._run("fill", batches)
                     self._allocate_flat(device)
                     result = None
                 else:
+                    assert self._cur_sq is not None and self._diff_sq is not None
+                    self._cur_sq.zero_()
+                    self._diff_sq.zero_()
+                    self._run("compare", batches)
                     result = self._finish()
         finally:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
             for module, training in modes:
-                module.training = training
+                if module.training != training:
+                    module.training = training
         self._has_baseline = True
         return result
 
@@ -430,6 +521,7 @@ class VelocityMonitor:
         self._handles = []
         for layer in self._layers:
             layer.snapshots = []
+        self._snapshot_buffers = {}
         self._device_batches = None
         self._closed = True
 
@@ -452,6 +544,8 @@ class VelocityMonitor:
                     "segment": None if layer.segment is None else (layer.segment.start, layer.segment.stop),
                     "snapshots": [list(per_call) for per_call in layer.snapshots],
                     "sample_index": list(layer.sample_index),
+                    "fed_by": [None if p is None else (p[0].name, p[1]) for p in layer.fed_by],
+                    "affine": layer.affine,
                 }
                 for layer in self._layers
             ],
@@ -483,8 +577,51 @@ class VelocityMonitor:
         for layer, entry in zip(self._layers, state["layers"], strict=True):
             seg = entry["segment"]
             layer.segment = None if seg is None else slice(seg[0], seg[1])
-            layer.snapshots = [[move(t) for t in per_call] for per_call in entry["snapshots"]]
+            saved = entry["snapshots"]
+            layer.layout = [
+                [None if t is None else (t.shape, t.dtype, device) for t in per_call] for per_call in saved
+            ]
             layer.sample_index = [move(t) for t in entry["sample_index"]]
+            layer.scale, layer.first_stale = None, True  # s restarts at 1; first-slice norms are re-taken
+        # Fed BatchNorms: keep the pairing on the CPU fast path; elsewhere rebuild their snapshots from the
+        # source's (alpha' * source + beta') and measure them on their own from now on.
+        pairing = device.type == "cpu" and _kernel.get() is not None and self.max_positions is None
+        by_name = {layer.name: layer for layer in self._layers}
+        rebuilt: dict[tuple[str, int, int], Tensor] = {}
+        saved_affine: dict[str, Any] = {}
+        for layer, entry in zip(self._layers, state["layers"], strict=True):
+            fed_by = [None if p is None else (by_name[p[0]], int(p[1])) for p in entry.get("fed_by", [])]
+            affine = entry.get("affine")
+            layer.fed_by, layer.feeds = [], [None] * len(layer.layout)
+            for call, pair in enumerate(fed_by):
+                if pair is None:
+                    layer.fed_by.append(None)
+                    continue
+                source_saved = state["layers"][names.index(pair[0].name)]["snapshots"][pair[1]]
+                layer.layout[call] = [(t.shape, t.dtype, device) for t in source_saved]
+                if pairing:
+                    layer.fed_by.append(pair)
+                    continue
+                layer.fed_by.append(None)
+                for batch, t in enumerate(source_saved):
+                    shape = [-1 if d == 1 else 1 for d in range(t.ndim)]
+                    y = torch.addcmul(affine[3].view(shape), t.double(), affine[2].view(shape))
+                    rebuilt[(layer.name, call, batch)] = y.to(t.dtype)
+            saved_affine[layer.name] = affine
+        for layer in self._layers:
+            for call, pair in enumerate(layer.fed_by):
+                if pair is not None:
+                    pair[0].feeds[pair[1]] = (layer, call)
+        self._allocate_affine()
+        for layer in self._layers:
+            if layer.affine is not None:
+                layer.affine.copy_(saved_affine[layer.name])
+        self._allocate_snapshot()
+        for layer, entry in zip(self._layers, state["layers"], strict=True):
+            for call, (per_call, saved) in enumerate(zip(layer.snapshots, entry["snapshots"], strict=True)):
+                for batch, (t, value) in enumerate(zip(per_call, saved, strict=True)):
+                    if t is not None:
+                        t.copy_(rebuilt.get((layer.name, call, batch), value))
         self._v = move(state["v"])
         self._prev_sq = move(state["prev_sq"])
         self._first_sq = move(state["first_sq"])
@@ -503,16 +640,16 @@ class VelocityMonitor:
 
     def _check_calls(self, batch_index: int) -> None:
         for layer in self._layers:
-            if layer.calls != len(layer.snapshots):
+            if layer.calls != len(layer.layout):
                 raise MeasurementError(
                     f"Module '{layer.name}' ran {layer.calls} times on aux batch {batch_index}, but"
-                    f" {len(layer.snapshots)} times before: the model's forward must run the same modules on"
+                    f" {len(layer.layout)} times before: the model's forward must run the same modules on"
                     " the same aux set every epoch."
                 )
 
     def _drop_silent_layers(self) -> None:
         """Forget selected modules that never ran on the aux set (e.g. train-only auxiliary heads)."""
-        ran = [layer for layer in self._layers if layer.snapshots]
+        ran = [layer for layer in self._layers if layer.layout]
         if not ran:
             raise ValueError(
                 f"None of the selected modules {self.layer_names[:12]} ran when the aux set went through"
@@ -520,7 +657,27 @@ class VelocityMonitor:
             )
         self._layers = ran
 
-    def _make_hook(self, layer: _Layer, baseline: bool) -> Callable[..., None]:
+    def _run(self, mode: str, batches: list[Any]) -> None:
+        self._mode = mode
+        for index, batch in enumerate(batches):
+            self._batch_index = index
+            for layer in self._layers:
+                layer.calls = 0
+                layer.expect = None
+            try:
+                _call(self._inner, batch)
+            except (torch.OutOfMemoryError, MeasurementError):
+                raise
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"The aux set does not fit the model: {type(self._inner).__name__} failed on an aux batch"
+                    f" of shape {_batch_shape(batch)}: {exc}.{_expected_input(self._inner)} Pass aux inputs"
+                    " shaped like one training batch, e.g. neve_tune.noise_aux(sample_shape) with the shape of"
+                    " one sample (no batch dim)."
+                ) from exc
+            self._check_calls(index)
+
+    def _make_hook(self, layer: _Layer) -> Callable[..., None]:
         num_batches = len(self._batches)
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -531,57 +688,201 @@ class VelocityMonitor:
                 )
             call = layer.calls
             layer.calls += 1
+            batch = self._batch_index
             out = self._positions(layer, call, output.detach())
             dim = layer.dim % out.ndim
-            if call == len(layer.snapshots):
-                if not (baseline and self._batch_index == 0):
-                    raise MeasurementError(
-                        f"Module '{layer.name}' ran more often on aux batch {self._batch_index} than before: the"
-                        " model's forward must run the same modules on the same aux set every epoch."
-                    )
-                layer.snapshots.append([None] * num_batches)
-            slot = layer.snapshots[call]
-            prev = slot[self._batch_index]
-            if baseline or prev is None:
+            if self._mode == "shape":
+                self._pair(layer, call, module, inputs, out)
+                if call == len(layer.layout):
+                    if batch != 0:
+                        raise MeasurementError(
+                            f"Module '{layer.name}' ran more often on aux batch {batch} than on aux batch 0:"
+                            " the model's forward must run the same modules on every aux batch."
+                        )
+                    layer.layout.append([None] * num_batches)
                 if layer.segment is None:
                     start = self._num_neurons
                     self._num_neurons += out.shape[dim]
                     layer.segment = slice(start, self._num_neurons)
                 elif layer.segment.stop - layer.segment.start != out.shape[dim]:
                     raise MeasurementError(f"Module '{layer.name}' changed its number of neurons.")
-                slot[self._batch_index] = out.clone(memory_format=torch.contiguous_format)
+                layer.layout[call][batch] = (out.shape, out.dtype, out.device)
                 return
-            if prev.shape != out.shape:
+            fed_by = layer.fed_by[call] if call < len(layer.fed_by) else None
+            if fed_by is not None:  # an eval BatchNorm whose sums came from its source's pass
+                self._check_fed(layer, call, module, inputs)
+                return
+            if call >= len(layer.snapshots):
                 raise MeasurementError(
-                    f"Module '{layer.name}' output shape changed from {tuple(prev.shape)} to"
-                    f" {tuple(out.shape)} on the same aux batch; the aux set and architecture must stay fixed."
+                    f"Module '{layer.name}' ran more often on aux batch {batch} than before: the model's"
+                    " forward must run the same modules on the same aux set every epoch."
                 )
-            assert layer.views is not None
-            cur_sq, diff_sq, scale_flat, first_sq = layer.views
-            wide = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
-            part = _sum_squares(out, dim)
-            cur_sq.add_(part)
-            if call == 0 and self._batch_index == 0:
-                # cos(a, b) = cos(a, s*b) for any s > 0. Comparing a with s*b, s ~ |a|/|b| (measured on this
-                # first slice), keeps ||a - s*b||^2 - (|a| - s|b|)^2 well conditioned even when the norms
-                # differ a lot. 0/0, x/0, inf and 0 fall back to s = 1. s is rounded to the compute dtype,
-                # so that the finalisation uses exactly the s applied here.
-                scale = (part / first_sq).sqrt_().nan_to_num_(1.0, 1.0, 1.0).to(wide)
-                scale.masked_fill_(scale == 0, 1.0)
-                scale_flat.copy_(scale)
-                first_sq.copy_(part)
-                layer.scale = scale.view([-1 if d == dim else 1 for d in range(out.ndim)])
-            scale = layer.scale
-            assert scale is not None
-            if out.dtype == wide:
-                # prev <- out - s*prev, reduced while this layer's slice is still in cache; then prev <- out.
-                torch.addcmul(out, prev, scale, value=-1.0, out=prev)
-                diff_sq.add_(_sum_squares(prev, dim))
-            else:  # half/bfloat16 outputs (AMP): the difference in float32
-                diff_sq.add_(_sum_squares(torch.addcmul(out.float(), prev.float(), scale, value=-1.0), dim))
-            prev.copy_(out)
+            prev = layer.snapshots[call][batch]
+            if prev is None or prev.shape != out.shape:
+                before = "nothing" if prev is None else tuple(prev.shape)
+                raise MeasurementError(
+                    f"Module '{layer.name}' output shape changed from {before} to {tuple(out.shape)} on the"
+                    " same aux batch; the aux set and architecture must stay fixed."
+                )
+            if self._mode == "fill":
+                prev.copy_(out)
+            else:
+                self._compare(layer, call, out, prev, dim)
+            feeds = layer.feeds[call] if call < len(layer.feeds) else None
+            if feeds is not None:
+                feeds[0].expect = _signature(out)
 
         return hook
+
+    def _pair(self, layer: _Layer, call: int, module: nn.Module, inputs: Any, out: Tensor) -> None:
+        """Baseline, first pass: find eval BatchNorms whose input is the output just seen from another
+        hooked module (CPU fast path only), and keep pairs only if every aux batch confirms them."""
+        while len(layer.fed_by) <= call:
+            layer.fed_by.append(None)
+            layer.feeds.append(None)
+        last, self._last_output = self._last_output, None
+        # Only outputs that the kernel will take (CPU, float32/64, contiguous) can feed a BatchNorm's sums.
+        if (
+            self._pairing
+            and out.device.type == "cpu"
+            and out.dtype in (torch.float32, torch.float64)
+            and out.is_contiguous()
+        ):
+            self._last_output = (layer, call, _signature(out), out.dtype)
+        if self._batch_index > 0:  # confirm on later batches; drop a pair that does not hold
+            pair = layer.fed_by[call]
+            if pair is not None and (last is None or last[:2] != pair or not _fits(module, inputs, last)):
+                layer.fed_by[call] = None
+                pair[0].feeds[pair[1]] = None
+            return
+        if last is None or not _fits(module, inputs, last) or layer.dim % out.ndim != 1:
+            return
+        source, source_call = last[0], last[1]
+        if source is layer or source.dim % out.ndim != 1 or source.fed_by[source_call] is not None:
+            return
+        if source.feeds[source_call] is None:
+            layer.fed_by[call] = (source, source_call)
+            source.feeds[source_call] = (layer, call)
+
+    def _check_fed(self, layer: _Layer, call: int, module: nn.Module, inputs: Any) -> None:
+        expect, layer.expect = layer.expect, None
+        x = inputs[0] if isinstance(inputs, tuple) and inputs else None
+        if expect is None or not isinstance(x, Tensor) or _signature(x) != expect or module.training:
+            raise MeasurementError(
+                f"BatchNorm '{layer.name}' no longer takes the output of the module it followed when the"
+                " monitor was set up (or is no longer in eval mode); the next measurement re-baselines."
+            )
+
+    def _compare(self, layer: _Layer, call: int, out: Tensor, prev: Tensor, dim: int) -> None:
+        """Accumulate this slice's per-neuron sums, then overwrite the snapshot slice with ``out``."""
+        assert layer.views is not None
+        cur_sq, diff_sq, scale_flat, first_sq = layer.views
+        first = call == 0 and self._batch_index == 0
+        kernel = self._kernel
+        if kernel is not None and kernel.supports(out, prev):
+            # One pass over out and prev, sums in double: s = 1 is exact enough there (see _compare.c).
+            if first:
+                if layer.scale is not None:  # the previous measurement went through PyTorch ops
+                    scale_flat.fill_(1.0)
+                    layer.scale = None
+                layer.first_stale = True
+            feeds = layer.feeds[call] if call < len(layer.feeds) else None
+            if feeds is None:
+                kernel.compare(out, prev, dim, scale_flat, cur_sq, diff_sq)
+            else:
+                bn = feeds[0]
+                assert bn.views is not None and bn.affine is not None
+                kernel.compare(
+                    out, prev, dim, scale_flat, cur_sq, diff_sq, bn.module, bn.affine, bn.views[0], bn.views[1]
+                )
+            return
+        if call < len(layer.feeds) and layer.feeds[call] is not None:
+            raise MeasurementError(
+                f"Module '{layer.name}' changed its output dtype or layout ({out.dtype}), so the BatchNorm that"
+                " follows it can no longer be measured from its pass; the next measurement re-baselines."
+            )
+        wide = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
+        part = _sum_squares(out, dim)
+        cur_sq.add_(part)
+        if first:
+            if layer.first_stale:  # the kernel ran last time and kept no first-slice norms: take them now
+                first_sq.copy_(_sum_squares(prev, dim))
+                layer.first_stale = False
+            # cos(a, b) = cos(a, s*b) for any s > 0. Comparing a with s*b, s ~ |a|/|b| (measured on this
+            # first slice), keeps ||a - s*b||^2 - (|a| - s|b|)^2 well conditioned even when the norms
+            # differ a lot. 0/0, x/0, inf and 0 fall back to s = 1. s is rounded to the compute dtype,
+            # so that the finalisation uses exactly the s applied here.
+            scale = (part / first_sq).sqrt_().nan_to_num_(1.0, 1.0, 1.0).to(wide)
+            scale.masked_fill_(scale == 0, 1.0)
+            scale_flat.copy_(scale)
+            first_sq.copy_(part)
+            layer.scale = scale.view([-1 if d == dim else 1 for d in range(out.ndim)])
+        if layer.scale is None:  # the first slice went through the kernel, with s = 1
+            layer.scale = scale_flat.to(wide).view([-1 if d == dim else 1 for d in range(out.ndim)])
+        if out.dtype == wide and prev.dtype == wide:
+            # prev <- out - s*prev, reduced while this layer's slice is still in cache; then prev <- out.
+            diff_sq.add_(_sum_squares(torch.addcmul(out, prev, layer.scale, value=-1.0, out=prev), dim))
+        else:  # half/bfloat16 outputs (AMP): the difference in float32
+            diff_sq.add_(_sum_squares(torch.addcmul(out.to(wide), prev.to(wide), layer.scale, value=-1.0), dim))
+        prev.copy_(out)
+
+    @staticmethod
+    def _stored_layout(layer: _Layer) -> list[list[tuple[torch.Size, torch.dtype, torch.device] | None]]:
+        """The layout of the slices that get a snapshot: all but those of BatchNorms fed by a source."""
+        return [
+            [None] * len(per_call) if call < len(layer.fed_by) and layer.fed_by[call] is not None else per_call
+            for call, per_call in enumerate(layer.layout)
+        ]
+
+    def _allocate_affine(self) -> None:
+        """One float64 (4, neurons) buffer for every fed BatchNorm: alpha, beta now (rows 0-1, written by
+        the kernel) and at the previous measurement (rows 2-3); each such layer gets its columns."""
+        fed = [layer for layer in self._layers if any(pair is not None for pair in layer.fed_by)]
+        total = 0
+        for layer in fed:
+            assert layer.segment is not None
+            total += layer.segment.stop - layer.segment.start
+        self._affine = torch.zeros(4, total, dtype=torch.float64) if fed else None
+        start = 0
+        for layer in self._layers:
+            layer.affine = None
+            if layer in fed and self._affine is not None:
+                assert layer.segment is not None
+                stop = start + layer.segment.stop - layer.segment.start
+                layer.affine = self._affine[:, start:stop]
+                start = stop
+
+    def _allocate_snapshot(self) -> None:
+        """Give every recorded slice a view of one flat buffer per (device, dtype); reuse same-sized ones."""
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        for layer in self._layers:
+            for per_call in self._stored_layout(layer):
+                for entry in per_call:
+                    if entry is not None:
+                        shape, dtype, device = entry
+                        sizes[(device, dtype)] = sizes.get((device, dtype), 0) + shape.numel()
+        current = {key: t.numel() for key, t in self._snapshot_buffers.items()}
+        if current != sizes:
+            for layer in self._layers:  # let go of the old snapshot before allocating the new one
+                layer.snapshots = []
+            self._snapshot_buffers = {}
+            self._snapshot_buffers = {
+                (device, dtype): torch.empty(n, dtype=dtype, device=device) for (device, dtype), n in sizes.items()
+            }
+        offsets = dict.fromkeys(sizes, 0)
+        for layer in self._layers:
+            layer.snapshots = []
+            for per_call in self._stored_layout(layer):
+                views: list[Tensor | None] = []
+                for entry in per_call:
+                    if entry is None:
+                        views.append(None)
+                        continue
+                    shape, dtype, device = entry
+                    start = offsets[(device, dtype)]
+                    offsets[(device, dtype)] = start + shape.numel()
+                    views.append(self._snapshot_buffers[(device, dtype)][start : start + shape.numel()].view(shape))
+                layer.snapshots.append(views)
 
     def _positions(self, layer: _Layer, call: int, out: Tensor) -> Tensor:
         """Bounded-memory mode: keep a fixed random subset of each sample's non-neuron positions."""
@@ -614,20 +915,38 @@ class VelocityMonitor:
             self._prev_sq = torch.zeros(n, dtype=dtype, device=device)
             self._first_sq = torch.zeros(n, dtype=dtype, device=device)
             self._build_weights()
-        # The baseline's squared norms: computed once here, then carried from measurement to measurement.
+        # The baseline's squared norms: computed once here (in the flat buffers' precision, as the kernel
+        # does), then carried from measurement to measurement.
         assert self._prev_sq is not None and self._first_sq is not None
         self._prev_sq.zero_()
+        assert self._scale is not None
+        self._scale.fill_(1.0)
+        for layer in self._layers:
+            layer.scale, layer.first_stale = None, False
+        for layer in self._layers:  # the baseline's alpha, beta of every fed BatchNorm, now and "before"
+            if layer.affine is not None:
+                alpha, beta = _batchnorm_affine(layer.module)
+                layer.affine[0].copy_(alpha)
+                layer.affine[1].copy_(beta)
+                layer.affine[2:].copy_(layer.affine[:2])
         for layer in self._layers:
             assert layer.segment is not None
-            dim = layer.dim
-            for per_call in layer.snapshots:
-                for t in per_call:
+            for call, per_call in enumerate(layer.snapshots):
+                pair = layer.fed_by[call] if call < len(layer.fed_by) else None
+                for batch, t in enumerate(per_call):
+                    if pair is not None:  # this BatchNorm's outputs: alpha * source + beta
+                        source = pair[0].snapshots[pair[1]][batch]
+                        assert source is not None and layer.affine is not None
+                        shape = [-1 if d == 1 else 1 for d in range(source.ndim)]
+                        t = torch.addcmul(
+                            layer.affine[1].view(shape), source.to(dtype), layer.affine[0].view(shape)
+                        )
                     if t is None:
                         continue
-                    self._prev_sq[layer.segment] += _sum_squares(t, dim % t.ndim)
-            first = layer.snapshots[0][0]
-            assert first is not None
-            self._first_sq[layer.segment] = _sum_squares(first, dim % first.ndim)
+                    part = _sum_squares(t.to(dtype), layer.dim % t.ndim)
+                    self._prev_sq[layer.segment] += part
+                    if call == 0 and batch == 0:
+                        self._first_sq[layer.segment] = part
 
     def _build_weights(self) -> None:
         assert self._v is not None
@@ -660,7 +979,8 @@ class VelocityMonitor:
         cur_zero, prev_zero = cur_sq == 0, prev_sq == 0
         one_minus_rho = torch.where(cur_zero & prev_zero, 0.0, one_minus_rho)
         one_minus_rho = torch.where(cur_zero ^ prev_zero, 1.0, one_minus_rho)
-        finite = torch.isfinite(cur_sq) & torch.isfinite(prev_sq) & torch.isfinite(self._diff_sq)
+        # Non-finite, or beyond float32's range (norm > 1.8e19): diverged, whichever path computed the sums.
+        finite = (cur_sq <= FLOAT32_MAX) & (prev_sq <= FLOAT32_MAX) & (self._diff_sq <= FLOAT32_MAX)
         one_minus_rho = torch.where(finite, one_minus_rho, math.nan)
 
         v_old = self._v
@@ -677,20 +997,18 @@ class VelocityMonitor:
         ).cpu()  # the one synchronisation of a measurement
         self._v = v_new
         prev_sq.copy_(cur_sq)  # this measurement's norms are the next one's previous norms
+        if self._affine is not None:
+            self._affine[2:].copy_(self._affine[:2])
         index = self._count
         self._count += 1
         num_layers = len(self._layers)
+        head = summary[: 2 + num_layers].tolist()
         per_neuron = summary[2 + num_layers :]
-        layers: dict[str, Tensor] = {}
-        layer_velocity: dict[str, float] = {}
-        for i, layer in enumerate(self._layers):
-            assert layer.segment is not None
-            layers[layer.name] = per_neuron[layer.segment]
-            layer_velocity[layer.name] = float(summary[2 + i])
+        names = [layer.name for layer in self._layers]
         return Measurement(
             index=index,
-            model_velocity=float(summary[0]),
-            velocity_change=None if index == 0 else float(summary[1]),
-            layers=layers,
-            layer_velocity=layer_velocity,
+            model_velocity=head[0],
+            velocity_change=None if index == 0 else head[1],
+            layers={layer.name: per_neuron[layer.segment] for layer in self._layers},  # type: ignore[index]
+            layer_velocity=dict(zip(names, head[2:], strict=True)),
         )

@@ -1,0 +1,236 @@
+"""The compiled CPU comparison kernel, its build/fallback, and BatchNorms measured from their source's pass."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from neve_tune import MeasurementError, VelocityMonitor, _kernel, noise_aux
+from tests.test_velocity import ATOL, RTOL, BNConvNet, train_epoch
+from tests.velocity_reference import ReferenceVelocity, capture_responses
+
+
+@pytest.fixture
+def kernel() -> _kernel.Kernel:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: only the PyTorch-ops path can run")
+    k = _kernel.get()
+    assert k is not None, "a C compiler exists but neve_tune's kernel did not build; see the INFO log"
+    return k
+
+
+def neuron_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.double().movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("shape", "dim"), [((7, 5, 6, 3), 1), ((4, 9, 6), 2), ((33, 5), 1)])
+def test_sums_equal_float64_and_the_snapshot_is_overwritten(kernel, shape, dim, dtype):
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(shape, generator=gen, dtype=dtype)
+    prev = (out + 0.01 * torch.randn(shape, generator=gen, dtype=dtype)) * 3
+    expected_prev = prev.clone()
+    c = shape[dim]
+    scale = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    cur, diff = torch.full((c,), 2.0, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    kernel.compare(out, prev, dim, scale, cur, diff)
+    a, b = neuron_rows(out, dim), neuron_rows(expected_prev, dim)
+    torch.testing.assert_close(cur, 2.0 + (a * a).sum(1), rtol=1e-13, atol=0)  # accumulates
+    torch.testing.assert_close(diff, ((a - scale[:, None] * b) ** 2).sum(1), rtol=1e-12, atol=0)
+    assert torch.equal(prev, out)
+
+
+def test_batchnorm_sums_come_from_the_source_pass(kernel):
+    gen = torch.Generator().manual_seed(1)
+    bn = nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(5, generator=gen))
+        bn.running_var.copy_(torch.rand(5, generator=gen) + 0.1)
+        bn.weight.copy_(torch.randn(5, generator=gen))
+        bn.bias.copy_(torch.randn(5, generator=gen))
+    out = torch.randn(6, 5, 4, 4, generator=gen)
+    prev = out + 0.1 * torch.randn(out.shape, generator=gen)
+    old = prev.clone()
+    affine = torch.zeros(4, 5, dtype=torch.float64)
+    affine[2] = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5  # alpha', beta' "before"
+    affine[3] = torch.randn(5, generator=gen, dtype=torch.float64)
+    zeros = [torch.zeros(5, dtype=torch.float64) for _ in range(4)]
+    kernel.compare(out, prev, 1, torch.ones(5, dtype=torch.float64), zeros[0], zeros[1], bn, affine, *zeros[2:])
+    alpha = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    beta = bn.bias.double() - bn.running_mean.double() * alpha
+    torch.testing.assert_close(affine[0], alpha, rtol=1e-15, atol=0)
+    torch.testing.assert_close(affine[1], beta, rtol=1e-14, atol=1e-15)
+    y = neuron_rows(bn(out), 1)  # PyTorch's own float32 BatchNorm output
+    y_before = affine[2, :, None] * neuron_rows(old, 1) + affine[3, :, None]
+    torch.testing.assert_close(zeros[2], (y * y).sum(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(zeros[3], ((y - y_before) ** 2).sum(1), rtol=1e-5, atol=0)
+
+
+def test_results_do_not_depend_on_the_thread_count(kernel):
+    out = torch.randn(64, 16, 32, 32)
+    prev0 = out + 0.01 * torch.randn_like(out)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            cur, diff = torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+            kernel.compare(out, prev0.clone(), 1, torch.ones(16, dtype=torch.float64), cur, diff)
+            results.append((cur, diff))
+    finally:
+        torch.set_num_threads(threads)
+    for cur, diff in results[1:]:
+        assert torch.equal(cur, results[0][0]) and torch.equal(diff, results[0][1])
+
+
+def test_built_once_per_cache_then_loaded(kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEVE_TUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_kernel, "_loaded", (False, None))
+    first = _kernel.get()
+    assert first is not None and first.path.parent == tmp_path
+    built = first.path.stat().st_mtime_ns
+    monkeypatch.setattr(_kernel, "_loaded", (False, None))
+    again = _kernel.get()
+    assert again is not None and again.path == first.path and again.path.stat().st_mtime_ns == built
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary files left behind
+
+
+def test_without_a_compiler_it_falls_back_to_torch_ops_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NEVE_TUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find on PATH
+    monkeypatch.setattr(_kernel, "_loaded", (False, None))
+    with caplog.at_level(logging.INFO, logger="neve_tune._kernel"):
+        assert _kernel.get() is None
+    assert "no C compiler found" in caplog.text and "same numbers, slower" in caplog.text
+    assert "Install a C compiler" in caplog.text
+    model = BNConvNet()
+    monitor = VelocityMonitor(model, noise_aux((3, 8, 8), n=4))
+    monitor.measure()
+    with torch.no_grad():
+        model.conv1.weight.mul_(1.1).add_(0.01)
+    assert monitor.measure().model_velocity > 0  # measured with PyTorch ops
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("NEVE_TUNE_KERNEL", "0")
+    monkeypatch.setattr(_kernel, "_loaded", (False, None))
+    assert _kernel.get() is None
+
+
+class ConvInplaceBN(nn.Module):
+    """conv -> in-place ReLU -> BN: the BN's input is the conv output *changed*, so no pairing."""
+
+    def __init__(self, track: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6, track_running_stats=track)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4, track_running_stats=track)  # paired when it tracks running stats
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = self.bn(torch.relu_(self.conv(x)))
+        return self.fc(self.bn2(self.conv2(x)).flatten(1))
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_only_eval_batchnorms_fed_the_unchanged_output_are_paired_and_all_stay_exact(kernel, track):
+    torch.manual_seed(0)
+    model = ConvInplaceBN(track)
+    aux = noise_aux((3, 8, 8), n=6)
+    monitor = VelocityMonitor(model, aux, batch_size=4)
+    ref = ReferenceVelocity()
+    names, batches = monitor.layer_names, list(aux.split(4))
+    monitor.measure()
+    ref.update(capture_responses(model, names, batches))
+    paired = {layer.name for layer in monitor._layers if any(p is not None for p in layer.fed_by)}
+    assert paired == ({"bn2"} if track else set())
+    per_sample = 2 * 6 * 64 + 4 * 64 + (0 if track else 4 * 64) + 3  # conv, bn, conv2, [bn2], fc
+    assert monitor.snapshot_bytes() == 4 * 6 * per_sample
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        train_epoch(model, (3, 8, 8), gen)
+        V, _, v = ref.update(capture_responses(model, names, batches))
+        m = monitor.measure()
+        assert m.model_velocity == pytest.approx(V, rel=RTOL, abs=ATOL) and V > 1e-4
+        for name in names:
+            torch.testing.assert_close(m.layers[name], v[name], rtol=RTOL, atol=ATOL)
+
+
+def test_a_paired_batchnorm_that_stops_taking_its_source_output_rebaselines(kernel):
+    class Switch(BNConvNet):
+        skip = False
+
+        def forward(self, x):
+            h = self.conv1(x)
+            if Switch.skip:
+                h = h + 0  # bn1 now gets another tensor than conv1's output
+            x = self.relu(self.bn1(h))
+            x = self.relu(self.bn2(self.conv2(x)))
+            return self.fc(x.flatten(1))
+
+    model = Switch()
+    monitor = VelocityMonitor(model, noise_aux((3, 8, 8), n=4))
+    monitor.measure()
+    assert monitor._layers[1].fed_by == [(monitor._layers[0], 0)]
+    Switch.skip = True
+    with pytest.raises(MeasurementError, match="BatchNorm 'bn1' no longer takes the output"):
+        monitor.measure()
+    assert monitor.measure() is None  # re-baseline, now without that pairing
+    assert monitor._layers[1].fed_by == [None]
+    assert monitor.measure().model_velocity == 0.0
+
+
+def test_state_saved_on_the_fast_path_resumes_on_torch_ops(kernel, monkeypatch):
+    torch.manual_seed(0)
+    model = BNConvNet()
+    aux = noise_aux((3, 8, 8), n=6)
+    fast = VelocityMonitor(model, aux, batch_size=4)
+    gen = torch.Generator().manual_seed(5)
+    fast.measure()
+    train_epoch(model, (3, 8, 8), gen)
+    fast.measure()
+    state = fast.state_dict()
+    assert fast.snapshot_bytes() == 4 * 6 * (2 * 8 * 64 + 5)  # conv1, conv2, fc: bn1/bn2 come from the convs
+    clone = BNConvNet()
+    clone.load_state_dict(model.state_dict())
+    monkeypatch.setattr(_kernel, "_loaded", (True, None))  # a machine without the kernel
+    slow = VelocityMonitor(clone, aux, batch_size=4)
+    slow.load_state_dict(state)  # rebuilds bn1/bn2's snapshots from conv1/conv2's
+    assert slow.snapshot_bytes() == 4 * 6 * (4 * 8 * 64 + 5)
+    monkeypatch.setattr(_kernel, "_loaded", (False, None))
+    for _ in range(2):
+        gen_state = gen.get_state()
+        train_epoch(model, (3, 8, 8), gen)
+        gen.set_state(gen_state)
+        train_epoch(clone, (3, 8, 8), gen)
+        a = fast.measure()
+        monkeypatch.setattr(_kernel, "_loaded", (True, None))
+        b = slow.measure()
+        monkeypatch.setattr(_kernel, "_loaded", (False, None))
+        assert b.model_velocity == pytest.approx(a.model_velocity, rel=1e-5)
+        for name in a.layers:
+            torch.testing.assert_close(b.layers[name], a.layers[name], rtol=1e-4, atol=1e-8)
+
+
+def test_channels_last_outputs_take_the_torch_ops_path_and_stay_exact(kernel):
+    torch.manual_seed(0)
+    model = BNConvNet().to(memory_format=torch.channels_last)
+    aux = noise_aux((3, 8, 8), n=6).contiguous(memory_format=torch.channels_last)
+    monitor = VelocityMonitor(model, aux)
+    ref = ReferenceVelocity()
+    names = monitor.layer_names
+    monitor.measure()
+    ref.update(capture_responses(model, names, [aux]))
+    assert all(p is None for layer in monitor._layers for p in layer.fed_by)  # not contiguous: no pairing
+    train_epoch(model, (3, 8, 8), torch.Generator().manual_seed(2))
+    V, _, v = ref.update(capture_responses(model, names, [aux]))
+    m = monitor.measure()
+    assert m.model_velocity == pytest.approx(V, rel=RTOL, abs=ATOL) and V > 1e-4
+    for name in names:
+        torch.testing.assert_close(m.layers[name], v[name], rtol=RTOL, atol=ATOL)
