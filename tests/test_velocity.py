@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ def compute_path(request, monkeypatch):
     """Run a test on both ways of computing: the compiled C kernel (CPU fast path) and PyTorch ops."""
     if request.param == "torch_ops":
         monkeypatch.setattr(_kernel, "_loaded", (True, None))
+    elif not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine: only the PyTorch-ops path can run")
     elif _kernel.get() is None:
-        pytest.fail("the C kernel could not be built here; install gcc (see neve_tune/_kernel.py)")
+        pytest.fail("a C compiler exists but neve_tune's kernel did not build; see its INFO log line")
     return request.param
 
 
