@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc thresholds")
+    parser.add_argument("--channels-last", action="store_true", help="model and aux in channels_last memory format")
     args = parser.parse_args()
     if sys.platform.startswith("linux") and not args.system_malloc and any(k not in os.environ for k in MALLOC_ENV):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
@@ -79,6 +80,8 @@ def main() -> None:
 
     model = resnet20(num_classes=10).eval()
     aux = noise_aux((3, 32, 32), n=args.n)
+    if args.channels_last:
+        model, aux = model.to(memory_format=torch.channels_last), aux.contiguous(memory_format=torch.channels_last)
     kernel = _kernel.get()
     monitor = VelocityMonitor(model, aux)
     monitor.measure()  # baseline (allocates the snapshot)
@@ -124,7 +127,8 @@ def main() -> None:
         h.remove()
     fp32_snapshot = 4 * sum(sizes)
 
-    print(f"model: CIFAR ResNet-20, aux: {args.n} noise images 3x32x32, threads: {torch.get_num_threads()}")
+    layout = ", channels_last" if args.channels_last else ""
+    print(f"model: CIFAR ResNet-20{layout}, aux: {args.n} noise images 3x32x32, threads: {torch.get_num_threads()}")
     print(f"hooked modules: {len(monitor.layer_names)}, one fp32 snapshot: {fp32_snapshot / 4 / 1e6:.1f}M floats")
     print(f"kernel: {kernel.path if kernel else 'not available (PyTorch ops only)'}")
     print(f"malloc: {'glibc defaults' if args.system_malloc else 'MALLOC_MMAP/TRIM_THRESHOLD_ raised'}")

@@ -36,8 +36,17 @@ _lock = threading.Lock()
 _loaded: tuple[bool, Kernel | None] = (False, None)
 
 
+def memory_order(t: Tensor) -> tuple[int, ...] | None:
+    """The dims of ``t`` from outermost to innermost in memory, if ``t`` is dense (``t.permute(order)`` is
+    contiguous: contiguous, channels_last, any permuted layout); ``None`` for gapped or overlapping views."""
+    if t.is_contiguous():
+        return tuple(range(t.ndim))
+    order = tuple(sorted(range(t.ndim), key=lambda d: -t.stride(d)))
+    return order if t.permute(order).is_contiguous() else None
+
+
 class Kernel:
-    """ctypes wrapper of the compiled library: :meth:`compare` on contiguous CPU float tensors."""
+    """ctypes wrapper of the compiled library: :meth:`compare` on dense CPU float tensors."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -51,14 +60,15 @@ class Kernel:
             self._fns[dtype] = fn
 
     def supports(self, out: Tensor, prev: Tensor) -> bool:
-        """Whether :meth:`compare` can take this pair (CPU, float32/64, contiguous, same dtype/shape)."""
+        """Whether :meth:`compare` can take this pair: CPU, float32/64, same dtype, shape and strides, and
+        dense (contiguous or any permutation of it, such as channels_last)."""
         return (
             out.device.type == "cpu"
             and out.dtype in self._fns
             and prev.dtype == out.dtype
-            and out.is_contiguous()
-            and prev.is_contiguous()
             and prev.shape == out.shape
+            and prev.stride() == out.stride()
+            and (out.is_contiguous() or memory_order(out) is not None)
         )
 
     def compare(
@@ -82,6 +92,10 @@ class Kernel:
         ``bn_cur_sq += sum y^2`` and ``bn_diff_sq += sum (y - y')^2``. The per-neuron vectors are contiguous
         CPU float64 tensors.
         """
+        if not out.is_contiguous():  # a permuted dense layout: walk it in memory order, neurons where they lie
+            order = memory_order(out)
+            assert order is not None and prev.stride() == out.stride()
+            out, prev, dim = out.permute(order), prev.permute(order), order.index(dim)
         shape = out.shape
         outer = 1
         for size in shape[:dim]:

@@ -68,6 +68,9 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 LayerSelection = Sequence[type[nn.Module]] | Sequence[str] | Callable[[str, nn.Module], bool] | None
 AuxInput = Tensor | Iterable[Any]
+# One recorded output slice: shape, dtype, device and memory order (outermost dim first; the snapshot
+# slice is laid out like the output, so channels_last outputs keep channels_last snapshots).
+_Slot = tuple[torch.Size, torch.dtype, torch.device, tuple[int, ...]]
 
 
 class MeasurementError(RuntimeError):
@@ -190,6 +193,11 @@ def _sum_squares(x: Tensor, dim: int) -> Tensor:
     rows = x.reshape(math.prod(x.shape[:dim]), size, -1)  # (batch-like, C, positions)
     norms = torch.linalg.vector_norm(rows, 2, 2)
     return (norms * norms).sum(0)
+
+
+def _order(t: Tensor) -> tuple[int, ...]:
+    """The memory order a snapshot slice for ``t`` gets: ``t``'s own if dense, else plain contiguous."""
+    return _kernel.memory_order(t) or tuple(range(t.ndim))
 
 
 def _signature(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
@@ -323,8 +331,9 @@ class _Layer:
         self.segment = segment  # slice of the flat per-neuron buffers; None until the first output
         # snapshots[call][batch]: the previous output of the call-th invocation on that aux batch.
         self.snapshots: list[list[Tensor | None]] = []
-        # layout[call][batch]: (shape, dtype, device) of that slice, recorded by the baseline's first pass.
-        self.layout: list[list[tuple[torch.Size, torch.dtype, torch.device] | None]] = []
+        # layout[call][batch]: (shape, dtype, device, memory order) of that slice, recorded by the
+        # baseline's first pass.
+        self.layout: list[list[_Slot | None]] = []
         self.sample_index: list[Tensor | None] = []  # per call, bounded-memory position subsample
         # Eval-mode BatchNorm fed directly by another hooked module (the "source"): per call, the source and
         # its call (fed_by, on the BatchNorm) and the BatchNorm and its call (feeds, on the source). Such a
@@ -579,7 +588,7 @@ class VelocityMonitor:
             layer.segment = None if seg is None else slice(seg[0], seg[1])
             saved = entry["snapshots"]
             layer.layout = [
-                [None if t is None else (t.shape, t.dtype, device) for t in per_call] for per_call in saved
+                [None if t is None else (t.shape, t.dtype, device, _order(t)) for t in per_call] for per_call in saved
             ]
             layer.sample_index = [move(t) for t in entry["sample_index"]]
             layer.scale, layer.first_stale = None, True  # s restarts at 1; first-slice norms are re-taken
@@ -598,7 +607,7 @@ class VelocityMonitor:
                     layer.fed_by.append(None)
                     continue
                 source_saved = state["layers"][names.index(pair[0].name)]["snapshots"][pair[1]]
-                layer.layout[call] = [(t.shape, t.dtype, device) for t in source_saved]
+                layer.layout[call] = [(t.shape, t.dtype, device, _order(t)) for t in source_saved]
                 if pairing:
                     layer.fed_by.append(pair)
                     continue
@@ -706,7 +715,7 @@ class VelocityMonitor:
                     layer.segment = slice(start, self._num_neurons)
                 elif layer.segment.stop - layer.segment.start != out.shape[dim]:
                     raise MeasurementError(f"Module '{layer.name}' changed its number of neurons.")
-                layer.layout[call][batch] = (out.shape, out.dtype, out.device)
+                layer.layout[call][batch] = (out.shape, out.dtype, out.device, _order(out))
                 return
             fed_by = layer.fed_by[call] if call < len(layer.fed_by) else None
             if fed_by is not None:  # an eval BatchNorm whose sums came from its source's pass
@@ -741,12 +750,12 @@ class VelocityMonitor:
             layer.fed_by.append(None)
             layer.feeds.append(None)
         last, self._last_output = self._last_output, None
-        # Only outputs that the kernel will take (CPU, float32/64, contiguous) can feed a BatchNorm's sums.
+        # Only outputs that the kernel will take (CPU, float32/64, dense) can feed a BatchNorm's sums.
         if (
             self._pairing
             and out.device.type == "cpu"
             and out.dtype in (torch.float32, torch.float64)
-            and out.is_contiguous()
+            and _kernel.memory_order(out) is not None
         ):
             self._last_output = (layer, call, _signature(out), out.dtype)
         if self._batch_index > 0:  # confirm on later batches; drop a pair that does not hold
@@ -827,7 +836,7 @@ class VelocityMonitor:
         prev.copy_(out)
 
     @staticmethod
-    def _stored_layout(layer: _Layer) -> list[list[tuple[torch.Size, torch.dtype, torch.device] | None]]:
+    def _stored_layout(layer: _Layer) -> list[list[_Slot | None]]:
         """The layout of the slices that get a snapshot: all but those of BatchNorms fed by a source."""
         return [
             [None] * len(per_call) if call < len(layer.fed_by) and layer.fed_by[call] is not None else per_call
@@ -859,7 +868,7 @@ class VelocityMonitor:
             for per_call in self._stored_layout(layer):
                 for entry in per_call:
                     if entry is not None:
-                        shape, dtype, device = entry
+                        shape, dtype, device, _ = entry
                         sizes[(device, dtype)] = sizes.get((device, dtype), 0) + shape.numel()
         current = {key: t.numel() for key, t in self._snapshot_buffers.items()}
         if current != sizes:
@@ -878,10 +887,13 @@ class VelocityMonitor:
                     if entry is None:
                         views.append(None)
                         continue
-                    shape, dtype, device = entry
+                    shape, dtype, device, order = entry
                     start = offsets[(device, dtype)]
                     offsets[(device, dtype)] = start + shape.numel()
-                    views.append(self._snapshot_buffers[(device, dtype)][start : start + shape.numel()].view(shape))
+                    piece = self._snapshot_buffers[(device, dtype)][start : start + shape.numel()]
+                    # laid out like the output: the copy into it and the kernel's pass are then linear
+                    view = piece.view([shape[d] for d in order]).permute([order.index(d) for d in range(len(order))])
+                    views.append(view)
                 layer.snapshots.append(views)
 
     def _positions(self, layer: _Layer, call: int, out: Tensor) -> Tensor:
