@@ -1,7 +1,8 @@
 /* neve_tune: the fused per-neuron comparison behind VelocityMonitor's CPU hot path.
  *
- * A hooked output `a` and its stored previous response `b` (same shape, contiguous, viewed as
- * (outer, C, inner) with neurons on C) are read exactly once, and per neuron c it accumulates, in double:
+ * A hooked output `a` and its stored previous response `b` (same shape and layout, walked in memory order
+ * as (outer, C, inner) with neurons on C: inner == 1 for Linear/LayerNorm and channels_last convs) are read
+ * exactly once, and per neuron c it accumulates, in double:
  *
  *     cur[c]  += sum a^2
  *     diff[c] += sum (a - s[c] * b)^2
@@ -63,7 +64,61 @@ static int64_t neve_chunks(int64_t outer, int64_t row) {
  * measurement's alpha', beta'. Its outputs are y = alpha*a + beta now and y' = alpha'*b + beta' before, so
  *     cur2[c] += sum y^2,   diff2[c] += sum (y - y')^2
  * come from the same pass, and that BatchNorm needs no snapshot of its own. */
-#define NEVE_DEFINE(NAME, T, COPY)                                                                 \
+/* Neurons innermost (Linear, LayerNorm, channels_last convs): rows r0..r1 of C values each, columns
+ * c0..c0+w (w <= NEVE_W). The sums of one column tile stay in registers while the rows stream past; called
+ * with w == NEVE_W (a constant after inlining) for full tiles and once more for the tail. */
+#define NEVE_W 16
+#define NEVE_TILE_ELEMS 2048 /* rows per block: a block of a and b stays in L1 across its column tiles */
+#define NEVE_TILE_MAX_C 32    /* wider rows are summed row by row, into per-neuron arrays */
+#define NEVE_DEFINE_TILE(TILE, T)                                                                  \
+    static inline __attribute__((always_inline)) void TILE(                                      \
+        const T *a, const T *b, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t w,          \
+        const double *s, const double *affine, int64_t astride, double *pc, double *pd,            \
+        double *pc2, double *pd2) {                                                                \
+        double sc[NEVE_W], al[NEVE_W], be[NEVE_W], alp[NEVE_W], bep[NEVE_W];                       \
+        double sa[NEVE_W] = {0}, sd[NEVE_W] = {0}, sa2[NEVE_W] = {0}, sd2[NEVE_W] = {0};           \
+        for (int64_t j = 0; j < w; ++j) sc[j] = s[c0 + j];                                         \
+        if (affine != NULL) {                                                                      \
+            for (int64_t j = 0; j < w; ++j) {                                                      \
+                al[j] = affine[c0 + j];                                                            \
+                be[j] = affine[astride + c0 + j];                                                  \
+                alp[j] = affine[2 * astride + c0 + j];                                             \
+                bep[j] = affine[3 * astride + c0 + j];                                             \
+            }                                                                                      \
+            for (int64_t r = r0; r < r1; ++r) {                                                    \
+                const T *ap = a + r * C + c0, *bp = b + r * C + c0;                                \
+                _Pragma("omp simd")                                                                \
+                for (int64_t j = 0; j < w; ++j) {                                                  \
+                    double x = (double)ap[j], y = (double)bp[j], d = x - sc[j] * y;                \
+                    double u = al[j] * x + be[j], e = u - (alp[j] * y + bep[j]);                   \
+                    sa[j] += x * x;                                                                \
+                    sd[j] += d * d;                                                                \
+                    sa2[j] += u * u;                                                               \
+                    sd2[j] += e * e;                                                               \
+                }                                                                                  \
+            }                                                                                      \
+            for (int64_t j = 0; j < w; ++j) {                                                      \
+                pc2[c0 + j] += sa2[j];                                                             \
+                pd2[c0 + j] += sd2[j];                                                             \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int64_t r = r0; r < r1; ++r) {                                                    \
+                const T *ap = a + r * C + c0, *bp = b + r * C + c0;                                \
+                _Pragma("omp simd")                                                                \
+                for (int64_t j = 0; j < w; ++j) {                                                  \
+                    double x = (double)ap[j], d = x - sc[j] * (double)bp[j];                       \
+                    sa[j] += x * x;                                                                \
+                    sd[j] += d * d;                                                                \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int64_t j = 0; j < w; ++j) {                                                          \
+            pc[c0 + j] += sa[j];                                                                   \
+            pd[c0 + j] += sd[j];                                                                   \
+        }                                                                                          \
+    }
+
+#define NEVE_DEFINE(NAME, TILE, T, COPY)                                                           \
     int NAME(const T *a, T *b, int copy, int64_t outer, int64_t C, int64_t inner, const double *s, \
              double *cur, double *diff, const T *bn_mean, const T *bn_var, const T *bn_weight,     \
              const T *bn_bias, double eps, double *affine, int64_t astride, double *cur2,          \
@@ -84,10 +139,23 @@ static int64_t neve_chunks(int64_t outer, int64_t row) {
         for (int64_t j = 0; j < k; ++j) {                                                          \
             double *pc = part + j * width, *pd = pc + C, *pc2 = pd + C, *pd2 = pc2 + C;            \
             int64_t o0 = outer * j / k, o1 = outer * (j + 1) / k;                                  \
+            if (inner == 1 && C <= NEVE_TILE_MAX_C) {                                              \
+                int64_t rows = NEVE_TILE_ELEMS / C > 0 ? NEVE_TILE_ELEMS / C : 1;                  \
+                for (int64_t r0 = o0; r0 < o1; r0 += rows) {                                       \
+                    int64_t r1 = r0 + rows < o1 ? r0 + rows : o1, c0 = 0;                          \
+                    for (; c0 + NEVE_W <= C; c0 += NEVE_W)                                         \
+                        TILE(a, b, C, r0, r1, c0, NEVE_W, s, affine, astride, pc, pd, pc2, pd2);   \
+                    if (c0 < C)                                                                    \
+                        TILE(a, b, C, r0, r1, c0, C - c0, s, affine, astride, pc, pd, pc2, pd2);   \
+                    if (copy) COPY(b + r0 * C, a + r0 * C, (r1 - r0) * C);                         \
+                }                                                                                  \
+                NEVE_FENCE();                                                                      \
+                continue;                                                                          \
+            }                                                                                      \
             for (int64_t o = o0; o < o1; ++o) {                                                    \
                 const T *ar = a + o * C * inner;                                                   \
                 T *br = b + o * C * inner;                                                         \
-                if (inner == 1) { /* neurons innermost (Linear, LayerNorm): vectorise across them */ \
+                if (inner == 1) { /* wide rows (Linear, LayerNorm): vectorise across the neurons */  \
                     _Pragma("omp simd")                                                            \
                     for (int64_t c = 0; c < C; ++c) {                                              \
                         double x = (double)ar[c], y = (double)br[c], d = x - s[c] * y;             \
@@ -158,8 +226,10 @@ static int64_t neve_chunks(int64_t outer, int64_t row) {
 #define NEVE_FENCE() ((void)0)
 #endif
 
-NEVE_DEFINE(neve_compare_f32, float, neve_copy_f32)
-NEVE_DEFINE(neve_compare_f64, double, neve_copy_f64)
+NEVE_DEFINE_TILE(neve_tile_f32, float)
+NEVE_DEFINE_TILE(neve_tile_f64, double)
+NEVE_DEFINE(neve_compare_f32, neve_tile_f32, float, neve_copy_f32)
+NEVE_DEFINE(neve_compare_f64, neve_tile_f64, double, neve_copy_f64)
 
 /* Lets the loader check that the library it found matches the Python side. */
 int neve_abi_version(void) { return 4; }
