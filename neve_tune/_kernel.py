@@ -14,6 +14,7 @@ computes the same numbers with PyTorch ops (slower, never wrong). The reason is 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -41,8 +42,19 @@ def memory_order(t: Tensor) -> tuple[int, ...] | None:
     contiguous: contiguous, channels_last, any permuted layout); ``None`` for gapped or overlapping views."""
     if t.is_contiguous():
         return tuple(range(t.ndim))
-    order = tuple(sorted(range(t.ndim), key=lambda d: -t.stride(d)))
-    return order if t.permute(order).is_contiguous() else None
+    return _dense_order(tuple(t.shape), t.stride())
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_order(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Cached per (shape, strides): the hot path asks for the same few layouts every measurement."""
+    order = tuple(sorted(range(len(shape)), key=lambda d: -stride[d]))
+    expected = 1
+    for d in reversed(order):  # innermost first: each stride must be the product of the sizes inside it
+        if shape[d] != 1 and stride[d] != expected:
+            return None
+        expected *= shape[d]
+    return order
 
 
 class Kernel:

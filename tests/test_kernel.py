@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from neve_tune import MeasurementError, VelocityMonitor, _kernel, noise_aux
-from tests.test_velocity import ATOL, RTOL, BNConvNet, train_epoch
+from tests.test_velocity import ATOL, RTOL, BNConvNet, train_epoch, train_twins
 from tests.velocity_reference import ReferenceVelocity, capture_responses
 
 
@@ -211,10 +211,7 @@ def test_state_saved_on_the_fast_path_resumes_on_torch_ops(kernel, monkeypatch):
     assert slow.snapshot_bytes() == 4 * 6 * (4 * 8 * 64 + 5)
     monkeypatch.setattr(_kernel, "_loaded", (False, None))
     for _ in range(2):
-        gen_state = gen.get_state()
-        train_epoch(model, (3, 8, 8), gen)
-        gen.set_state(gen_state)
-        train_epoch(clone, (3, 8, 8), gen)
+        train_twins(model, clone, gen)
         a = fast.measure()
         monkeypatch.setattr(_kernel, "_loaded", (True, None))
         b = slow.measure()

@@ -89,6 +89,14 @@ def train_epoch(model: nn.Module, sample_shape, gen: torch.Generator, lr: float 
         opt.step()
 
 
+def train_twins(model: nn.Module, clone: nn.Module, gen: torch.Generator) -> None:
+    """One identical epoch (same batches) for a model and its clone."""
+    gen_state = gen.get_state()
+    train_epoch(model, (3, 8, 8), gen)
+    gen.set_state(gen_state)
+    train_epoch(clone, (3, 8, 8), gen)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_velocities_match_float64_reference(case, compute_path):
     factory, shape, n_aux, batch, _ = CASES[case]
@@ -221,10 +229,7 @@ def test_state_dict_round_trip_continues_with_identical_numbers(compute_path, me
     conv1 = restored._layers[restored.layer_names.index("conv1")]
     assert conv1.snapshots[0][0].is_contiguous(memory_format=memory_format)  # the layout survives
     for _ in range(2):
-        gen_state = gen.get_state()
-        train_epoch(model, (3, 8, 8), gen)
-        gen.set_state(gen_state)
-        train_epoch(clone, (3, 8, 8), gen)
+        train_twins(model, clone, gen)
         a, b = monitor.measure(), restored.measure()
         assert (a.model_velocity, a.velocity_change) == (b.model_velocity, b.velocity_change)
         for name in a.layers:
