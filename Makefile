@@ -16,10 +16,12 @@ demo: $(PY)
 test: $(PY)
 	$(PIP) install -e ".[test]"
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(PY)
 	$(PY) benchmarks/velocity_overhead.py

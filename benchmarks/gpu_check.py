@@ -21,7 +21,7 @@ import time
 import torch
 
 from neve_tune import VelocityMonitor, noise_aux
-from studies.cifar import resnet20
+from neve_tune.studies.builtin.cifar import resnet20
 
 
 def device_time(fn, dev: torch.device, repeats: int = 20) -> float:
@@ -63,7 +63,7 @@ def main() -> int:
         VelocityMonitor(cl_model, cl_aux),
     )
     cpu_mon.measure(), gpu_mon.measure(), cl_mon.measure()
-    assert gpu_mon._v.device.type == dev.type, "per-neuron state must live on the model's device"
+    assert gpu_mon._sums is not None and gpu_mon._sums.v.device.type == dev.type, "per-neuron state on the device"
     ok = cl_mon._layers[0].snapshots[0][0].is_contiguous(memory_format=torch.channels_last)
     print(f"channels_last model: its snapshot keeps the layout = {ok}")
     gen = torch.Generator().manual_seed(1)

@@ -19,31 +19,20 @@ Run: ``python benchmarks/velocity_overhead.py [--threads 2] [--repeats 21]``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 from neve_tune import VelocityMonitor, _kernel, noise_aux
-from studies.cifar import resnet20
+from neve_tune.studies.builtin.cifar import resnet20
+from neve_tune.testing import compute_path
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 31), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
-
-
-@contextlib.contextmanager
-def torch_ops_only() -> Iterator[None]:
-    """Measure as a machine without a C compiler would: the PyTorch-ops path."""
-    saved = _kernel._loaded
-    _kernel._loaded = (True, None)
-    try:
-        yield
-    finally:
-        _kernel._loaded = saved
 
 
 def faults() -> int:
@@ -85,7 +74,7 @@ def main() -> None:
     kernel = _kernel.get()
     monitor = VelocityMonitor(model, aux)
     monitor.measure()  # baseline (allocates the snapshot)
-    with torch_ops_only():
+    with compute_path("torch_ops"):  # as a machine without a C compiler would
         fallback = VelocityMonitor(model, aux)
         fallback.measure()
 
@@ -94,7 +83,7 @@ def main() -> None:
             model(aux)
 
     def measure_fallback() -> None:
-        with torch_ops_only():
+        with compute_path("torch_ops"):
             fallback.measure()
 
     runs: dict[str, Callable[[], object]] = {"bare": bare, "kernel": monitor.measure, "torch_ops": measure_fallback}

@@ -4,9 +4,12 @@ The core (this package's top level) depends on torch only:
 
 * :class:`VelocityMonitor` measures neural velocity on a fixed auxiliary set;
 * :class:`NeVeRule` is the decision rule (plateau LR decay, stop on low velocity), a pure state machine;
-* :class:`NeVe` combines both for a plain PyTorch loop;
+* :func:`decide` is its stop test as a stateless function of one epoch's reported metrics, the one
+  decision the integrations (Ray Tune scheduler, Optuna pruner and ``report_epoch``) call;
+* :class:`NeVe` combines both for a plain PyTorch loop; ``NeVe.metrics()`` (and ``StepResult.metrics()``)
+  is the one flat metrics dict every integration reports;
 * :func:`noise_aux`, :func:`subset_aux`, :func:`image_folder_aux` build aux sets;
-* :mod:`neve_tune.keys` names the metrics NeVe reports.
+* :mod:`neve_tune.keys` names the metrics NeVe reports, and :class:`StopReason` spells why a trial stopped.
 
 Integrations live in ``neve_tune.ray``, ``neve_tune.optuna`` and ``neve_tune.mlflow``.
 """
@@ -16,8 +19,9 @@ from __future__ import annotations
 from . import keys
 from ._aux import image_folder_aux, noise_aux, subset_aux
 from ._controller import NeVe, StepResult
-from ._rule import Decision, NeVeRule, StopReason
+from ._rule import Decision, NeVeRule, decide
 from ._velocity import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
+from .keys import StopReason
 
 __version__ = "0.1.0"
 
@@ -32,6 +36,7 @@ __all__ = [
     "StopReason",
     "VelocityMonitor",
     "__version__",
+    "decide",
     "image_folder_aux",
     "keys",
     "noise_aux",

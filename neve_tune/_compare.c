@@ -7,7 +7,7 @@
  *     cur[c]  += sum a^2
  *     diff[c] += sum (a - s[c] * b)^2
  *
- * and, when `copy` is set, overwrites b with a in the same pass (the in-place-safety copy).
+ * and overwrites b with a in the same pass (the in-place-safety copy).
  *
  * Products of two floats are exact in double and the sums carry 53 bits, so the finalisation
  * (||a - s b||^2 - (|a| - s|b|)^2) / (2 |a| s|b|) keeps ~1e-9 relative accuracy even at s = 1 and
@@ -119,7 +119,7 @@ static int64_t neve_chunks(int64_t outer, int64_t row) {
     }
 
 #define NEVE_DEFINE(NAME, TILE, T, COPY)                                                           \
-    int NAME(const T *a, T *b, int copy, int64_t outer, int64_t C, int64_t inner, const double *s, \
+    int NAME(const T *a, T *b, int64_t outer, int64_t C, int64_t inner, const double *s,           \
              double *cur, double *diff, const T *bn_mean, const T *bn_var, const T *bn_weight,     \
              const T *bn_bias, double eps, double *affine, int64_t astride, double *cur2,          \
              double *diff2, int threads) {                                                         \
@@ -147,7 +147,7 @@ static int64_t neve_chunks(int64_t outer, int64_t row) {
                         TILE(a, b, C, r0, r1, c0, NEVE_W, s, affine, astride, pc, pd, pc2, pd2);   \
                     if (c0 < C)                                                                    \
                         TILE(a, b, C, r0, r1, c0, C - c0, s, affine, astride, pc, pd, pc2, pd2);   \
-                    if (copy) COPY(b + r0 * C, a + r0 * C, (r1 - r0) * C);                         \
+                    COPY(b + r0 * C, a + r0 * C, (r1 - r0) * C);                                   \
                 }                                                                                  \
                 NEVE_FENCE();                                                                      \
                 continue;                                                                          \
@@ -168,7 +168,7 @@ static int64_t neve_chunks(int64_t outer, int64_t row) {
                             pd2[c] += e * e;                                                       \
                         }                                                                          \
                     }                                                                              \
-                    if (copy) COPY(br, ar, C);                                                     \
+                    COPY(br, ar, C);                                                               \
                     continue;                                                                      \
                 }                                                                                  \
                 for (int64_t c = 0; c < C; ++c) {                                                  \
@@ -198,7 +198,7 @@ static int64_t neve_chunks(int64_t outer, int64_t row) {
                             sd += d * d;                                                           \
                         }                                                                          \
                     }                                                                              \
-                    if (copy) COPY(bp, ap, inner);                                                 \
+                    COPY(bp, ap, inner);                                                           \
                     pc[c] += sa;                                                                   \
                     pd[c] += sd;                                                                   \
                 }                                                                                  \
@@ -232,4 +232,4 @@ NEVE_DEFINE(neve_compare_f32, neve_tile_f32, float, neve_copy_f32)
 NEVE_DEFINE(neve_compare_f64, neve_tile_f64, double, neve_copy_f64)
 
 /* Lets the loader check that the library it found matches the Python side. */
-int neve_abi_version(void) { return 4; }
+int neve_abi_version(void) { return 5; }

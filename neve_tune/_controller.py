@@ -11,8 +11,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from . import keys
-from ._rule import NeVeRule, PlateauOn, StopFlags, StopReason
+from ._rule import NeVeRule, PlateauOn, StopFlags
 from ._velocity import AuxInput, LayerSelection, VelocityMonitor
+from .keys import StopReason
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class StepResult(StopFlags):
         lrs: the learning rates after this step, one per param group.
         stop_reason: ``StopReason.CONVERGED``, ``StopReason.DIVERGED`` or ``None``.
         layer_velocity: module name -> mean ``|v_i|`` over its neurons.
+        num_decays: how many LR decays happened up to and including this step.
     """
 
     epoch: int
@@ -37,6 +39,11 @@ class StepResult(StopFlags):
     lrs: list[float]
     stop_reason: StopReason | None
     layer_velocity: dict[str, float] = field(default_factory=dict, repr=False)
+    num_decays: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """This step as a flat dict of plain floats: what :meth:`NeVe.metrics` returned right after it."""
+        return _flat_metrics(self.epoch, self.lrs, self.num_decays, self)
 
     @property
     def message(self) -> str:
@@ -130,7 +137,7 @@ class NeVe(LRScheduler):
             model, aux, momentum=momentum, layers=layers, batch_size=batch_size, max_positions=max_positions
         )
         self.last_epoch = 0
-        self._last_lr: list[float] = [float(g["lr"]) for g in optimizer.param_groups]
+        self._lrs: list[float] = [float(g["lr"]) for g in optimizer.param_groups]
         self._last: StepResult | None = None
         self.monitor.measure()  # the baseline snapshot, before the first training epoch
 
@@ -141,7 +148,7 @@ class NeVe(LRScheduler):
 
     def get_last_lr(self) -> list[float]:  # type: ignore[override]
         """The learning rates after the latest step, one per param group."""
-        return list(self._last_lr)
+        return list(self._lrs)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -152,7 +159,7 @@ class NeVe(LRScheduler):
         self.last_epoch += 1
         lrs = self.get_lr()
         if measurement is None:
-            result = StepResult(self.last_epoch, None, None, False, lrs, None)
+            result = StepResult(self.last_epoch, None, None, False, lrs, None, num_decays=self.rule.num_decays)
         else:
             decision = self.rule.step(measurement.model_velocity, measurement.velocity_change, lrs)
             if decision.lr_decayed:
@@ -166,8 +173,9 @@ class NeVe(LRScheduler):
                 lrs=list(decision.lrs),
                 stop_reason=decision.stop_reason,
                 layer_velocity=measurement.layer_velocity,
+                num_decays=self.rule.num_decays,
             )
-        self._last_lr = list(result.lrs)
+        self._lrs = list(result.lrs)
         self._last = result
         return result
 
@@ -179,28 +187,14 @@ class NeVe(LRScheduler):
         ``neve/lr_<i>`` for every group when there are several, ``neve/lr_decayed``,
         ``neve/num_decays``, ``neve/converged``, ``neve/diverged`` (1.0 or 0.0).
         """
-        last = self._last
-        out: dict[str, float] = {keys.EPOCH: float(self.last_epoch)}
-        if last is not None and last.model_velocity is not None:
-            out[keys.MODEL_VELOCITY] = float(last.model_velocity)
-        if last is not None and last.velocity_change is not None:
-            out[keys.VELOCITY_CHANGE] = float(last.velocity_change)
-        out[keys.LR] = float(self._last_lr[0])
-        if len(self._last_lr) > 1:
-            for i, lr in enumerate(self._last_lr):
-                out[keys.lr_key(i)] = float(lr)
-        out[keys.LR_DECAYED] = float(bool(last and last.lr_decayed))
-        out[keys.NUM_DECAYS] = float(self.rule.num_decays)
-        out[keys.CONVERGED] = float(bool(last and last.converged))
-        out[keys.DIVERGED] = float(bool(last and last.diverged))
-        return out
+        return _flat_metrics(self.last_epoch, self._lrs, self.rule.num_decays, self._last)
 
     def state_dict(self) -> dict[str, Any]:
         """Rule counters, monitor state (velocities and snapshot) and the last result; no optimizer."""
         last = self._last
         return {
             "last_epoch": self.last_epoch,
-            "last_lr": list(self._last_lr),
+            "last_lr": list(self._lrs),
             "rule": self.rule.state_dict(),
             "monitor": self.monitor.state_dict(),
             "last_result": None
@@ -222,7 +216,7 @@ class NeVe(LRScheduler):
         self.rule.check_num_groups(len(self.optimizer.param_groups))
         self.monitor.load_state_dict(state_dict["monitor"])
         self.last_epoch = int(state_dict["last_epoch"])
-        self._last_lr = [float(x) for x in state_dict["last_lr"]]
+        self._lrs = [float(x) for x in state_dict["last_lr"]]
         last = state_dict["last_result"]
         if last is None:
             self._last = None
@@ -236,6 +230,7 @@ class NeVe(LRScheduler):
                 lrs=[float(x) for x in last["lrs"]],
                 stop_reason=None if reason is None else StopReason(reason),
                 layer_velocity=dict(last["layer_velocity"]),
+                num_decays=self.rule.num_decays,  # the last result is the rule's latest step
             )
 
     def close(self) -> None:
@@ -244,5 +239,23 @@ class NeVe(LRScheduler):
 
     def __repr__(self) -> str:
         v = None if self._last is None else self._last.model_velocity
-        return f"NeVe(epoch={self.last_epoch}, model_velocity={v}, lrs={self._last_lr}, rule={self.rule!r})"
+        return f"NeVe(epoch={self.last_epoch}, model_velocity={v}, lrs={self._lrs}, rule={self.rule!r})"
 
+
+
+def _flat_metrics(epoch: int, lrs: Sequence[float], num_decays: int, last: StepResult | None) -> dict[str, float]:
+    """The one builder of NeVe's flat metrics (``NeVe.metrics()``, ``StepResult.metrics()``)."""
+    out: dict[str, float] = {keys.EPOCH: float(epoch)}
+    if last is not None and last.model_velocity is not None:
+        out[keys.MODEL_VELOCITY] = float(last.model_velocity)
+    if last is not None and last.velocity_change is not None:
+        out[keys.VELOCITY_CHANGE] = float(last.velocity_change)
+    out[keys.LR] = float(lrs[0])
+    if len(lrs) > 1:
+        for i, lr in enumerate(lrs):
+            out[keys.lr_key(i)] = float(lr)
+    out[keys.LR_DECAYED] = float(bool(last and last.lr_decayed))
+    out[keys.NUM_DECAYS] = float(num_decays)
+    out[keys.CONVERGED] = float(bool(last and last.converged))
+    out[keys.DIVERGED] = float(bool(last and last.diverged))
+    return out

@@ -9,10 +9,12 @@ PyTorch has already loaded, so it runs on PyTorch's own threads.
 
 When there is no compiler, or ``NEVE_TUNE_KERNEL=0`` is set, :func:`get` returns ``None`` and the monitor
 computes the same numbers with PyTorch ops (slower, never wrong). The reason is logged once at INFO.
+Tests choose the path with :mod:`neve_tune.testing` (built on :func:`forced` and :func:`reloading`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,11 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 SOURCE = Path(__file__).with_name("_compare.c")
 _lock = threading.Lock()
 _loaded: tuple[bool, Kernel | None] = (False, None)
+_forced: list[bool] = []  # innermost last: see forced()
 
 
 def memory_order(t: Tensor) -> tuple[int, ...] | None:
@@ -63,9 +67,9 @@ class Kernel:
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        args = [ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, i64]
+        args = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, i64]
         args += [ptr, ptr, ctypes.c_int]
-        self._fns = {}
+        self._fns: dict[torch.dtype, Any] = {}
         for dtype, name in ((torch.float32, "neve_compare_f32"), (torch.float64, "neve_compare_f64")):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
@@ -117,14 +121,15 @@ class Kernel:
             inner *= size
         bn_args: list[Any] = [None, None, None, None, 0.0, None, 0, None, None]
         if bn is not None and affine is not None and bn_cur_sq is not None and bn_diff_sq is not None:
+            assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
             mean, var = bn.running_mean, bn.running_var
             assert isinstance(mean, Tensor) and isinstance(var, Tensor)
             weight, bias = bn.weight, bn.bias
             bn_args = [
                 mean.data_ptr(),
                 var.data_ptr(),
-                None if weight is None else weight.data_ptr(),
-                None if bias is None else bias.data_ptr(),
+                weight.data_ptr() if isinstance(weight, Tensor) else None,
+                bias.data_ptr() if isinstance(bias, Tensor) else None,
                 float(bn.eps),
                 affine.data_ptr(),
                 affine.stride(0),
@@ -134,7 +139,6 @@ class Kernel:
         status = self._fns[out.dtype](
             out.data_ptr(),
             prev.data_ptr(),
-            1,
             outer,
             shape[dim],
             inner,
@@ -151,6 +155,8 @@ class Kernel:
 def get() -> Kernel | None:
     """The compiled kernel, building it on first use; ``None`` when disabled or it cannot be built."""
     global _loaded
+    if _forced and not _forced[-1]:
+        return None
     if _loaded[0]:
         return _loaded[1]
     with _lock:
@@ -170,6 +176,32 @@ def get() -> Kernel | None:
                     )
             _loaded = (True, kernel)
     return _loaded[1]
+
+
+@contextlib.contextmanager
+def forced(enabled: bool) -> Iterator[None]:
+    """Inside the block, :func:`get` returns ``None`` (``enabled=False``: PyTorch ops, as without a
+    compiler) or behaves as usual (``enabled=True``, also inside an outer disabling block). Process-wide,
+    for tests and benchmarks; blocks nest."""
+    _forced.append(enabled)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+@contextlib.contextmanager
+def reloading() -> Iterator[None]:
+    """Inside the block, the next :func:`get` builds or loads the kernel again, reading ``$CC``,
+    ``$NEVE_TUNE_KERNEL`` and the cache folder then; afterwards the kernel loaded before is back."""
+    global _loaded
+    with _lock:
+        saved, _loaded = _loaded, (False, None)
+    try:
+        yield
+    finally:
+        with _lock:
+            _loaded = saved
 
 
 def cache_dir() -> Path:

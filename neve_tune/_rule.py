@@ -1,37 +1,30 @@
-"""NeVe's decision rule: when to decay the learning rate and when to stop, as a pure state machine.
+"""NeVe's decision rule: when to decay the learning rate and when to stop.
 
-This module imports nothing but the standard library, so the same rule object serves the plain-PyTorch
-controller, the Ray Tune scheduler and the Optuna pruner. No integration re-implements it.
+Two forms of one rule, with no dependency outside the standard library:
+
+* :class:`NeVeRule`, a pure state machine (plateau LR decay plus the stop test), which the plain-PyTorch
+  controller :class:`neve_tune.NeVe` steps once per epoch;
+* :func:`decide`, the stop test alone as a stateless function of one epoch's reported metrics. The Ray
+  Tune scheduler, the Optuna pruner and Optuna's ``report_epoch`` call it, so they stop exactly where
+  the controller does. No integration re-implements the rule.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from . import keys
+from .keys import StopReason
 
 PlateauOn = Literal["velocity_change", "model_velocity"]
 
 # torch.optim.lr_scheduler.ReduceLROnPlateau ignores LR changes smaller than this; so do we.
 _LR_EPS = 1e-8
 
-
-class StopReason(str, enum.Enum):
-    """Why a trial stopped. The value is the plain string that tags, attributes and results carry."""
-
-    CONVERGED = "converged"
-    """The model velocity fell under ``stop_threshold``: training has settled."""
-    DIVERGED = "diverged"
-    """The model velocity or the velocity change was NaN or infinite."""
-    MAX_T = "max_t"
-    """The trial reached the epoch/iteration cap of its scheduler."""
-    PRUNED = "pruned"
-    """A wrapped, validation-based pruner (e.g. Optuna's MedianPruner) rejected the trial."""
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["Decision", "NeVeRule", "PlateauOn", "StopFlags", "StopReason", "decide"]
 
 
 class StopFlags:
@@ -70,6 +63,116 @@ class Decision(StopFlags):
 
 def _is_finite(value: float | None) -> bool:
     return value is None or math.isfinite(value)
+
+
+def _classify(model_velocity: float, velocity_change: float | None, stop_threshold: float) -> StopReason | None:
+    if not (_is_finite(model_velocity) and _is_finite(velocity_change)):
+        return StopReason.DIVERGED
+    if model_velocity < stop_threshold:
+        return StopReason.CONVERGED
+    return None
+
+
+def _check_stop_threshold(stop_threshold: float) -> float:
+    if not (math.isfinite(stop_threshold) and stop_threshold >= 0.0):
+        raise ValueError(f"stop_threshold must be a finite number >= 0, but got {stop_threshold=}.")
+    return float(stop_threshold)
+
+
+def _not_a_number(key: str, value: Any) -> TypeError:
+    return TypeError(
+        f"decide() expects a number under {key!r}, but the metrics hold {value!r} ({type(value).__name__})."
+        " Report plain floats, as `neve.metrics()` does."
+    )
+
+
+def _number(metrics: Mapping[str, Any], key: str) -> float | None:
+    """``metrics[key]`` as a float (numbers and numeric strings such as ``"nan"``), ``None`` when absent."""
+    value = metrics.get(key)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _not_a_number(key, value) from None
+
+
+def decide(
+    metrics: Mapping[str, Any],
+    *,
+    stop_threshold: float | None = None,
+    velocity_key: str = keys.MODEL_VELOCITY,
+    change_key: str = keys.VELOCITY_CHANGE,
+) -> StopReason | None:
+    """The stop decision for one epoch's reported metrics alone: ``DIVERGED``, ``CONVERGED`` or ``None``.
+
+    This is NeVe's stop test as a stateless function of what a trial reports (``NeVe.metrics()``, a flat
+    Ray Tune result, or the ``"neve"`` user attribute of an Optuna trial). It keeps no history, so the
+    same metrics give the same decision in any process, in any order, after any restore.
+
+    * With a ``stop_threshold`` (what :class:`neve_tune.ray.NeVeScheduler` and
+      :class:`neve_tune.optuna.NeVePruner` pass): ``CONVERGED`` when the model velocity is under it,
+      exactly :meth:`NeVeRule.classify`.
+    * Without one (``None``): the trial's own decision, read from its flags: ``CONVERGED`` when
+      ``neve/converged`` is 1.0 (the trial's ``NeVe`` applied its own ``stop_threshold``).
+
+    ``None`` means keep training; it is also the answer when the metrics hold no model velocity (a step
+    on which ``NeVe`` took a fresh baseline after a failed measurement, so nothing was measured).
+
+    NaN policy: a NaN or infinite model velocity or velocity change means the trial **diverged**
+    (``DIVERGED``), whatever the threshold; so does ``neve/diverged == 1.0`` without a threshold. A
+    non-finite value is never read as convergence and never skipped. Values may be numbers or numeric
+    strings (``"nan"``, ``"inf"``, as Optuna user attributes store them).
+
+    Args:
+        metrics: one epoch's flat metrics, keyed by :mod:`neve_tune.keys`; other keys are ignored.
+        stop_threshold: converged once the model velocity is under this; ``None`` to use the trial's
+            own ``neve/converged`` flag instead.
+        velocity_key: the key of the model velocity.
+        change_key: the key of the velocity change (absent at the first epoch).
+
+    Returns:
+        ``StopReason.DIVERGED``, ``StopReason.CONVERGED`` or ``None`` (continue). A ``StopReason`` is a
+        non-empty string, so ``if decide(metrics): stop`` reads naturally.
+
+    Raises:
+        TypeError: a velocity (or, without a threshold, a flag) is not a number.
+        ValueError: ``stop_threshold`` is negative or not finite.
+
+    Example:
+        >>> from neve_tune import decide, keys
+        >>> decide({keys.MODEL_VELOCITY: 4e-4, keys.VELOCITY_CHANGE: 1e-6}, stop_threshold=1e-3)
+        <StopReason.CONVERGED: 'converged'>
+        >>> decide({keys.MODEL_VELOCITY: 0.2, keys.VELOCITY_CHANGE: float("nan")}, stop_threshold=1e-3)
+        <StopReason.DIVERGED: 'diverged'>
+        >>> decide({keys.MODEL_VELOCITY: 0.2}, stop_threshold=1e-3) is None
+        True
+        >>> decide({keys.MODEL_VELOCITY: 4e-4, keys.CONVERGED: 1.0})  # the trial's own decision
+        <StopReason.CONVERGED: 'converged'>
+    """
+    # Called once per reported result by the Ray scheduler: the common path is inlined and stays well
+    # under a microsecond (benchmarks/scheduler_decision.py).
+    if stop_threshold is not None and not (math.isfinite(stop_threshold) and stop_threshold >= 0.0):
+        _check_stop_threshold(stop_threshold)  # raises
+    raw_velocity = metrics.get(velocity_key)
+    if raw_velocity is None:
+        return None
+    raw_change = metrics.get(change_key)
+    try:
+        model_velocity = float(raw_velocity)
+    except (TypeError, ValueError):
+        raise _not_a_number(velocity_key, raw_velocity) from None
+    try:
+        velocity_change = None if raw_change is None else float(raw_change)
+    except (TypeError, ValueError):
+        raise _not_a_number(change_key, raw_change) from None
+    if stop_threshold is not None:
+        return _classify(model_velocity, velocity_change, stop_threshold)
+    if _number(metrics, keys.DIVERGED) == 1.0 or not (_is_finite(model_velocity) and _is_finite(velocity_change)):
+        return StopReason.DIVERGED
+    if _number(metrics, keys.CONVERGED) == 1.0:
+        return StopReason.CONVERGED
+    return None
 
 
 class NeVeRule:
@@ -119,8 +222,7 @@ class NeVeRule:
             raise ValueError(f"factor must be between 0 and 1 exclusive (factor < 1.0), but got {factor=}.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be a non-negative integer, but got {patience=}.")
-        if not (math.isfinite(stop_threshold) and stop_threshold >= 0.0):
-            raise ValueError(f"stop_threshold must be a finite number >= 0, but got {stop_threshold=}.")
+        _check_stop_threshold(stop_threshold)
         if plateau_on not in ("velocity_change", "model_velocity"):
             raise ValueError(
                 f"plateau_on must be 'velocity_change' or 'model_velocity', but got {plateau_on=}."
@@ -147,14 +249,9 @@ class NeVeRule:
     def classify(self, model_velocity: float, velocity_change: float | None = None) -> StopReason | None:
         """The stop decision for one measurement alone, with no state: DIVERGED, CONVERGED or None.
 
-        Integrations that decide from each reported result (the Ray scheduler, the Optuna pruner) call
-        this, so they stop exactly where the controller does.
+        The same test as ``decide(metrics, stop_threshold=self.stop_threshold)`` on reported metrics.
         """
-        if not (_is_finite(model_velocity) and _is_finite(velocity_change)):
-            return StopReason.DIVERGED
-        if model_velocity < self.stop_threshold:
-            return StopReason.CONVERGED
-        return None
+        return _classify(model_velocity, velocity_change, self.stop_threshold)
 
     def step(
         self, model_velocity: float, velocity_change: float | None, lrs: Sequence[float]

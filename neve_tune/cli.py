@@ -2,7 +2,8 @@
 
 ``neve-tune study run STUDY`` runs NeVe against validation-based ASHA (and a FIFO compute reference) on
 the same sampled configurations and prints the comparison; ``neve-tune study compare`` rebuilds that
-table (and its plots) from MLflow; ``neve-tune study list`` lists the studies.
+table (and its plots) from MLflow; ``neve-tune study list`` lists the studies; ``neve-tune mlflow replay
+FOLDER`` sends the MLflow records saved while the tracking server was unreachable.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neve_tune.studies import StudyOptions
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -56,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--arms",
         type=_arms,
-        default=["neve", "asha", "fifo"],
-        help="comma-separated arms among neve, asha, fifo (default: neve,asha,fifo)",
+        default=None,
+        help="comma-separated arms among neve, asha, fifo and any registered ones (default: neve,asha,fifo)",
     )
     run.add_argument("--trials", type=int, default=None, help="configurations per arm (default: the study's)")
     run.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every trial (default: the study's)")
@@ -69,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--experiment", default=None, help="MLflow experiment name (default: neve-tune-STUDY)")
     run.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow (table and files only)")
+    run.add_argument(
+        "--mlflow-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="at the end, how long to retry an unreachable MLflow store for unsent records (default 60)",
+    )
     run.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
     run.add_argument("--backend", choices=("ray", "optuna"), default="ray", help="tuning backend (default: ray)")
     run.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default: the study's)")
@@ -94,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     study_commands.add_parser("list", help="list the known studies")
+
+    mlflow_parser = commands.add_parser("mlflow", help="MLflow utilities (send records saved during an outage)")
+    mlflow_commands = mlflow_parser.add_subparsers(dest="mlflow_command", metavar="SUBCOMMAND", required=True)
+    replay = mlflow_commands.add_parser(
+        "replay",
+        help="send the records that trials and studies saved while MLflow was unreachable",
+        description="Send every mlflow-unsent-*.jsonl file of FOLDER (trial runs first), deleting each file "
+        "once it is sent. Stops at the first outage: run it again when the server answers.",
+    )
+    replay.add_argument("folder", metavar="FOLDER", help="e.g. neve_results/mlflow-unsent (or one .jsonl file)")
+    replay.add_argument(
+        "--tracking-uri", default=None, help="send to this MLflow store instead of the one each file records"
+    )
     return parser
 
 
@@ -132,20 +156,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from neve_tune.studies import run_study
+def study_options(args: argparse.Namespace, console: Any = None) -> StudyOptions:
+    """The :class:`neve_tune.studies.StudyOptions` of a parsed ``study run`` command line."""
+    from neve_tune.studies import StudyOptions
 
-    console = _console()
-    started = time.perf_counter()
-    result = run_study(
-        args.study,
-        arms=args.arms,
+    arms = {} if args.arms is None else {"arms": args.arms}  # None: the default arms
+    return StudyOptions(
         trials=args.trials,
         max_epochs=args.max_epochs,
         seed=args.seed,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
         track=not args.no_mlflow,
+        mlflow_drain_timeout_s=args.mlflow_wait,
         ray_address=args.ray_address,
         backend=args.backend,
         cpus_per_trial=args.cpus_per_trial,
@@ -155,7 +178,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         progress=not args.no_progress,
         console=console,
+        **arms,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from neve_tune.studies import run_study
+
+    console = _console()
+    started = time.perf_counter()
+    result = run_study(args.study, study_options(args, console))
     console.print()
     console.print(result.table())
     for summary in result.summaries:
@@ -167,11 +199,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"\nTables and plots: {result.output_dir}")
     if result.tracking_uri:
         console.print(
-            f"MLflow: {result.tracking_uri} - experiment id {result.experiment_id}, study run "
-            f"{result.study_run_id}. Browse with `mlflow ui --backend-store-uri {result.tracking_uri}`."
+            f"MLflow: {result.tracking_uri} - experiment id {result.experiment_id}, study run {result.study_run_id}."
         )
+        console.print(f"  runs: {_ui_link(result.tracking_uri, result.experiment_id)}")
     console.print(f"Done in {time.perf_counter() - started:.0f} s.")
     return 0
+
+
+def _ui_link(tracking_uri: str, experiment_id: str | None) -> str:
+    """Where to see the runs: the server's page, or how to start ``mlflow ui`` on a local store, with the
+    URL parameter that makes MLflow 3's UI open on the runs table rather than its GenAI overview."""
+    from neve_tune.mlflow import experiment_ui_url
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return experiment_ui_url(tracking_uri, str(experiment_id))
+    page = experiment_ui_url("http://127.0.0.1:5000", str(experiment_id))
+    return f"`mlflow ui --backend-store-uri {tracking_uri}`, then {page}"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -195,10 +238,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mlflow_replay(args: argparse.Namespace) -> int:
+    """``neve-tune mlflow replay FOLDER``: 0 when everything was sent, 1 when something is left."""
+    _quiet_libraries()
+    from neve_tune.mlflow import replay_folder, resolve_tracking_uri
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else None
+        report = replay_folder(args.folder, tracking_uri=uri)
+    except (ValueError, ImportError) as err:
+        print(f"neve-tune: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(report.summary())
+    return 0 if report.complete else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neve-tune`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "mlflow":
+        return cmd_mlflow_replay(args)
     if args.command != "study" or getattr(args, "study_command", None) is None:
         parser.print_help()
         return EXIT_USAGE if args.command is None or args.command == "study" else 0

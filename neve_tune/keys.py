@@ -1,10 +1,14 @@
-"""The metric keys NeVe reports. Ray Tune, Optuna and MLflow see exactly these keys.
+"""The metric keys NeVe reports and the words for why a trial stopped. Every integration uses these.
 
 Every key is flat (already joined with ``/``), so Ray Tune's result flattening leaves it unchanged and
-MLflow accepts it as a metric name.
+MLflow accepts it as a metric name. :class:`StopReason` is the one spelling of a stop reason: the value
+of the Ray result key :data:`STOP_REASON`, of the MLflow tag of the same name, of Optuna's
+``neve_stop_reason`` user attribute and of the study tables.
 """
 
 from __future__ import annotations
+
+import enum
 
 PREFIX = "neve/"
 
@@ -25,10 +29,26 @@ CONVERGED = "neve/converged"
 #: 1.0 when V or D was not finite at this step (the trial diverged), else 0.0.
 DIVERGED = "neve/diverged"
 
-#: Why a trial stopped ("converged", "diverged", "max_t", "pruned"): a result key in Ray, a tag in MLflow.
+#: Why a trial stopped (a :class:`StopReason` value): a result key in Ray, a tag in MLflow.
 STOP_REASON = "neve/stop_reason"
 #: The epoch at which a trial stopped (with STOP_REASON).
 STOP_EPOCH = "neve/stop_epoch"
+
+
+class StopReason(str, enum.Enum):
+    """Why a trial stopped. The value is the plain string that tags, attributes and results carry."""
+
+    CONVERGED = "converged"
+    """The model velocity fell under ``stop_threshold``: training has settled."""
+    DIVERGED = "diverged"
+    """The model velocity or the velocity change was NaN or infinite."""
+    MAX_T = "max_t"
+    """The trial reached the epoch/iteration cap of its scheduler."""
+    PRUNED = "pruned"
+    """A wrapped, validation-based pruner (e.g. Optuna's MedianPruner) rejected the trial."""
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def lr_key(group: int) -> str:
@@ -48,5 +68,6 @@ __all__ = [
     "STOP_EPOCH",
     "STOP_REASON",
     "VELOCITY_CHANGE",
+    "StopReason",
     "lr_key",
 ]

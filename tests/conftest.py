@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
 from neve_tune import _kernel
+from neve_tune.testing import compute_path as use_compute_path
 
 
 def _has_compiler() -> bool:
     return any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 
 
-@pytest.fixture
-def kernel() -> _kernel.Kernel:
-    """The compiled kernel; skips where the machine has no C compiler, fails where one exists but the build did not."""
+def _require_kernel() -> _kernel.Kernel:
     if not _has_compiler():
         pytest.skip("no C compiler on this machine: only the PyTorch-ops path can run")
     k = _kernel.get()
@@ -23,13 +23,16 @@ def kernel() -> _kernel.Kernel:
     return k
 
 
+@pytest.fixture
+def kernel() -> _kernel.Kernel:
+    """The compiled kernel; skips where the machine has no C compiler, fails where one exists but the build did not."""
+    return _require_kernel()
+
+
 @pytest.fixture(params=["kernel", "torch_ops"])
-def compute_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def compute_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test on both ways of computing: the compiled C kernel (CPU fast path) and PyTorch ops."""
-    if request.param == "torch_ops":
-        monkeypatch.setattr(_kernel, "_loaded", (True, None))
-    elif not _has_compiler():
-        pytest.skip("no C compiler on this machine: only the PyTorch-ops path can run")
-    elif _kernel.get() is None:
-        pytest.fail("a C compiler exists but neve_tune's kernel did not build; see its INFO log line")
-    return request.param
+    if request.param == "kernel":
+        _require_kernel()
+    with use_compute_path(request.param):
+        yield request.param

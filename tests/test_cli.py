@@ -147,3 +147,25 @@ def test_demo_command_with_the_default_sqlite_store_then_compare(tmp_path: Path)
     [rebuilt] = (tmp_path / "neve_results").glob("compare-digits-*/comparison.md")
     assert rebuilt.read_text() == ran.read_text()
     assert (rebuilt.parent / "test_acc_vs_epochs.png").stat().st_size > 5000
+
+
+def test_study_run_options_map_the_command_line() -> None:
+    from neve_tune.cli import build_parser, study_options
+
+    args = build_parser().parse_args(
+        ["study", "run", "digits", "--trials", "3", "--arms", "neve,fifo", "--no-mlflow", "--mlflow-wait", "5"]
+    )
+    options = study_options(args)
+    assert (options.trials, list(options.arms), options.track) == (3, ["neve", "fifo"], False)
+    assert options.mlflow_drain_timeout_s == 5.0
+    default = study_options(build_parser().parse_args(["study", "run", "digits"]))
+    assert default.mlflow_drain_timeout_s == 60.0 and default.track and default.trials is None
+
+
+def test_the_printed_mlflow_link_opens_the_runs_view() -> None:
+    from neve_tune.cli import _ui_link
+
+    assert _ui_link("http://127.0.0.1:5005/", "7") == "http://127.0.0.1:5005/#/experiments/7?workflowType=machine_learning"
+    local = _ui_link("sqlite:///mlflow.db", "3")
+    assert local.startswith("`mlflow ui --backend-store-uri sqlite:///mlflow.db`")
+    assert local.endswith("/#/experiments/3?workflowType=machine_learning")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from neve_tune import NeVe, StopReason, VelocityMonitor, keys, noise_aux
-from studies.digits import DigitsCNN, load_digits_splits
+from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 from tests.readme import readme_example
 
 
@@ -274,3 +274,30 @@ def test_readme_pytorch_example_stops_by_itself_with_high_accuracy(capsys):
     assert result.converged and result.epoch < 100
     assert test_acc >= 0.95
     assert "converged" in capsys.readouterr().out
+
+
+def test_step_result_metrics_are_neves_metrics_key_for_key(digits):
+    """One builder: StepResult.metrics() is what NeVe.metrics() returned right after that step."""
+    torch.manual_seed(0)
+    model = DigitsCNN(width=4)
+    opt = torch.optim.SGD([{"params": model.features.parameters()}, {"params": model.head.parameters()}], lr=0.5)
+    neve = NeVe(model, opt, noise_aux((1, 8, 8), n=20), momentum=0.0, patience=0, stop_threshold=0.0)
+    x, y = digits
+    seen = []
+    for epoch in range(6):
+        for xb, yb in zip(x.split(64), y.split(64), strict=True):
+            if epoch >= 2:  # then the model stands still: v = 0, D stops improving, the LR decays
+                break
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        result = neve.step()
+        assert result.metrics() == neve.metrics()
+        assert result.num_decays == neve.rule.num_decays
+        seen.append(result.metrics())
+    assert seen[-1][keys.NUM_DECAYS] >= 1.0  # patience=0: the LR decayed along the way
+    assert {keys.lr_key(0), keys.lr_key(1), keys.NUM_DECAYS, keys.VELOCITY_CHANGE} <= set(seen[-1])
+
+    restored = NeVe(model, opt, noise_aux((1, 8, 8), n=20), momentum=0.0, patience=0, stop_threshold=0.0)
+    restored.load_state_dict(neve.state_dict())
+    assert restored.metrics() == neve.metrics() == restored.last_result.metrics()

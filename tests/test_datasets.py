@@ -25,7 +25,7 @@ pytest.importorskip("torchvision")
 from torchvision import datasets
 
 from neve_tune.studies import DataRequest, get_study
-from studies import cifar, imagenet100
+from neve_tune.studies.builtin import cifar, imagenet100
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

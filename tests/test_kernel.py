@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from neve_tune import MeasurementError, VelocityMonitor, _kernel, noise_aux
+from neve_tune.testing import compute_path, reloaded_kernel
 from tests.test_velocity import ATOL, RTOL, BNConvNet, train_epoch, train_twins
 from tests.velocity_reference import ReferenceVelocity, capture_responses
 
@@ -102,12 +103,12 @@ def test_results_do_not_depend_on_the_thread_count(kernel, c, memory_format):
 
 def test_built_once_per_cache_then_loaded(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("NEVE_TUNE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_kernel, "_loaded", (False, None))
-    first = _kernel.get()
+    with reloaded_kernel():
+        first = _kernel.get()
     assert first is not None and first.path.parent == tmp_path
     built = first.path.stat().st_mtime_ns
-    monkeypatch.setattr(_kernel, "_loaded", (False, None))
-    again = _kernel.get()
+    with reloaded_kernel():
+        again = _kernel.get()
     assert again is not None and again.path == first.path and again.path.stat().st_mtime_ns == built
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary files left behind
 
@@ -116,23 +117,26 @@ def test_without_a_compiler_it_falls_back_to_torch_ops_and_says_so(tmp_path, mon
     monkeypatch.setenv("NEVE_TUNE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find on PATH
-    monkeypatch.setattr(_kernel, "_loaded", (False, None))
-    with caplog.at_level(logging.INFO, logger="neve_tune._kernel"):
-        assert _kernel.get() is None
-    assert "no C compiler found" in caplog.text and "same numbers, slower" in caplog.text
-    assert "Install a C compiler" in caplog.text
-    model = BNConvNet()
-    monitor = VelocityMonitor(model, noise_aux((3, 8, 8), n=4))
-    monitor.measure()
-    with torch.no_grad():
-        model.conv1.weight.mul_(1.1).add_(0.01)
-    assert monitor.measure().model_velocity > 0  # measured with PyTorch ops
+    with reloaded_kernel():
+        with caplog.at_level(logging.INFO, logger="neve_tune._kernel"):
+            assert _kernel.get() is None
+        assert "no C compiler found" in caplog.text and "same numbers, slower" in caplog.text
+        assert "Install a C compiler" in caplog.text
+        model = BNConvNet()
+        monitor = VelocityMonitor(model, noise_aux((3, 8, 8), n=4))
+        monitor.measure()
+        with torch.no_grad():
+            model.conv1.weight.mul_(1.1).add_(0.01)
+        assert monitor.measure().model_velocity > 0  # measured with PyTorch ops
+        assert monitor.state_bytes() - monitor.snapshot_bytes() == 6 * 8 * (8 * 4 + 5)  # no fused BatchNorm
 
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("NEVE_TUNE_KERNEL", "0")
-    monkeypatch.setattr(_kernel, "_loaded", (False, None))
-    assert _kernel.get() is None
+    with reloaded_kernel():
+        assert _kernel.get() is None
+        with pytest.raises(RuntimeError, match="kernel is not available"), compute_path("kernel"):
+            pass
 
 
 class ConvInplaceBN(nn.Module):
@@ -192,7 +196,7 @@ def test_a_paired_batchnorm_that_stops_taking_its_source_output_rebaselines(kern
     assert monitor.measure().model_velocity == 0.0
 
 
-def test_state_saved_on_the_fast_path_resumes_on_torch_ops(kernel, monkeypatch):
+def test_state_saved_on_the_fast_path_resumes_on_torch_ops(kernel):
     torch.manual_seed(0)
     model = BNConvNet()
     aux = noise_aux((3, 8, 8), n=6)
@@ -205,17 +209,15 @@ def test_state_saved_on_the_fast_path_resumes_on_torch_ops(kernel, monkeypatch):
     assert fast.snapshot_bytes() == 4 * 6 * (2 * 8 * 64 + 5)  # conv1, conv2, fc: bn1/bn2 come from the convs
     clone = BNConvNet()
     clone.load_state_dict(model.state_dict())
-    monkeypatch.setattr(_kernel, "_loaded", (True, None))  # a machine without the kernel
-    slow = VelocityMonitor(clone, aux, batch_size=4)
-    slow.load_state_dict(state)  # rebuilds bn1/bn2's snapshots from conv1/conv2's
+    with compute_path("torch_ops"):  # a machine without the kernel
+        slow = VelocityMonitor(clone, aux, batch_size=4)
+        slow.load_state_dict(state)  # rebuilds bn1/bn2's snapshots from conv1/conv2's
     assert slow.snapshot_bytes() == 4 * 6 * (4 * 8 * 64 + 5)
-    monkeypatch.setattr(_kernel, "_loaded", (False, None))
     for _ in range(2):
         train_twins(model, clone, gen)
         a = fast.measure()
-        monkeypatch.setattr(_kernel, "_loaded", (True, None))
-        b = slow.measure()
-        monkeypatch.setattr(_kernel, "_loaded", (False, None))
+        with compute_path("torch_ops"):
+            b = slow.measure()
         assert b.model_velocity == pytest.approx(a.model_velocity, rel=1e-5)
         for name in a.layers:
             torch.testing.assert_close(b.layers[name], a.layers[name], rtol=1e-4, atol=1e-8)

@@ -5,12 +5,14 @@ Everything is read back through MlflowClient: run tree, params, metric histories
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +24,9 @@ pytest.importorskip("mlflow")
 from mlflow import MlflowClient
 
 from neve_tune.mlflow import (
+    EXPERIMENT_KIND_TAG,
     LAYER_HEATMAP_ARTIFACT,
+    MODEL_TRAINING_KIND,
     TAG_ERROR,
     TAG_PARENT,
     TAG_STOP_EPOCH,
@@ -30,14 +34,23 @@ from neve_tune.mlflow import (
     VELOCITY_CURVE_ARTIFACT,
     MlflowLink,
     MlflowUnavailableWarning,
-    StudyTracker,
+    Op,
+    RunOutbox,
     TrackingUnavailableError,
     TrialLogger,
+    UnsentFile,
     VelocityHistory,
     check_tracking_uri,
+    chunk_batch,
+    experiment_ui_url,
+    get_or_create_experiment,
+    op_handler,
+    register_op,
+    replay_folder,
     replay_unsent,
     resolve_tracking_uri,
 )
+from neve_tune.studies import StudyTracker
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -237,7 +250,13 @@ def test_server_outage_does_not_stop_logging_and_nothing_is_lost(tmp_path: Path)
     try:
         assert check_tracking_uri(server.uri) == server.uri
         tracker = StudyTracker(
-            server.uri, "outage", study="unit", arms=["fifo"], retry_interval_s=0.5, fallback_dir=tmp_path / "unsent"
+            server.uri,
+            "outage",
+            study="unit",
+            arms=["fifo"],
+            retry_interval_s=0.5,
+            fallback_dir=tmp_path / "unsent",
+            drain_timeout_s=0,  # gone for good below: one try at the end (the wait is tested on its own)
         )
         link = tracker.arm("fifo").link
         log = TrialLogger(link, run_name="fifo-000", trial_id="a", fallback_dir=tmp_path / "unsent")
@@ -302,3 +321,193 @@ def test_readme_example_logs_a_plain_training_loop() -> None:
         VELOCITY_CURVE_ARTIFACT,
         LAYER_HEATMAP_ARTIFACT,
     }
+
+
+# ---------------------------------------------------------------------------- experiments, registered operations
+def test_experiments_we_create_are_tagged_as_model_training(sqlite_uri: str) -> None:
+    """MLflow 3.17's UI opens an experiment without this tag in its GenAI view ("0 traces")."""
+    tracker = StudyTracker(sqlite_uri, "kind", study="unit", arms=["neve"])
+    tracker.end()
+    client = MlflowClient(tracker.tracking_uri)
+    assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert MODEL_TRAINING_KIND == "custom_model_development"
+    # An existing experiment is used as it is, whoever created it.
+    other = client.create_experiment("theirs")
+    assert get_or_create_experiment(client, "theirs") == other
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(other).tags
+    assert get_or_create_experiment(client, "kind") == tracker.experiment_id
+    client.delete_experiment(other)
+    with pytest.raises(TrackingUnavailableError, match="was deleted. Restore it"):
+        get_or_create_experiment(client, "theirs")
+    # MLflow 3.17's UI opens on the runs only with this URL parameter (checked in headless Chromium).
+    assert experiment_ui_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    )
+
+
+def _finalize_file(tracker: StudyTracker, folder: Path) -> Path:
+    """An arm run's 'children' operation (end trial x1 as pruned), saved unsent as after an outage."""
+    arm = tracker.arm("asha")
+    outbox = RunOutbox(tracker.tracking_uri, tracker.experiment_id, run_id=arm.run_id, order=1)
+    finalize = {"action": "finalize", "trial_id": "x1", "status": "FINISHED", "stop_reason": "pruned"}
+    outbox.put(Op("children", {**finalize, "stop_epoch": 2, "stop_threshold": None, "error": None}), send=False)
+    path = outbox.dump(folder / "mlflow-unsent-arm.jsonl")
+    assert path is not None
+    return path
+
+
+def test_study_operations_replay_in_a_fresh_process_through_their_registered_handler(
+    sqlite_uri: str, tmp_path: Path
+) -> None:
+    tracker = StudyTracker(sqlite_uri, "registry", study="unit", arms=["asha"])
+    log = TrialLogger(tracker.arm("asha").link, run_name="asha-000", trial_id="x1")
+    log.log_metrics({"train/loss": 1.0}, step=1)
+    log.log_metrics({"train/loss": 0.5}, step=2)
+    log.detach()  # stopped from outside: its run stays open for the driver
+    path = _finalize_file(tracker, tmp_path)
+    entry = json.loads(path.read_text().splitlines()[1])
+    assert entry["kind"] == "children" and entry["module"] == "neve_tune.studies._tracking"
+    # The mlflow package knows nothing of studies: the saved file names the handler's module.
+    script = (
+        "import sys\n"
+        "from neve_tune.mlflow import replay_unsent\n"
+        "assert not [m for m in sys.modules if m.startswith('neve_tune.studies')]\n"
+        f"replay_unsent({str(path)!r}, remove=True)\n"
+        "assert 'neve_tune.studies._tracking' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    assert not path.exists()
+    run = MlflowClient(tracker.tracking_uri).get_run(log.run_id)
+    assert run.info.status == "FINISHED"
+    assert (run.data.tags[TAG_STOP_REASON], run.data.tags[TAG_STOP_EPOCH]) == ("pruned", "2")
+    tracker.end()
+
+    with pytest.raises(ValueError, match="unknown MLflow operation 'nope'"):
+        op_handler("nope", "os")  # only neve_tune modules are imported from a file
+    with pytest.raises(ValueError, match="already registered"):
+        register_op("children", lambda outbox, data: None)
+
+
+def test_a_refused_operation_leaves_only_what_was_not_sent(sqlite_uri: str, tmp_path: Path) -> None:
+    tracker = StudyTracker(sqlite_uri, "refused", study="unit", arms=["fifo"])
+    outbox = RunOutbox(tracker.tracking_uri, tracker.experiment_id)
+    outbox.put([Op("create", {"run_name": "r"}), *chunk_batch([("x", 1.0, 0, 1)], params={"lr": 1})], send=False)
+    outbox.put([*chunk_batch(params={"lr": 2}), Op("terminate", {"status": "FINISHED"})], send=False)
+    path = outbox.dump(tmp_path / "mlflow-unsent-r.jsonl")
+    assert path is not None and UnsentFile.read(path).operations == 5
+    with pytest.raises(Exception, match="Changing param values is not allowed"):
+        replay_unsent(path)  # MLflow refuses to change a param
+    left = UnsentFile.read(path)
+    assert left.run_id is not None and left.operations == 2  # a second replay resumes here
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.get_run(left.run_id)
+    assert run.data.params == {"lr": "1"} and _history(client, left.run_id, "x") == [(1, 1.0)]
+    report = replay_folder(tmp_path)
+    assert report.refused == [path] and not report.outage and not report.complete
+    assert "Still unsent in" in report.summary() and "1 run(s): 2 record batch(es)" in report.summary()
+    tracker.end()
+
+
+# ---------------------------------------------------------------------------- the driver outlives its trials
+def _back_in(server: MlflowServer, seconds: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), server.start()), daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
+def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: Path) -> None:
+    """Trials end while the server is down (leaving files); it comes back while the driver ends the study."""
+    folder = tmp_path / "mlflow-unsent"
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        tracker = StudyTracker(
+            server.uri, "drain", study="unit", arms=["neve", "asha"], retry_interval_s=0.5, fallback_dir=folder
+        )
+        neve, asha = tracker.arm("neve"), tracker.arm("asha")
+        trials = [(neve, "n0"), (neve, "n1"), (asha, "a0"), (asha, "a1")]
+        logs = {tid: TrialLogger(arm.link, run_name=tid, trial_id=tid, fallback_dir=folder) for arm, tid in trials}
+        for log in logs.values():
+            log.log_metrics({"train/loss": 1.0}, step=1)
+        server.stop()
+        for epoch in (2, 3):
+            for log in logs.values():
+                log.log_metrics({"train/loss": 1.0 / epoch}, step=epoch)
+        for tid in ("n0", "n1", "a0"):
+            assert logs[tid].end("FINISHED", stop_reason="converged", stop_epoch=3) is not None
+        assert logs["a1"].detach() is not None  # ASHA stopped it: the driver ends it
+        asha.finalize_trial("a1", status="FINISHED", stop_reason="pruned", stop_epoch=3)
+        asha.tag_trial("a0", {"picked": "true"})
+        for arm in (neve, asha):
+            arm.close_open_trials("KILLED")
+        assert len(list(folder.glob("*.jsonl"))) == 4
+
+        back = _back_in(server, 3)
+        t0 = time.monotonic()
+        assert tracker.end("FINISHED") == []  # nothing left to save
+        assert time.monotonic() - t0 < tracker.drain_timeout_s
+        back.join()
+        assert not list(folder.glob("*.jsonl")) and not list(folder.glob("*.artifacts"))
+
+        client = MlflowClient(server.uri)
+        runs = {r.data.tags["trial_id"]: r for r in client.search_runs([tracker.experiment_id], "tags.role = 'trial'")}
+        assert sorted(runs) == ["a0", "a1", "n0", "n1"]
+        for tid, run in runs.items():
+            assert run.info.status == "FINISHED", tid
+            assert _history(client, run.info.run_id, "train/loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+            assert run.data.tags[TAG_STOP_EPOCH] == "3"
+        assert runs["a1"].data.tags[TAG_STOP_REASON] == "pruned" and runs["a0"].data.tags["picked"] == "true"
+        assert client.get_run(tracker.study_run_id).info.status == "FINISHED"
+        assert {client.get_run(a.run_id).info.status for a in (neve, asha)} == {"FINISHED"}
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
+def test_driver_gives_up_after_its_wait_names_what_is_left_and_the_cli_sends_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neve_tune.cli import main
+
+    folder = tmp_path / "mlflow-unsent"
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        tracker = StudyTracker(
+            server.uri, "give-up", study="unit", arms=["fifo"], fallback_dir=folder, drain_timeout_s=3
+        )
+        log = TrialLogger(tracker.arm("fifo").link, run_name="fifo-000", trial_id="f0", fallback_dir=folder)
+        log.log_metrics({"train/loss": 1.0}, step=1)
+        server.stop()
+        log.log_metrics({"train/loss": 2.0}, step=2)
+        with pytest.warns(MlflowUnavailableWarning, match="saved to"):
+            log.end("FINISHED", stop_reason="max_t", stop_epoch=2)
+        t0 = time.monotonic()
+        with pytest.warns(MlflowUnavailableWarning) as caught:
+            saved = tracker.end("FINISHED")
+        assert time.monotonic() - t0 < 30  # bounded
+        [last] = [str(w.message) for w in caught if "still unsent" in str(w.message)]
+        assert f"still unsent in {folder}: 3 run(s): " in last  # the trial, the arm and the study
+        assert f"`neve-tune mlflow replay {folder}`" in last
+        assert len(saved) == 2 and len(list(folder.glob("*.jsonl"))) == 3
+
+        assert main(["mlflow", "replay", str(folder)]) == 1  # still down: nothing is lost
+        assert "Still unsent" in capsys.readouterr().out
+        assert len(list(folder.glob("*.jsonl"))) == 3
+        server.start()
+        assert main(["mlflow", "replay", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "Sent 3 run(s): " in out and "Nothing is left to send" in out
+        assert not list(folder.glob("*.jsonl"))
+        client = MlflowClient(server.uri)
+        run = client.get_run(log.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags[TAG_STOP_REASON] == "max_t"
+        assert _history(client, log.run_id, "train/loss") == [(1, 1.0), (2, 2.0)]
+        assert client.get_run(tracker.study_run_id).info.status == "FINISHED"
+        assert main(["mlflow", "replay", str(folder)]) == 0
+        assert "Nothing to send" in capsys.readouterr().out
+        assert main(["mlflow", "replay", str(tmp_path / "missing")]) == 2
+        assert "does not exist" in capsys.readouterr().err
+    finally:
+        server.stop()

@@ -203,7 +203,7 @@ def train_digits(config: dict[str, Any]) -> None:
     from ray import tune
 
     from neve_tune import NeVe, noise_aux
-    from studies.digits import INPUT_SHAPE, DigitsCNN, load_digits_splits
+    from neve_tune.studies.builtin.digits import INPUT_SHAPE, DigitsCNN, load_digits_splits
 
     torch.set_num_threads(1)
     torch.manual_seed(config["seed"])

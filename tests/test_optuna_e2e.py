@@ -37,7 +37,7 @@ from neve_tune.optuna import (
     NeVePruner,
     report_epoch,
 )
-from studies.digits import DigitsCNN, load_digits_splits
+from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 from tests.readme import readme_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_digits_study_converged_complete_diverged_pruned_and_every_epoch_in_mlfl
         assert run.data.tags[STOP_REASON_TAG] == trial.user_attrs[STOP_REASON_ATTR]
         assert run.data.tags[STOP_EPOCH_TAG] == str(trial.user_attrs[STOP_EPOCH_ATTR])
         assert run.data.params == {"lr": str(trial.params["lr"])}
-        assert run.info.status == ("FINISHED" if trial.state is TrialState.COMPLETE else "KILLED")
+        assert run.info.status == "FINISHED"  # a pruned trial too: neve_tune's one convention (reason in the tag)
         for key in (keys.MODEL_VELOCITY, keys.LR, keys.NUM_DECAYS, INTERMEDIATE_METRIC):
             logged = client.get_metric_history(run.info.run_id, key)
             stored = [float(e["value" if key == INTERMEDIATE_METRIC else key]) for e in history]
@@ -154,10 +154,11 @@ def test_digits_study_converged_complete_diverged_pruned_and_every_epoch_in_mlfl
             assert run.data.metrics["train_accuracy"] == trial.value
 
 
-def test_mlflow_going_away_does_not_kill_the_study(monkeypatch):
+def test_mlflow_going_away_does_not_kill_the_study(monkeypatch, tmp_path):
     pytest.importorskip("mlflow")
     from neve_tune.optuna import NeVeMLflowCallback
 
+    monkeypatch.chdir(tmp_path)  # where the unsent records are saved
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     callback = NeVeMLflowCallback("http://127.0.0.1:9")  # discard port: nothing listens
@@ -172,6 +173,80 @@ def test_mlflow_going_away_does_not_kill_the_study(monkeypatch):
         study.optimize(objective, n_trials=2, callbacks=[callback])
     assert sorted(str(w.message).split()[5] for w in caught) == ["0", "1"]  # "... could not log trial N ..."
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    # Nothing is lost: each trial's records wait in a file, sent with a later trial's (or replayed).
+    assert callback.unsent == sorted(tmp_path.glob("mlflow-unsent-optuna-*-trial-*.jsonl"))
+    assert len(callback.unsent) == 2
+    assert all("saved to" in str(w.message) for w in caught)
+
+
+def test_mlflow_callback_ends_a_pruned_trial_finished_with_its_reason_in_a_new_model_training_experiment(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from neve_tune.mlflow import EXPERIMENT_KIND_TAG
+    from neve_tune.optuna import NeVeMLflowCallback
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    callback = NeVeMLflowCallback(uri, experiment_name="callback-kind", fallback_dir=tmp_path)
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 1:
+            raise optuna.TrialPruned()  # a pruner of the user's own: no NeVe attributes
+        if trial.number == 2:
+            raise ValueError("boom")
+        return x
+
+    study = optuna.create_study(study_name="kind")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Optuna's own "Trial 2 failed" log
+        study.optimize(objective, n_trials=3, callbacks=[callback], catch=(ValueError,))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("callback-kind")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in client.search_runs([experiment.experiment_id])}
+    assert [runs[n].info.status for n in (0, 1, 2)] == ["FINISHED", "FINISHED", "FAILED"]
+    assert runs[1].data.tags[STOP_REASON_TAG] == "pruned" and STOP_REASON_TAG not in runs[0].data.tags
+    assert callback.unsent == [] and not list(tmp_path.glob("mlflow-unsent-*"))
+
+
+@pytest.mark.slow
+def test_mlflow_callback_buffers_an_outage_and_sends_it_with_the_next_trial(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from neve_tune.optuna import NeVeMLflowCallback
+    from tests.test_mlflow import MlflowServer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        callback = NeVeMLflowCallback(server.uri, experiment_name="outage", fallback_dir=tmp_path / "unsent")
+
+        def objective(trial):
+            if trial.number == 1:
+                server.stop()  # trial 1 ends while MLflow is away
+            if trial.number == 2:
+                server.start()  # ... and it is back before trial 2 ends
+            for epoch in (1, 2, 3):
+                report_epoch(trial, {keys.EPOCH: float(epoch), keys.MODEL_VELOCITY: 1.0 / epoch}, float(epoch))
+            return 1.0
+
+        study = optuna.create_study(study_name="outage", direction="maximize")
+        with pytest.warns(RuntimeWarning, match=r"could not log trial 1 .*saved to .* the study goes on") as caught:
+            study.optimize(objective, n_trials=3, callbacks=[callback])
+        assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1  # trial 1's, nothing else
+        assert callback.unsent == [] and not list((tmp_path / "unsent").glob("*.jsonl"))
+        client = MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("outage")
+        runs = {int(r.data.tags["optuna.trial_number"]): r for r in client.search_runs([experiment.experiment_id])}
+        assert sorted(runs) == [0, 1, 2]
+        for run in runs.values():
+            assert run.info.status == "FINISHED"
+            history = client.get_metric_history(run.info.run_id, keys.MODEL_VELOCITY)
+            assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    finally:
+        server.stop()
 
 
 def test_mlflow_missing_gives_an_actionable_error(monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 from optuna.pruners import MedianPruner, ThresholdPruner
 from optuna.trial import TrialState
 
-from neve_tune import StopReason, keys
+from neve_tune import NeVe, StopReason, keys
 from neve_tune.optuna import (
     HISTORY_ATTR,
     NEVE_ATTR,
@@ -366,3 +366,50 @@ def test_report_epoch_rejects_bad_input(storage_url):
         report_epoch(trial, 0.3, 0.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_epochs must be at least 1"):
         report_epoch(trial, metrics(1, 0.3), 0.5, max_epochs=0)
+
+
+def _still_neve(torch, *, stop_threshold=0.0):
+    """A NeVe whose model stands still: V = 0, so with patience=0 the LR decays from epoch 3 on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.01}]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    return NeVe(model, opt, torch.randn(16, 4), momentum=0.0, patience=0, stop_threshold=stop_threshold)
+
+
+def test_report_epoch_metrics_are_neves_metrics_key_for_key(storage_url):
+    """What report_epoch stores is NeVe.metrics(), for a NeVe and for a StepResult, num_decays included."""
+    torch = pytest.importorskip("torch")
+    neve = _still_neve(torch)
+    study = make_study(storage_url, NeVePruner(stop_threshold=0.0))
+    from_neve, from_result = study.ask(), study.ask()
+    for _ in range(4):
+        result = neve.step()
+        expected = neve.metrics()
+        assert report_epoch(from_neve, neve, 0.5) is None
+        assert report_epoch(from_result, result, 0.5) is None
+        for trial in (from_neve, from_result):
+            stored = dict(trial.user_attrs[NEVE_ATTR])
+            assert (stored.pop("step"), stored.pop("value")) == (result.epoch - 1, 0.5)
+            assert stored == expected  # key for key, value for value
+    assert expected[keys.NUM_DECAYS] >= 1.0 and keys.lr_key(1) in expected
+    assert [e[keys.NUM_DECAYS] for e in from_result.user_attrs[HISTORY_ATTR]] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_report_epoch_decides_with_the_public_decide(storage_url):
+    """With a NeVePruner: decide(metrics, stop_threshold=pruner's) on its check steps; else the trial's flags."""
+    from neve_tune import decide
+
+    pruner = NeVePruner(stop_threshold=1e-3, n_warmup_steps=1, interval_steps=2)
+    study = make_study(storage_url, pruner)
+    trial = study.ask()
+    for epoch in range(1, 7):
+        m = metrics(epoch, 5e-4 if epoch >= 3 else 0.5, 0.0 if epoch > 1 else None)
+        checked = pruner.is_check_step(epoch - 1, range(epoch))
+        expected = decide(m, stop_threshold=1e-3) if checked else None
+        assert report_epoch(trial, m, 0.5) is expected, epoch
+        if expected is not None:
+            break
+    assert (epoch, trial.user_attrs[STOP_REASON_ATTR]) == (4, "converged")  # steps 1, 3, 5 are checks
+    assert [pruner.is_check_step(s, range(s + 1)) for s in range(6)] == [False, True, False, True, False, True]
+    assert pruner.is_check_step(4, [0, 1, 2, 4])  # step 3 was not reported: its check moves to step 4

@@ -23,7 +23,7 @@ from neve_tune.ray import (
     restore_from_checkpoint,
     trial_device,
 )
-from studies.digits import DigitsCNN, load_digits_splits
+from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 from tests.readme import readme_example
 
 V = keys.MODEL_VELOCITY

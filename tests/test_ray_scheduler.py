@@ -16,18 +16,19 @@ from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from torch import nn
 
-from neve_tune import NeVe, NeVeRule, StopReason, keys, noise_aux
+from neve_tune import NeVe, NeVeRule, StopReason, decide, keys, noise_aux
 from neve_tune.ray import (
     STOP_EPOCH,
     STOP_REASON,
     NeVeScheduler,
     StopInfo,
     load_training_state,
+    report_epoch,
     save_training_state,
     select_device,
     trial_device,
 )
-from studies.digits import DigitsCNN, load_digits_splits
+from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 V, D, IT = keys.MODEL_VELOCITY, keys.VELOCITY_CHANGE, "training_iteration"
@@ -426,3 +427,53 @@ def test_select_device_logic():
 def test_trial_device_outside_ray_uses_cuda_only_if_available():
     expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     assert trial_device() == expected
+
+
+def test_report_epoch_reports_neves_metrics_key_for_key(monkeypatch):
+    """Ray's report_epoch sends {**your_metrics, **neve.metrics()}: the one builder, num_decays included."""
+    import ray.tune
+
+    sent = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, checkpoint=None: sent.append((metrics, checkpoint)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.01}], lr=0.1)
+    # The model stands still: V = 0, and with patience=0 the LR decays from epoch 3 on.
+    neve = NeVe(model, opt, torch.randn(16, 4), momentum=0.0, patience=0, stop_threshold=0.0)
+    for _ in range(4):
+        step = neve.step()
+        reported = report_epoch(neve, {"train_loss": 0.25}, model=model, optimizer=opt, checkpoint_every=2)
+        assert reported == {"train_loss": 0.25, **neve.metrics()} == {"train_loss": 0.25, **step.metrics()}
+        assert sent[-1][0] == reported
+    assert [m[keys.NUM_DECAYS] for m, _ in sent] == [0.0, 0.0, 1.0, 1.0]
+    assert [c is not None for _, c in sent] == [False, True, False, True]
+    assert keys.lr_key(1) in sent[-1][0]
+    # What the scheduler reads from such a report is the public decision on it.
+    sched = NeVeScheduler(stop_threshold=1e-3)
+    info = sched.check_result({IT: 4, **sent[-1][0]})
+    assert info.reason is decide(sent[-1][0], stop_threshold=1e-3) is StopReason.CONVERGED
+
+
+def test_scheduler_decisions_are_the_public_decide():
+    for thr in (1e-3, 0.25):
+        sched = NeVeScheduler(stop_threshold=thr)
+        for v in [0.0, 1e-5, 9.99e-4, 1e-3, 0.2, math.nan, math.inf, -math.inf]:
+            for d in [None, 0.0, 0.5, math.nan, math.inf]:
+                r = result(3, v, d)
+                got = sched.check_result(r)
+                assert (got and got.reason) == decide(r, stop_threshold=thr), (thr, v, d)
+
+
+def test_a_scheduler_pickled_with_a_rule_object_still_restores(tmp_path):
+    """Experiments saved before decide() pickled the scheduler with a NeVeRule holding stop_threshold."""
+    sched = NeVeScheduler(stop_threshold=0.25, max_t=3)
+    old = dict(sched.__dict__)
+    old["_rule"] = NeVeRule(stop_threshold=old.pop("_stop_threshold"))
+    path = tmp_path / "old.pkl"
+    path.write_bytes(pickle.dumps(old))
+    restored = NeVeScheduler()
+    restored.restore(str(path))
+    assert restored.stop_threshold == 0.25 and "_rule" not in restored.__dict__
+    assert restored.check_result(result(2, 0.2)).reason is StopReason.CONVERGED
+    unpickled = pickle.loads(pickle.dumps(restored))
+    assert unpickled.stop_threshold == 0.25 and repr(unpickled) == repr(restored)

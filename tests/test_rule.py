@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import doctest
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from neve_tune import NeVeRule, StopReason
+import neve_tune
+from neve_tune import NeVeRule, StopReason, decide, keys
 
 
 def run(rule: NeVeRule, script, lrs=(0.1,)):
@@ -125,3 +129,119 @@ def test_state_dict_is_json_and_resumes_identically():
 def test_invalid_settings_are_rejected_eagerly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NeVeRule(**kwargs)
+
+
+# ----------------------------------------------------------------------------------- decide()
+def metrics(v, d=None, **flags):
+    """A flat metrics dict as NeVe.metrics() reports it (only the keys decide() reads)."""
+    out = {keys.EPOCH: 3.0, keys.MODEL_VELOCITY: v, keys.LR: 0.1}
+    if d is not None:
+        out[keys.VELOCITY_CHANGE] = d
+    out.update({getattr(keys, name.upper()): value for name, value in flags.items()})
+    return out
+
+
+VALUES = [0.0, 1e-5, 9.99e-4, 1e-3, 0.2, -0.0, math.nan, math.inf, -math.inf]
+CHANGES = [None, 0.0, 0.5, math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-3, 0.25])
+def test_decide_with_a_threshold_is_the_rules_classify(threshold):
+    rule = NeVeRule(stop_threshold=threshold)
+    for v in VALUES:
+        for d in CHANGES:
+            assert decide(metrics(v, d), stop_threshold=threshold) == rule.classify(v, d), (threshold, v, d)
+
+
+def test_decide_nan_policy_non_finite_is_diverged_never_converged():
+    for bad in (math.nan, math.inf, -math.inf):
+        assert decide(metrics(bad), stop_threshold=1e-3) is StopReason.DIVERGED
+        assert decide(metrics(1e-9, bad), stop_threshold=1e-3) is StopReason.DIVERGED  # V tiny, D broken
+        assert decide(metrics(bad, converged=1.0)) is StopReason.DIVERGED  # non-finite beats the flag
+        assert decide(metrics(1e-9, bad, converged=1.0)) is StopReason.DIVERGED
+    # Optuna user attributes store non-finite floats as strings.
+    assert decide(metrics("nan"), stop_threshold=1e-3) is StopReason.DIVERGED
+    assert decide(metrics(0.5, "-inf")) is StopReason.DIVERGED
+    assert decide(metrics("0.0005", "0.0"), stop_threshold=1e-3) is StopReason.CONVERGED
+
+
+def test_decide_without_a_threshold_reads_the_trials_own_flags():
+    assert decide(metrics(1e-5)) is None  # the trial's own NeVe did not say converged
+    assert decide(metrics(1e-5, 0.0, converged=1.0)) is StopReason.CONVERGED
+    assert decide(metrics(0.5, 0.1, converged=1.0)) is StopReason.CONVERGED  # its own threshold decided
+    assert decide(metrics(0.5, 0.1, diverged=1.0)) is StopReason.DIVERGED
+    assert decide(metrics(0.5, 0.1, converged=0.0, diverged=0.0)) is None
+    # With a threshold, the flags are not read: the caller's threshold decides.
+    assert decide(metrics(0.5, 0.1, converged=1.0), stop_threshold=1e-3) is None
+
+
+def test_decide_without_a_velocity_is_no_decision():
+    assert decide({}) is None
+    assert decide({keys.EPOCH: 2.0, keys.LR: 0.1}, stop_threshold=1e-3) is None  # a re-baseline step
+    assert decide({keys.MODEL_VELOCITY: None, keys.DIVERGED: 1.0}) is None
+    assert decide({keys.VELOCITY_CHANGE: math.nan}, stop_threshold=1e-3) is None
+
+
+def test_decide_custom_keys_and_extra_keys_are_ignored():
+    result = {"my/v": 1e-5, "my/d": 0.0, keys.MODEL_VELOCITY: 0.5, "loss": "not a number"}
+    assert decide(result, stop_threshold=1e-3, velocity_key="my/v", change_key="my/d") is StopReason.CONVERGED
+    assert decide(result, stop_threshold=1e-3) is None
+
+
+def test_decide_is_stateless_and_does_not_touch_its_input():
+    m = metrics(4e-4, 1e-6)
+    before = dict(m)
+    decisions = {decide(m, stop_threshold=1e-3) for _ in range(3)}
+    assert decisions == {StopReason.CONVERGED} and m == before
+    assert decide(m, stop_threshold=1e-3)  # a StopReason is truthy: `if decide(m): stop`
+    assert decide(metrics(0.5, 0.1), stop_threshold=1e-3) is None
+
+
+def test_decide_errors_name_the_key_and_the_fix():
+    with pytest.raises(TypeError, match=r"expects a number under 'neve/model_velocity'.*'fast' \(str\)"):
+        decide(metrics("fast"), stop_threshold=1e-3)
+    with pytest.raises(TypeError, match=r"under 'neve/velocity_change'.*\[0.1\] \(list\).*neve.metrics\(\)"):
+        decide(metrics(0.5, [0.1]))
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="stop_threshold must be a finite number >= 0"):
+            decide({}, stop_threshold=bad)  # validated even when there is nothing to decide
+
+
+def test_decide_docstring_example_runs():
+    finder = doctest.DocTestFinder()
+    (test,) = finder.find(decide, "decide", globs={})
+    result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_stop_reason_is_spelled_once_in_keys():
+    assert neve_tune.StopReason is keys.StopReason is StopReason
+    assert [r.value for r in StopReason] == ["converged", "diverged", "max_t", "pruned"]
+    assert str(StopReason.MAX_T) == "max_t" and StopReason("diverged") is StopReason.DIVERGED
+    assert "StopReason" in keys.__all__ and "decide" in neve_tune.__all__
+
+
+# The integrations decide through public names only: `neve_tune`, `neve_tune.keys`, and their own package.
+INTEGRATION_MODULES = [
+    "neve_tune/ray/_scheduler.py",
+    "neve_tune/ray/_trainable.py",
+    "neve_tune/optuna/_pruner.py",
+    "neve_tune/optuna/_report.py",
+]
+
+
+@pytest.mark.parametrize("path", INTEGRATION_MODULES)
+def test_integrations_import_no_private_core_module(path):
+    source = Path(__file__).resolve().parents[1] / path
+    own = "neve_tune." + source.parent.name
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: use absolute imports of public names"
+            imported.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    ours = {m for m in imported if m == "neve_tune" or m.startswith("neve_tune.")}
+    allowed = {"neve_tune", "neve_tune.keys"}
+    bad = sorted(m for m in ours if m not in allowed and not (m == own or m.startswith(own + ".")))
+    assert not bad, f"{path} imports {bad}; use the public `neve_tune` / `neve_tune.keys` names"

@@ -17,18 +17,29 @@ import pytest
 
 from neve_tune.studies import (
     ARMS,
+    PICK_RULES,
     ArmResult,
+    Backend,
     Budget,
     Choice,
+    FixedSchedulePolicy,
     LogUniform,
+    NeVePolicy,
     StudyError,
+    StudyOptions,
     TrialRecord,
+    TrialSpec,
+    UnknownArmError,
     UnknownStudyError,
     comparison_csv,
     comparison_markdown,
+    get_arm,
     get_study,
+    list_arms,
     list_studies,
     pick_trial,
+    register_arm,
+    run_trial,
     sample_configs,
     summarize_arm,
 )
@@ -66,7 +77,7 @@ def test_registry_lists_and_rejects() -> None:
     assert {"digits", "cifar10", "cifar100", "imagenet100"} <= set(list_studies())
     with pytest.raises(UnknownStudyError, match="Unknown study 'mnist'. Known studies: cifar10, cifar100, digits"):
         get_study("mnist")
-    assert get_study("studies.digits:STUDY") is get_study("digits")
+    assert get_study("neve_tune.studies.builtin.digits:STUDY") is get_study("digits")
 
 
 def test_pick_rules_never_look_at_test_accuracy() -> None:
@@ -120,7 +131,138 @@ def test_bad_arm_and_backend_fail_before_anything_runs(tmp_path: Path) -> None:
         run_study("digits", arms=["neve", "hyperband"], output_dir=tmp_path)
     with pytest.raises(StudyError, match="Unknown backend"):
         run_study("digits", backend="dask", output_dir=tmp_path)
+    with pytest.raises(StudyError, match="Unknown arm 'hyperband'"):  # the options object, as the CLI passes it
+        run_study("digits", StudyOptions(arms=["neve", "hyperband"], output_dir=tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- arms, policies, backends (fast)
+
+
+def test_each_arm_is_one_definition() -> None:
+    budget = get_study("digits").budget
+    neve, asha, fifo = (get_arm(name) for name in ARMS)
+    assert get_arm(" NeVe ") is neve and list_arms()[:3] == list(ARMS)
+    with pytest.raises(UnknownArmError, match=r"Unknown arm 'hyperband'\. The arms are: neve, asha, fifo"):
+        get_arm("hyperband")
+    assert (neve.val_fraction(budget), asha.val_fraction(budget), fifo.val_fraction(budget)) == (0.0, 0.1, 0.1)
+    assert neve.train_fraction(budget) == 1.0 and asha.train_fraction(budget) == pytest.approx(0.9)
+    assert (neve.objective, neve.direction, neve.mode) == ("train/loss", "minimize", "min")
+    assert (asha.objective, asha.direction, asha.mode) == ("val/acc", "maximize", "max")
+    assert neve.policy is NeVePolicy and asha.policy is fifo.policy is FixedSchedulePolicy
+    assert neve.uses_neve and not asha.uses_neve
+    assert [a.external_stop_reason for a in (neve, asha, fifo)] == ["stopped", "pruned", "stopped"]
+    assert [a.compute_reference for a in (neve, asha, fifo)] == [False, False, True]
+    assert len({a.color for a in (neve, asha, fifo)}) == 3
+    assert {name: get_arm(name).pick_rule for name in ARMS} == {name: PICK_RULES[name] for name in ARMS}
+    assert neve.params(budget)["scheduler"] == "NeVeScheduler" and neve.params(budget)["train_fraction"] == 1.0
+    assert asha.params(budget)["metric"] == "val/acc" and fifo.params(budget)["scheduler"] == "FIFOScheduler"
+
+
+@pytest.fixture
+def step_fifo() -> Any:
+    """A new arm, registered for one test: FIFO under another name and colour, not the compute reference."""
+    from neve_tune.studies import _arms
+
+    arm = dataclasses.replace(
+        get_arm("fifo"), name="fifo-b", display_name="fifo B", color="C4", compute_reference=False
+    )
+    register_arm(arm)
+    yield arm
+    _arms._REGISTERED.pop(arm.name)
+    _arms.PICK_RULES.pop(arm.name)
+
+
+def test_a_new_arm_is_one_registration(step_fifo: Any) -> None:
+    from neve_tune.studies._runner import check_arms
+
+    assert get_arm("fifo-b") is step_fifo and "fifo-b" in list_arms() and "fifo-b" in PICK_RULES
+    with pytest.raises(ValueError, match="exists already"):
+        register_arm(step_fifo)
+    assert [a.name for a in check_arms(["neve", "fifo-b", "neve"])] == ["neve", "fifo-b"]
+    records = [
+        _record("fifo-b", i, reason="max_t", epochs=3, test=0.5, **{"val/acc": v}) for i, v in enumerate([0.2, 0.9])
+    ]
+    assert pick_trial("fifo-b", records).config_id == 1
+    summary = summarize_arm(ArmResult("fifo-b", records, 1.0, 0.9, 3))
+    assert summary.pick_rule == step_fifo.pick_rule and not summary.compute_reference
+    with pytest.raises(TypeError, match="TrialPolicy"):
+        dataclasses.replace(step_fifo, name="bad", policy=object)
+
+
+class _Recorder:
+    """A backend that only records what a trial reports, checkpointing every epoch."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[dict, bool, list[str], bool]] = []
+
+    def needs_state(self, epoch: int) -> bool:
+        return True
+
+    def restore(self, model: Any, optimizer: Any, neve: Any, extra: dict) -> int:
+        return 0
+
+    def report(
+        self, metrics: dict, *, neve: Any, model: Any, optimizer: Any, epoch: int, extra: dict, final: bool
+    ) -> None:
+        self.reports.append((dict(metrics), neve is not None, sorted(extra), final))
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_run_trial_follows_its_arms_policy(arm: str) -> None:
+    digits = get_study("digits")
+    spec = TrialSpec("digits", arm, dataclasses.replace(digits.budget, max_epochs=2))
+    recorder, seen = _Recorder(), []
+    outcome = run_trial(spec, digits.configs(3, 0)[2], recorder, on_epoch=lambda e, m: seen.append((e, m)))
+    assert outcome.epochs == len(recorder.reports) == len(seen) <= 2
+    assert outcome.stop_reason in ("max_t", "converged", "diverged")
+    *running, (last, with_neve, extra, final) = recorder.reports
+    assert final and not any(r[3] for r in running) and last["stop_reason"] == outcome.stop_reason
+    assert with_neve == (arm == "neve")
+    assert {"epoch", "train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s"} <= set(last)
+    if arm == "neve":  # no validation data; NeVe's metrics come with the backend's report, and are recorded
+        assert not any(k.startswith(("val/", "monitor/", "neve/")) for k in last)
+        assert "neve/model_velocity" in outcome.final and "neve/model_velocity" in seen[-1][1]
+        assert extra == ["generator", "history"]  # the NeVe state is the backend's to checkpoint
+    else:
+        assert {"val/loss", "val/acc", "monitor/model_velocity"} <= set(last)
+        assert extra == ["generator", "history", "monitor", "schedule"]
+
+
+def test_both_backends_share_one_interface() -> None:
+    pytest.importorskip("ray")
+    pytest.importorskip("optuna")
+    from neve_tune.studies._optuna_backend import OptunaBackend
+    from neve_tune.studies._ray_backend import RayBackend
+
+    assert issubclass(RayBackend, Backend) and issubclass(OptunaBackend, Backend)
+    assert (RayBackend.name, OptunaBackend.name) == ("ray", "optuna")
+
+
+def test_optuna_threads_never_pop_the_same_enqueued_configuration(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    import threading
+    import time
+    from collections import Counter
+
+    from neve_tune.studies._optuna_backend import _OneProcessStorage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=_OneProcessStorage(f"sqlite:///{tmp_path / 'o.db'}"))
+    for i in range(16):
+        study.enqueue_trial({"x": float(i)}, user_attrs={"config_id": i})
+    seen: Counter = Counter()
+    lock = threading.Lock()
+
+    def objective(trial: Any) -> float:
+        x = trial.suggest_float("x", 0, 100)
+        with lock:
+            seen[trial.user_attrs["config_id"]] += 1
+        time.sleep(0.02)
+        return x
+
+    study.optimize(objective, n_trials=16, n_jobs=8)
+    assert seen == Counter(range(16)) and {t.state.name for t in study.trials} == {"COMPLETE"}
 
 
 # ---------------------------------------------------------------------------- end to end (Ray, MLflow)
@@ -306,6 +448,7 @@ def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(local_ra
                 output_dir=tmp_path / "out",
                 progress=False,
                 callbacks=[KillServer(server.proc.pid)],
+                mlflow_drain_timeout_s=0,  # gone for good here: one try at the end (the wait is tested in test_mlflow)
             )
         assert any("unavailable" in str(w.message) for w in caught)
         # The study ran to the end: every trial trained, the table was computed.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from neve_tune import MeasurementError, VelocityMonitor, noise_aux
+from neve_tune._velocity import STATE_FORMAT
 from tests.velocity_reference import ReferenceVelocity, capture_responses
 
 RTOL = 1e-4  # relative agreement with float64 required by the issue
@@ -234,6 +235,31 @@ def test_state_dict_round_trip_continues_with_identical_numbers(compute_path, me
         assert (a.model_velocity, a.velocity_change) == (b.model_velocity, b.velocity_change)
         for name in a.layers:
             assert torch.equal(a.layers[name], b.layers[name])
+
+
+def test_state_dict_has_a_format_version_and_states_without_one_still_load(compute_path):
+    torch.manual_seed(0)
+    model = BNConvNet()
+    aux = noise_aux((3, 8, 8), n=6)
+    monitor = VelocityMonitor(model, aux, batch_size=4)
+    gen = torch.Generator().manual_seed(5)
+    monitor.measure()
+    train_epoch(model, (3, 8, 8), gen)
+    monitor.measure()
+    state = monitor.state_dict()
+    assert state["format_version"] == STATE_FORMAT == 2
+    unversioned = {k: v for k, v in state.items() if k != "format_version"}  # as saved before the key existed
+    clone = BNConvNet()
+    clone.load_state_dict(model.state_dict())
+    restored = VelocityMonitor(clone, aux, batch_size=4)
+    restored.load_state_dict(unversioned)
+    train_twins(model, clone, gen)
+    a, b = monitor.measure(), restored.measure()
+    assert (a.model_velocity, a.velocity_change) == (b.model_velocity, b.velocity_change)
+    fresh = VelocityMonitor(BNConvNet(), aux, batch_size=4)
+    with pytest.raises(ValueError, match=r"format_version=3, but .* reads formats 1 to 2: it was saved by a newer"):
+        fresh.load_state_dict({**state, "format_version": 3})
+    assert fresh.measure() is None  # a refused state leaves the monitor as it was
 
 
 def test_layer_selection_by_types_globs_and_predicate():

@@ -1,14 +1,21 @@
 """An ordered outbox of MLflow operations for one run, that survives the tracking server going away.
 
-Every write (create the run, log a batch, upload an artifact, end the run) is queued and sent in order.
-When a send fails for a transient reason (server down, database locked), the operation stays queued, a
-:class:`MlflowUnavailableWarning` is issued once per outage, and sending is retried on the next call
-after ``retry_interval_s``. Training never waits for MLflow longer than one failed request. What is still
-queued when the run ends is written to a JSON-lines file that :func:`replay_unsent` sends later.
+Every write (create the run, log a batch, upload an artifact, end the run) is an :class:`Op`, queued and
+sent in order. When a send fails for a transient reason (server down, database locked), the operation stays
+queued, a :class:`MlflowUnavailableWarning` is issued once per outage, and sending is retried on the next
+call after ``retry_interval_s``. Training never waits for MLflow longer than one failed request. What is
+still queued when the run ends is written to a JSON-lines file that :func:`~neve_tune.mlflow.replay_unsent`
+sends later.
+
+An operation kind is a name with a registered handler (:func:`register_op`). This module registers the
+four kinds every run needs (``create``, ``batch``, ``artifact``, ``terminate``); other packages register
+their own (the study tree registers ``children``, an arm run acting on its trial runs). A saved file names
+the module of each non-built-in handler, so a replay in a fresh process imports it first.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -17,17 +24,23 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ._deps import require_mlflow
+from ._experiment import get_or_create_experiment
+from ._uri import configure_client_env
 
 #: MLflow's per-request limits for ``log_batch``.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+
+#: First line of an unsent-operations file.
+UNSENT_FORMAT = "neve_tune_unsent"
 
 # Error codes that will not go away by retrying: the operation is dropped (with a warning).
 _PERMANENT = frozenset(
@@ -49,20 +62,63 @@ class MlflowUnavailableWarning(RuntimeWarning):
 
 @dataclass
 class Op:
-    """One queued MLflow write: ``create``, ``batch``, ``artifact``, ``terminate`` or ``children`` (JSON-able data)."""
+    """One queued MLflow write: a registered ``kind`` (see :func:`register_op`) and its JSON-able data."""
 
     kind: str
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def _is_permanent(err: BaseException) -> bool:
+#: ``handler(outbox, data)`` sends one operation of the outbox's run (``outbox.client``, ``outbox.run_id``).
+OpHandler = Callable[["RunOutbox", dict[str, Any]], None]
+
+_HANDLERS: dict[str, OpHandler] = {}
+
+
+def register_op(kind: str, handler: OpHandler) -> None:
+    """Make ``kind`` an operation that a :class:`RunOutbox` can queue, send, save and replay.
+
+    The handler raises when the operation could not be sent: MLflow's permanent errors (invalid parameter,
+    missing resource, ...) drop the operation, anything else keeps it queued for a retry. A handler must
+    be idempotent enough to be replayed after a partial failure.
+
+    Replay in another process: the handler's module is saved with each operation of this kind and is
+    imported before the replay when it lies inside the ``neve_tune`` package; handlers from elsewhere must
+    be registered (their module imported) before calling :func:`~neve_tune.mlflow.replay_unsent`.
+
+    Raises:
+        ValueError: ``kind`` is already registered to a handler of another module.
+    """
+    old = _HANDLERS.get(kind)
+    if old is not None and old is not handler and getattr(old, "__module__", None) != handler.__module__:
+        raise ValueError(f"The MLflow operation {kind!r} is already registered by {old.__module__}.")
+    _HANDLERS[kind] = handler
+
+
+def op_handler(kind: str, module: str | None = None) -> OpHandler:
+    """The handler of ``kind``; imports ``module`` first (a ``neve_tune`` module only) when it is unknown."""
+    if kind not in _HANDLERS and module and module.startswith("neve_tune."):
+        importlib.import_module(module)
+    try:
+        return _HANDLERS[kind]
+    except KeyError:
+        hint = f" ({module} did not register it)" if module else ""
+        raise ValueError(f"unknown MLflow operation {kind!r}{hint}") from None
+
+
+def _handler_module(kind: str) -> str | None:
+    module = getattr(_HANDLERS.get(kind), "__module__", None)
+    return None if module == __name__ else module
+
+
+def is_permanent(err: BaseException) -> bool:
+    """True for an MLflow error that retrying cannot fix (the operation is dropped)."""
     code = getattr(err, "error_code", None)
     return isinstance(code, str) and code in _PERMANENT
 
 
-def _metric_value(value: Any) -> float:
-    v = float(value)
-    return v  # NaN and +-inf are valid MLflow metric values
+def millis(when: datetime | None = None) -> int:
+    """MLflow's timestamps: milliseconds since the epoch, of ``when`` (``None``: now)."""
+    return int((when.timestamp() if when is not None else time.time()) * 1000)
 
 
 def chunk_batch(
@@ -70,9 +126,13 @@ def chunk_batch(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
 ) -> list[Op]:
-    """Split metrics ``(key, value, timestamp_ms, step)``, params and tags into ``batch`` ops within MLflow's limits."""
+    """Split metrics ``(key, value, timestamp_ms, step)``, params and tags into ``batch`` ops within MLflow's limits.
+
+    NaN and infinite metric values are kept (MLflow stores them); values are made ``float``, params and tags
+    ``str`` (cut at MLflow's 6,000 characters).
+    """
     ops: list[Op] = []
-    metric_list = [(str(k), _metric_value(v), int(ts), int(s)) for k, v, ts, s in metrics]
+    metric_list = [(str(k), float(v), int(ts), int(s)) for k, v, ts, s in metrics]
     for i in range(0, len(metric_list), MAX_METRICS_PER_BATCH):
         ops.append(Op("batch", {"metrics": metric_list[i : i + MAX_METRICS_PER_BATCH]}))
     for name, mapping in (("params", params), ("tags", tags)):
@@ -87,35 +147,50 @@ class RunOutbox:
 
     NaN policy: NaN/inf metric values are sent as they are (and written as ``"nan"``/``"inf"`` in a dump).
     State: the queue lives in memory; :meth:`dump` writes what is left to a JSON-lines file and
-    :func:`replay_unsent` sends it later, in the same order.
+    :func:`~neve_tune.mlflow.replay_unsent` sends it later, in the same order.
 
     Args:
         tracking_uri: where to send.
-        experiment_id: the run's experiment.
+        experiment_id: the run's experiment; ``None`` with ``experiment_name``: found or created (tagged as
+            model training) when the run is created, so that creating it can wait for an outage too.
         run_id: the run, when it exists already; otherwise queue a ``create`` op first.
         label: names the run in warnings.
         retry_interval_s: after a failure, wait this long before trying again.
+        experiment_name: see ``experiment_id``.
+        order: where a saved file goes when a folder is replayed (lowest first): runs whose operations act
+            on other runs (an arm run ending its trials) come after those runs.
+        warn: issue :class:`MlflowUnavailableWarning` on outages (off where the caller reports them).
     """
 
     def __init__(
         self,
         tracking_uri: str,
-        experiment_id: str,
+        experiment_id: str | None,
         *,
         run_id: str | None = None,
         label: str = "run",
         retry_interval_s: float = 10.0,
+        experiment_name: str | None = None,
+        order: int = 0,
+        warn: bool = True,
     ) -> None:
         require_mlflow()
+        configure_client_env()  # a few quick HTTP retries: the outbox retries itself
         from mlflow import MlflowClient
 
+        if experiment_id is None and not experiment_name:
+            raise ValueError("RunOutbox needs an experiment_id or an experiment_name.")
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
+        self.experiment_name = experiment_name
         self.run_id = run_id
         self.label = label
         self.retry_interval_s = float(retry_interval_s)
+        self.order = int(order)
+        self.warn = warn
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.dropped: list[tuple[Op, str]] = []
+        self.last_error: BaseException | None = None
         self._ops: deque[Op] = deque()
         self._next_try = 0.0
         self._down_since: float | None = None
@@ -127,10 +202,18 @@ class RunOutbox:
         """How many operations wait to be sent."""
         return len(self._ops)
 
-    @property
-    def healthy(self) -> bool:
-        """False while the last attempt to send failed."""
-        return self._down_since is None
+    def require_run(self) -> str:
+        """The run id, or a (transient) error while the run was not created yet."""
+        if self.run_id is None:
+            raise RuntimeError("the run was not created yet")
+        return self.run_id
+
+    def require_experiment(self) -> str:
+        """The experiment id; finds or creates ``experiment_name`` the first time (see the class docstring)."""
+        if self.experiment_id is None:
+            assert self.experiment_name is not None
+            self.experiment_id = get_or_create_experiment(self.client, self.experiment_name)
+        return self.experiment_id
 
     def put(self, ops: Op | Iterable[Op], *, send: bool = True) -> bool:
         """Queue operations, then try to send (unless ``send=False``). Returns True when nothing waits."""
@@ -149,16 +232,12 @@ class RunOutbox:
             while self._ops:
                 op = self._ops[0]
                 try:
-                    self._run(op)
+                    self.execute(op)
                 except Exception as err:
-                    if _is_permanent(err):
+                    if is_permanent(err):
                         self._ops.popleft()
                         self.dropped.append((op, f"{type(err).__name__}: {err}"))
-                        warnings.warn(
-                            f"MLflow rejected a '{op.kind}' operation of {self.label} and it was dropped: {err}",
-                            MlflowUnavailableWarning,
-                            stacklevel=2,
-                        )
+                        self._warn(f"MLflow rejected a '{op.kind}' operation of {self.label} and it was dropped: {err}")
                         continue
                     self._on_failure(err)
                     return False
@@ -167,76 +246,45 @@ class RunOutbox:
             if self._down_since is not None:
                 down = time.monotonic() - self._down_since
                 self._down_since = None
-                warnings.warn(
+                self._warn(
                     f"MLflow at {self.tracking_uri} is reachable again after {down:.0f} s; sent {sent} buffered "
-                    f"operation(s) of {self.label}.",
-                    MlflowUnavailableWarning,
-                    stacklevel=2,
+                    f"operation(s) of {self.label}."
                 )
             return True
 
+    def execute(self, op: Op) -> None:
+        """Send one operation now, through its registered handler (errors propagate)."""
+        op_handler(op.kind)(self, op.data)
+
+    def _warn(self, message: str) -> None:
+        if self.warn:
+            warnings.warn(message, MlflowUnavailableWarning, stacklevel=4)
+
     def _on_failure(self, err: BaseException) -> None:
         now = time.monotonic()
+        self.last_error = err
         self._next_try = now + self.retry_interval_s
         if self._down_since is None:
             self._down_since = now
-            warnings.warn(
+            self._warn(
                 f"MLflow at {self.tracking_uri} is unavailable ({type(err).__name__}: {str(err)[:300]}). "
                 f"Training goes on; {self.label} buffers its records and retries every "
-                f"{self.retry_interval_s:g} s.",
-                MlflowUnavailableWarning,
-                stacklevel=3,
+                f"{self.retry_interval_s:g} s."
             )
-
-    # ------------------------------------------------------------------ execution
-    def _run(self, op: Op) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        client, data = self.client, op.data
-        if op.kind == "create":
-            self._create(data)
-            return
-        if self.run_id is None:
-            raise RuntimeError("the run was not created yet")
-        if op.kind == "batch":
-            client.log_batch(
-                self.run_id,
-                metrics=[Metric(k, v, ts, s) for k, v, ts, s in data.get("metrics", ())],
-                params=[Param(k, v) for k, v in data.get("params", {}).items()],
-                tags=[RunTag(k, v) for k, v in data.get("tags", {}).items()],
-                synchronous=True,
-            )
-        elif op.kind == "artifact":
-            client.log_artifact(self.run_id, data["local_path"], data.get("artifact_path"))
-        elif op.kind == "terminate":
-            client.set_terminated(self.run_id, data["status"], data.get("end_time"))
-        elif op.kind == "children":  # an arm run acting on its trial runs (see ArmRun.finalize_trial)
-            from ._tracker import run_children_op
-
-            run_children_op(client, self.experiment_id, self.run_id, data)
-        else:
-            raise ValueError(f"unknown MLflow operation {op.kind!r}")
-
-    def _create(self, data: Mapping[str, Any]) -> None:
-        client = self.client
-        reuse = data.get("reuse_filter")
-        if reuse:
-            found = client.search_runs([self.experiment_id], filter_string=reuse, max_results=1)
-            if found:
-                # A restarted trial: reopen its run, drop the failed attempt's error, count the restart.
-                run = found[0]
-                self.run_id = run.info.run_id
-                client.update_run(self.run_id, status="RUNNING")
-                if "error" in run.data.tags:
-                    client.delete_tag(self.run_id, "error")
-                client.set_tag(self.run_id, "restarts", str(int(run.data.tags.get("restarts", "0")) + 1))
-                return
-        run = client.create_run(
-            self.experiment_id, start_time=data.get("start_time"), tags=data.get("tags"), run_name=data.get("run_name")
-        )
-        self.run_id = run.info.run_id
 
     # ------------------------------------------------------------------ what could not be sent
+    def header(self) -> dict[str, Any]:
+        """The first line of a saved file: where its operations go."""
+        return {
+            UNSENT_FORMAT: 1,
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "experiment_name": self.experiment_name,
+            "run_id": self.run_id,
+            "label": self.label,
+            "order": self.order,
+        }
+
     def dump(self, path: str | os.PathLike[str]) -> Path | None:
         """Write the unsent operations to a JSON-lines file (artifacts copied next to it); None if none."""
         with self._lock:
@@ -246,17 +294,7 @@ class RunOutbox:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             files = path.with_suffix(".artifacts")
-            lines = [
-                json.dumps(
-                    {
-                        "neve_tune_unsent": 1,
-                        "tracking_uri": self.tracking_uri,
-                        "experiment_id": self.experiment_id,
-                        "run_id": self.run_id,
-                        "label": self.label,
-                    }
-                )
-            ]
+            lines = [json.dumps(self.header())]
             for op in ops:
                 data = dict(op.data)
                 if op.kind == "artifact":
@@ -268,7 +306,11 @@ class RunOutbox:
                     data["local_path"] = str(dst)
                 if op.kind == "batch" and "metrics" in data:
                     data["metrics"] = [[k, _json_float(v), ts, s] for k, v, ts, s in data["metrics"]]
-                lines.append(json.dumps({"kind": op.kind, "data": data}))
+                entry: dict[str, Any] = {"kind": op.kind, "data": data}
+                module = _handler_module(op.kind)
+                if module is not None:
+                    entry["module"] = module
+                lines.append(json.dumps(entry))
             path.write_text("\n".join(lines) + "\n")
             return path
 
@@ -277,30 +319,47 @@ def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else repr(v)  # 'nan', 'inf', '-inf'
 
 
-def replay_unsent(path: str | os.PathLike[str], *, tracking_uri: str | None = None) -> str | None:
-    """Send the operations a logger saved to ``path`` when MLflow was unreachable at the end of its run.
-
-    Args:
-        path: the ``.jsonl`` file named in the warning.
-        tracking_uri: override the store recorded in the file.
-
-    Returns:
-        The run id the operations went to.
-
-    Raises:
-        Exception: whatever MLflow raises if the store is still unreachable (nothing is lost: the file stays).
-    """
-    lines = Path(path).read_text().splitlines()
-    header = json.loads(lines[0])
-    if header.get("neve_tune_unsent") != 1:
-        raise ValueError(f"{path} is not a neve_tune unsent-operations file.")
-    outbox = RunOutbox(
-        tracking_uri or header["tracking_uri"], header["experiment_id"], run_id=header["run_id"], label=header["label"]
+# ---------------------------------------------------------------------- the built-in operations
+def _create(outbox: RunOutbox, data: dict[str, Any]) -> None:
+    client = outbox.client
+    experiment_id = outbox.require_experiment()
+    reuse = data.get("reuse_filter")
+    if reuse:
+        found = client.search_runs([experiment_id], filter_string=reuse, max_results=1)
+        if found:
+            # A restarted trial: reopen its run, drop the failed attempt's error, count the restart.
+            run = found[0]
+            outbox.run_id = run_id = run.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            if "error" in run.data.tags:
+                client.delete_tag(run_id, "error")
+            client.set_tag(run_id, "restarts", str(int(run.data.tags.get("restarts", "0")) + 1))
+            return
+    run = client.create_run(
+        experiment_id, start_time=data.get("start_time"), tags=data.get("tags"), run_name=data.get("run_name")
     )
-    for line in lines[1:]:
-        entry = json.loads(line)
-        data = entry["data"]
-        if entry["kind"] == "batch" and "metrics" in data:
-            data["metrics"] = [(k, float(v), ts, s) for k, v, ts, s in data["metrics"]]
-        outbox._run(Op(entry["kind"], data))
-    return outbox.run_id
+    outbox.run_id = run.info.run_id
+
+
+def _batch(outbox: RunOutbox, data: dict[str, Any]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    outbox.client.log_batch(
+        outbox.require_run(),
+        metrics=[Metric(k, v, ts, s) for k, v, ts, s in data.get("metrics", ())],
+        params=[Param(k, v) for k, v in data.get("params", {}).items()],
+        tags=[RunTag(k, v) for k, v in data.get("tags", {}).items()],
+        synchronous=True,
+    )
+
+
+def _artifact(outbox: RunOutbox, data: dict[str, Any]) -> None:
+    outbox.client.log_artifact(outbox.require_run(), data["local_path"], data.get("artifact_path"))
+
+
+def _terminate(outbox: RunOutbox, data: dict[str, Any]) -> None:
+    outbox.client.set_terminated(outbox.require_run(), data["status"], data.get("end_time"))
+
+
+for _kind, _fn in (("create", _create), ("batch", _batch), ("artifact", _artifact), ("terminate", _terminate)):
+    register_op(_kind, _fn)

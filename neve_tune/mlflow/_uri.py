@@ -61,8 +61,12 @@ def configure_client_env() -> None:
 
 
 @contextlib.contextmanager
-def _quick_http(retries: int = 0, timeout: float = 10) -> Iterator[None]:
-    """Temporarily make MLflow's HTTP client fail fast (for the pre-flight check only)."""
+def fail_fast_http(retries: int = 0, timeout: float = 10) -> Iterator[None]:
+    """Temporarily make MLflow's HTTP client fail fast: ``retries`` retries, ``timeout`` seconds a request.
+
+    For checks and retry loops that bound their own time (the pre-flight check, the end-of-study wait). It
+    changes this process's environment while it is active, so use it where no other thread logs to MLflow.
+    """
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))}
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
@@ -126,7 +130,7 @@ def check_tracking_uri(uri: str | os.PathLike[str] | None = None, *, timeout: fl
                 f"running MLflow server. {hint}"
             )
     try:
-        with _quick_http(timeout=timeout):
+        with fail_fast_http(timeout=timeout):
             MlflowClient(tracking_uri=resolved).search_experiments(max_results=1)
     except Exception as err:
         raise TrackingUnavailableError(

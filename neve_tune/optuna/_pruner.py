@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from optuna.pruners import BasePruner
 
-from neve_tune import keys
-from neve_tune._rule import NeVeRule, StopReason
-from neve_tune.optuna._attrs import NEVE_ATTR, STEP_KEY, decode
+from neve_tune import StopReason, decide, keys
+from neve_tune.optuna._attrs import NEVE_ATTR, STEP_KEY
 
 if TYPE_CHECKING:
     import optuna
@@ -39,7 +38,7 @@ class NeVePruner(BasePruner):
     auxiliary set. The objective reports each epoch with :func:`neve_tune.optuna.report_epoch`, which
     stores NeVe's metrics in the trial's user attribute ``"neve"`` (``trial.report`` takes one value
     only) and reports the objective's intermediate value as usual. At every check, this pruner
-    classifies the latest metrics with :meth:`neve_tune.NeVeRule.classify`:
+    classifies the latest metrics with :func:`neve_tune.decide` and its ``stop_threshold``:
 
     * **diverged** (model velocity or velocity change not finite): :meth:`prune` returns ``True``, the
       trial ends ``PRUNED`` and ``report_epoch`` records ``neve_stop_reason="diverged"``;
@@ -81,7 +80,7 @@ class NeVePruner(BasePruner):
 
             from neve_tune import NeVe, noise_aux
             from neve_tune.optuna import NeVePruner, report_epoch
-            from studies.digits import DigitsCNN, load_digits_splits
+            from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 
             data = load_digits_splits()
 
@@ -149,14 +148,15 @@ class NeVePruner(BasePruner):
             raise ValueError(f"Number of warmup steps cannot be negative, but got {n_warmup_steps=}.")
         if isinstance(interval_steps, bool) or not isinstance(interval_steps, int) or interval_steps < 1:
             raise ValueError(f"Pruning interval steps must be at least 1, but got {interval_steps=}.")
-        self._rule = NeVeRule(stop_threshold=stop_threshold)  # validates stop_threshold
+        decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
+        self._stop_threshold = float(stop_threshold)
         self._base_pruner = base_pruner
         self._n_warmup_steps = n_warmup_steps
         self._interval_steps = interval_steps
 
     @property
     def stop_threshold(self) -> float:
-        return self._rule.stop_threshold
+        return self._stop_threshold
 
     @property
     def base_pruner(self) -> BasePruner | None:
@@ -179,15 +179,10 @@ class NeVePruner(BasePruner):
         not consulted.
         """
         step = trial.last_step
-        if step is None:
+        if step is None or not self.is_check_step(step, trial.intermediate_values.keys()):
             return None
-        return self._decide(step, trial.intermediate_values.keys(), trial.user_attrs.get(NEVE_ATTR), trial.number)
-
-    def _decide(
-        self, step: int, reported_steps: Iterable[int], entry: Mapping[str, Any] | None, number: int
-    ) -> StopReason | None:
-        if not _is_check_step(step, reported_steps, self._n_warmup_steps, self._interval_steps):
-            return None
+        entry = trial.user_attrs.get(NEVE_ATTR)
+        number = trial.number
         if entry is None:
             raise ValueError(
                 f"NeVePruner: trial {number} reported step {step} without NeVe metrics (no user attr"
@@ -205,11 +200,17 @@ class NeVePruner(BasePruner):
                 f" {entry[STEP_KEY]}, but its latest report is step {step}; store them at every step you"
                 f" report. {_HOW_TO_REPORT}"
             )
-        velocity = entry.get(keys.MODEL_VELOCITY)
-        if velocity is None:  # a re-baseline step: nothing was measured
-            return None
-        change = entry.get(keys.VELOCITY_CHANGE)
-        return self._rule.classify(decode(velocity), None if change is None else decode(change))
+        return decide(entry, stop_threshold=self._stop_threshold)
+
+    def is_check_step(self, step: int, reported_steps: Iterable[int]) -> bool:
+        """Whether NeVe decides at ``step``, given every step reported so far (``step`` may be among them).
+
+        Checks happen at ``n_warmup_steps``, ``n_warmup_steps + interval_steps``, ...; a check that falls
+        on a step that was not reported is postponed to the first reported step after it, as in Optuna's
+        own pruners. :func:`~neve_tune.optuna.report_epoch` decides with
+        ``decide(metrics, stop_threshold=pruner.stop_threshold)`` exactly on these steps.
+        """
+        return _is_check_step(step, reported_steps, self._n_warmup_steps, self._interval_steps)
 
     def __repr__(self) -> str:
         return (

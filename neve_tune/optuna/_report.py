@@ -2,12 +2,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import Any, Protocol
 
 import optuna
 
-from neve_tune import keys
-from neve_tune._rule import NeVeRule, StopReason
+from neve_tune import StopReason, decide, keys
 from neve_tune.optuna._attrs import (
     HISTORY_ATTR,
     NEVE_ATTR,
@@ -19,56 +18,26 @@ from neve_tune.optuna._attrs import (
 )
 from neve_tune.optuna._pruner import NeVePruner
 
-if TYPE_CHECKING:
-    from neve_tune import StepResult
-
 
 class _HasMetrics(Protocol):
+    """A ``neve_tune.NeVe`` or a ``neve_tune.StepResult``: both build their dict with the same function."""
+
     def metrics(self) -> dict[str, float]: ...
 
 
-NeVeLike = Union[_HasMetrics, "StepResult", Mapping[str, float]]
-
-# classify() with a zero threshold can only say DIVERGED: used when no NeVePruner sets the threshold.
-_DIVERGENCE_ONLY = NeVeRule(stop_threshold=0.0)
+NeVeLike = _HasMetrics | Mapping[str, float]
 
 
 def _as_metrics(neve: Any) -> dict[str, float]:
-    """``NeVe.metrics()`` from a NeVe controller, a StepResult or an already-flat metrics mapping."""
+    """``metrics()`` of a NeVe controller or a StepResult (the one builder), or a flat mapping's floats."""
     if callable(getattr(neve, "metrics", None)):
         return dict(neve.metrics())
     if isinstance(neve, Mapping):
         return {str(k): float(v) for k, v in neve.items()}
-    if hasattr(neve, "epoch") and hasattr(neve, "lrs") and hasattr(neve, "stop_reason"):  # a StepResult
-        out: dict[str, float] = {keys.EPOCH: float(neve.epoch)}
-        if neve.model_velocity is not None:
-            out[keys.MODEL_VELOCITY] = float(neve.model_velocity)
-        if neve.velocity_change is not None:
-            out[keys.VELOCITY_CHANGE] = float(neve.velocity_change)
-        out[keys.LR] = float(neve.lrs[0])
-        if len(neve.lrs) > 1:
-            out.update({keys.lr_key(i): float(lr) for i, lr in enumerate(neve.lrs)})
-        out[keys.LR_DECAYED] = float(bool(neve.lr_decayed))
-        out[keys.CONVERGED] = float(neve.stop_reason is StopReason.CONVERGED)
-        out[keys.DIVERGED] = float(neve.stop_reason is StopReason.DIVERGED)
-        return out
     raise TypeError(
         "report_epoch expects a neve_tune.NeVe, a neve_tune.StepResult or a dict of NeVe metrics"
         f" (neve.metrics()), but got {type(neve).__name__}."
     )
-
-
-def _own_reason(metrics: Mapping[str, float]) -> StopReason | None:
-    """The NeVe controller's own decision, used when the study's pruner is not a NeVePruner."""
-    velocity = metrics.get(keys.MODEL_VELOCITY)
-    if velocity is None:
-        return None
-    change = metrics.get(keys.VELOCITY_CHANGE)
-    if metrics.get(keys.DIVERGED) == 1.0 or _DIVERGENCE_ONLY.classify(velocity, change) is not None:
-        return StopReason.DIVERGED
-    if metrics.get(keys.CONVERGED) == 1.0:
-        return StopReason.CONVERGED
-    return None
 
 
 def report_epoch(
@@ -97,10 +66,12 @@ def report_epoch(
     ``"diverged"`` or ``"pruned"``) and ``neve_stop_epoch`` (``neve/epoch``: epochs trained). The return
     value is truthy exactly when the loop should end, so ``if report_epoch(...): break`` is the idiom.
 
-    Who decides: with a :class:`~neve_tune.optuna.NeVePruner` as the study's pruner, the pruner does
-    (its ``stop_threshold``, ``n_warmup_steps`` and ``interval_steps``); with any other pruner, or a
-    :class:`optuna.trial.FixedTrial`, the NeVe controller's own ``converged``/``diverged`` flags do,
-    and ``should_prune()`` adds the study pruner's decision.
+    Who decides: :func:`neve_tune.decide` on this epoch's metrics. With a
+    :class:`~neve_tune.optuna.NeVePruner` as the study's pruner, with the pruner's settings
+    (``decide(metrics, stop_threshold=pruner.stop_threshold)`` on its ``is_check_step`` steps, which
+    follow ``n_warmup_steps`` and ``interval_steps``); with any other pruner, or a
+    :class:`optuna.trial.FixedTrial`, from the NeVe controller's own ``converged``/``diverged`` flags
+    (``decide(metrics)``), and ``should_prune()`` adds the study pruner's decision.
 
     Re-running a step (a trial retried by ``RetryHeartbeatStaleTrialCallback`` inherits the failed
     attempt's attributes, or a trial resumed from a checkpoint) drops the history from that step on, so
@@ -146,10 +117,10 @@ def report_epoch(
 
     pruner = getattr(getattr(trial, "study", None), "pruner", None)
     if isinstance(pruner, NeVePruner):
-        reported_steps = [e[STEP_KEY] for e in history]
-        reason = pruner._decide(step, reported_steps, entry, trial.number)
+        checked = pruner.is_check_step(step, [e[STEP_KEY] for e in history])
+        reason = decide(metrics, stop_threshold=pruner.stop_threshold) if checked else None
     else:
-        reason = _own_reason(metrics)
+        reason = decide(metrics)  # the trial's own NeVe flags (and any non-finite velocity)
     if reason is None and trial.should_prune():
         reason = StopReason.PRUNED
     if reason is None and max_epochs is not None and epoch >= max_epochs:

@@ -21,8 +21,7 @@ from ray.tune.result import (
 )
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
-from neve_tune import keys
-from neve_tune._rule import NeVeRule, StopReason
+from neve_tune import StopReason, decide, keys
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -85,8 +84,8 @@ class NeVeScheduler(FIFOScheduler):
 
     Every trial measures its own velocity with ``neve_tune.NeVe`` (which also decays its LR) and reports
     ``neve.metrics()`` with its other metrics. On each result the scheduler calls
-    ``NeVeRule(stop_threshold=...).classify(V, D)`` on the reported model velocity ``V`` and velocity change
-    ``D`` and returns ``STOP`` when the trial:
+    :func:`neve_tune.decide` with its ``stop_threshold`` on the reported model velocity ``V`` and velocity
+    change ``D`` and returns ``STOP`` when the trial:
 
     * **diverged**: ``V`` or ``D`` is NaN or infinite. It stops at once, at the first such result, even
       inside the grace period;
@@ -174,16 +173,17 @@ class NeVeScheduler(FIFOScheduler):
         for name, value in named:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, but got {name}={value!r}.")
+        decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
         super().__init__()
-        self._metric = metric
-        self._mode = mode
-        self._time_attr = time_attr
-        self._max_t = max_t
-        self._grace_period = grace_period
-        self._velocity_key = velocity_key
-        self._change_key = change_key
-        self._allow_missing = bool(allow_missing)
-        self._rule = NeVeRule(stop_threshold=stop_threshold)  # validates stop_threshold
+        self._metric: str | None = metric
+        self._mode: str | None = mode
+        self._time_attr: str = time_attr
+        self._max_t: float | None = max_t
+        self._grace_period: float = grace_period
+        self._stop_threshold: float = float(stop_threshold)
+        self._velocity_key: str = velocity_key
+        self._change_key: str = change_key
+        self._allow_missing: bool = bool(allow_missing)
         self._live: set[str] = set()
         self._stopped: dict[str, StopInfo] = {}
 
@@ -194,7 +194,7 @@ class NeVeScheduler(FIFOScheduler):
 
     @property
     def stop_threshold(self) -> float:
-        return self._rule.stop_threshold
+        return self._stop_threshold
 
     @property
     def time_attr(self) -> str:
@@ -244,31 +244,27 @@ class NeVeScheduler(FIFOScheduler):
             if self._max_t is not None and time is not None and time >= self._max_t:
                 return StopInfo(StopReason.MAX_T, _epoch(result), float(time), None)
             return None
-        velocity = self._as_float(self._velocity_key, velocity)
-        change = result.get(self._change_key)
-        if change is not None:
-            change = self._as_float(self._change_key, change)
-        reason = self._rule.classify(velocity, change)
+        try:
+            reason = decide(
+                result,
+                stop_threshold=self._stop_threshold,
+                velocity_key=self._velocity_key,
+                change_key=self._change_key,
+            )
+        except TypeError as err:
+            raise TypeError(f"{type(self).__name__}: {err}") from None
         if reason is StopReason.DIVERGED:
-            return StopInfo(reason, _epoch(result), float(result.get(self._time_attr, math.nan)), velocity)
+            when = float(result.get(self._time_attr, math.nan))
+            return StopInfo(reason, _epoch(result), when, float(velocity))
         time = result.get(self._time_attr)
         if time is None:
             raise ValueError(self._missing_key_message(self._time_attr, result))
         time = float(time)
         if reason is StopReason.CONVERGED and time >= self._grace_period:
-            return StopInfo(reason, _epoch(result), time, velocity)
+            return StopInfo(reason, _epoch(result), time, float(velocity))
         if self._max_t is not None and time >= self._max_t:
-            return StopInfo(StopReason.MAX_T, _epoch(result), time, velocity)
+            return StopInfo(StopReason.MAX_T, _epoch(result), time, float(velocity))
         return None
-
-    def _as_float(self, key: str, value: Any) -> float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{type(self).__name__} expects a number under {key!r}, but the result holds "
-                f"{value!r} ({type(value).__name__}). Report plain floats, as `neve.metrics()` does."
-            ) from None
 
     def _missing_key_message(self, key: str, result: Mapping[str, Any]) -> str:
         reported = sorted(k for k in result if k not in _BOOKKEEPING_KEYS)
@@ -353,7 +349,14 @@ class NeVeScheduler(FIFOScheduler):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            self.__setstate__(pickle.load(f))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Schedulers pickled by earlier versions held a NeVeRule (`_rule`) for their stop_threshold.
+        state = dict(state)
+        if "_rule" in state and "_stop_threshold" not in state:
+            state["_stop_threshold"] = float(state.pop("_rule").stop_threshold)
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (

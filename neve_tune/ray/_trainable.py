@@ -14,7 +14,7 @@ import random
 import tempfile
 import warnings
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -235,7 +235,8 @@ def trial_device() -> torch.device:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # legacy=True (the default) gives the MT19937 tuple ("MT19937", keys, pos, has_gauss, cached_gaussian).
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,

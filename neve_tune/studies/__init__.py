@@ -1,9 +1,14 @@
 """Studies: NeVe versus validation-based ASHA (and a fixed-budget FIFO reference) on the same work.
 
-* :class:`StudyDefinition` / :class:`Budget` / search-space domains: what a study is (``studies/*.py``);
-* :func:`get_study` / :func:`list_studies` / :func:`register_study`: the registry;
-* :func:`run_study`: runs the arms on Ray Tune (or Optuna), tracked in MLflow, and returns a
-  :class:`StudyResult` with the comparison table;
+* :class:`StudyDefinition` / :class:`Budget` / search-space domains: what a study is. The built-in
+  studies (``digits``, ``cifar10``, ``cifar100``, ``imagenet100``) live in :mod:`neve_tune.studies.builtin`;
+* :func:`get_study` / :func:`list_studies` / :func:`register_study`: the registry of studies;
+* :class:`Arm` / :func:`get_arm` / :func:`register_arm`: the arms (``neve``, ``asha``, ``fifo``), each one
+  definition of what it holds out, optimises and picks by, and how each backend runs it;
+* :class:`TrialPolicy` (:class:`NeVePolicy`, :class:`FixedSchedulePolicy`): how an arm's trial adapts its
+  training, behind the per-epoch hooks :func:`run_trial` calls;
+* :func:`run_study` with :class:`StudyOptions`: runs the arms on a :class:`Backend` (Ray Tune or Optuna),
+  tracked in MLflow, and returns a :class:`StudyResult` with the comparison table;
 * :func:`summarize_arm` / :func:`comparison_table`: the table from plain trial records (also what
   ``neve-tune study compare`` rebuilds from MLflow).
 
@@ -15,23 +20,28 @@ accuracy; ``fifo`` is ``asha`` without pruning (the compute reference). The test
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ._arms import ARMS, PICK_RULES, Arm, UnknownArmError, get_arm, list_arms, register_arm
+from ._backend import ArmJob, Backend
 from ._compare import (
-    PICK_RULES,
-    ArmResult,
     ArmSummary,
-    TrialRecord,
     comparison_csv,
     comparison_markdown,
     comparison_table,
     pick_trial,
     summarize_arm,
 )
+from ._options import StudyOptions
+from ._policy import EpochDecision, FixedSchedulePolicy, NeVePolicy, TrialPolicy
+from ._records import ArmResult, TrialRecord
 from ._registry import BUILTIN_STUDIES, UnknownStudyError, get_study, list_studies, register_study
 from ._spec import (
     Budget,
     Choice,
     DataRequest,
     DatasetData,
+    Domain,
     LogUniform,
     NeVeSettings,
     StudyData,
@@ -41,35 +51,54 @@ from ._spec import (
     Uniform,
     sample_configs,
 )
-from ._trial import ARMS, TrialSpec, run_trial
+from ._tracking import ArmRun, StudyTracker
+from ._trial import TrialSpec, run_trial
+
+if TYPE_CHECKING:
+    from ._runner import StudyResult, run_study
 
 __all__ = [
     "ARMS",
     "BUILTIN_STUDIES",
     "PICK_RULES",
+    "Arm",
+    "ArmJob",
     "ArmResult",
+    "ArmRun",
     "ArmSummary",
+    "Backend",
     "Budget",
     "Choice",
     "DataRequest",
     "DatasetData",
+    "Domain",
+    "EpochDecision",
+    "FixedSchedulePolicy",
     "LogUniform",
+    "NeVePolicy",
     "NeVeSettings",
     "StudyData",
     "StudyDefinition",
     "StudyError",
+    "StudyOptions",
     "StudyResult",
+    "StudyTracker",
     "TensorData",
+    "TrialPolicy",
     "TrialRecord",
     "TrialSpec",
     "Uniform",
+    "UnknownArmError",
     "UnknownStudyError",
     "comparison_csv",
     "comparison_markdown",
     "comparison_table",
+    "get_arm",
     "get_study",
+    "list_arms",
     "list_studies",
     "pick_trial",
+    "register_arm",
     "register_study",
     "run_study",
     "run_trial",

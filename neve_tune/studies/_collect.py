@@ -5,31 +5,49 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._compare import TrialRecord
+from neve_tune import keys as neve_keys
+
+from ._arms import Arm
+from ._keys import (
+    EPOCH,
+    EPOCH_TIME,
+    ERROR,
+    LR,
+    MONITOR_VELOCITY,
+    STOP_REASON,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    TRAINING_ITERATION,
+    VAL_ACC,
+    VAL_LOSS,
+)
+from ._records import TrialRecord
 from ._spec import Budget
-from ._trial import EPOCH, STOP_REASON, TEST_ACC, hyperparameters
+from ._trial import hyperparameters
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from neve_tune.mlflow import ArmRun
+    from ._tracking import ArmRun
 
 # Keys of each result the driver keeps (for records and progress), not the whole result.
 KEEP = (
     EPOCH,
-    "training_iteration",
-    "train/loss",
-    "train/acc",
-    "val/loss",
-    "val/acc",
-    "test/loss",
-    "test/acc",
-    "lr",
-    "neve/model_velocity",
-    "neve/converged",
-    "neve/diverged",
-    "monitor/model_velocity",
-    "time/epoch_s",
+    TRAINING_ITERATION,
+    TRAIN_LOSS,
+    TRAIN_ACC,
+    VAL_LOSS,
+    VAL_ACC,
+    TEST_LOSS,
+    TEST_ACC,
+    LR,
+    neve_keys.MODEL_VELOCITY,
+    neve_keys.CONVERGED,
+    neve_keys.DIVERGED,
+    MONITOR_VELOCITY,
+    EPOCH_TIME,
     STOP_REASON,
 )
 
@@ -63,10 +81,10 @@ class Progress:
         if self._progress is not None:
             self._progress.stop()
 
-    def add(self, arm: str, trials: int, max_epochs: int) -> Any:
+    def add(self, label: str, trials: int, max_epochs: int) -> Any:
         if self._progress is None:
             return None
-        return self._progress.add_task(f"{arm:>5}", total=trials * max_epochs, info=f"0/{trials} trials done")
+        return self._progress.add_task(f"{label:>5}", total=trials * max_epochs, info=f"0/{trials} trials done")
 
     def advance(self, task: Any, n: int = 1) -> None:
         if self._progress is not None and task is not None:
@@ -86,7 +104,7 @@ class Collector:
 
     def __init__(
         self,
-        arm: str,
+        arm: Arm,
         budget: Budget,
         arm_run: ArmRun | None,
         progress: Progress,
@@ -96,7 +114,7 @@ class Collector:
         self.budget = budget
         self.arm_run = arm_run
         self.progress = progress
-        self.task = progress.add(arm, trials, budget.max_epochs)
+        self.task = progress.add(arm.display_name, trials, budget.max_epochs)
         self.trials = trials
         self.configs: dict[str, dict[str, Any]] = {}
         self.results: dict[str, list[dict[str, Any]]] = {}
@@ -118,15 +136,15 @@ class Collector:
 
     def epochs(self, trial_id: str) -> int:
         rows = self.results.get(trial_id) or []
-        return int(rows[-1].get(EPOCH, rows[-1].get("training_iteration", 0))) if rows else 0
+        return int(rows[-1].get(EPOCH, rows[-1].get(TRAINING_ITERATION, 0))) if rows else 0
 
     def stop_reason(self, trial_id: str, *, errored: bool = False) -> str:
         if errored:
-            return "error"
+            return ERROR
         rows = self.results.get(trial_id) or []
         if rows and rows[-1].get(STOP_REASON):
             return str(rows[-1][STOP_REASON])  # it ended by itself
-        return "pruned" if self.arm == "asha" else "stopped"
+        return self.arm.external_stop_reason  # its backend stopped it
 
     def completed(self, trial_id: str, *, error: str | None = None) -> None:
         self.done += 1
@@ -153,7 +171,7 @@ class Collector:
             final.pop(STOP_REASON, None)
             out.append(
                 TrialRecord(
-                    arm=self.arm,
+                    arm=self.arm.name,
                     config_id=int(config.get("config_id", -1)),
                     config=config,
                     epochs=self.epochs(trial_id),

@@ -1,6 +1,7 @@
 """The comparison of study arms, from plain per-trial records (Ray results or MLflow runs alike).
 
-Pick rules, i.e. which trial each arm would deploy, using only what that arm is allowed to see:
+Each arm picks the trial it would deploy by its own rule (:attr:`Arm.pick`), using only what that arm is
+allowed to see:
 
 * ``neve``: no validation data exists. Among the trials NeVe stopped as *converged*, the one with the
   lowest final training loss (mean over its last epoch's minibatches, on the training split); if none
@@ -18,71 +19,17 @@ import csv
 import io
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._arms import Arm, find_arm
+from ._records import ArmResult, TrialRecord, pick_highest_val_acc
 
 if TYPE_CHECKING:
     from rich.table import Table
-
-PICK_RULES: dict[str, str] = {
-    "neve": "lowest final train loss among converged trials (validation-free)",
-    "asha": "highest validation accuracy at the trial's last epoch",
-    "fifo": "highest validation accuracy at the trial's last epoch",
-}
-
-
-@dataclass
-class TrialRecord:
-    """What the comparison needs from one trial.
-
-    NaN policy: a missing or non-numeric metric reads as NaN; NaN values never win a pick and are left out
-    of the quantiles. State: plain data (rebuilt from MLflow by ``neve-tune study compare``).
-
-    Attributes:
-        arm: the arm.
-        config_id: index of the sampled configuration (the same config id means the same
-            hyperparameters in every arm).
-        config: the hyperparameters.
-        epochs: epochs trained (its last reported epoch).
-        stop_reason: ``converged``, ``diverged``, ``max_t``, ``pruned``, ``error`` or ``stopped``.
-        final: its last reported metrics (``train/loss``, ``val/acc``, ``test/acc``, ...).
-        test_acc_curve: ``(epoch, test accuracy)`` per epoch, for the plots.
-        trial_id: the backend's trial id.
-        run_id: its MLflow run id, when known.
-    """
-
-    arm: str
-    config_id: int
-    config: dict[str, Any]
-    epochs: int
-    stop_reason: str
-    final: dict[str, float]
-    test_acc_curve: list[tuple[int, float]] = field(default_factory=list)
-    trial_id: str | None = None
-    run_id: str | None = None
-
-    def metric(self, key: str) -> float:
-        value = self.final.get(key)
-        try:
-            return float(value) if value is not None else math.nan
-        except (TypeError, ValueError):
-            return math.nan
-
-    @property
-    def test_acc(self) -> float:
-        return self.metric("test/acc")
-
-
-@dataclass
-class ArmResult:
-    """All trials of one arm, plus its wall time and the fraction of labelled data it trained on."""
-
-    arm: str
-    records: list[TrialRecord]
-    wall_time_s: float
-    train_fraction: float
-    max_epochs: int
 
 
 @dataclass(frozen=True)
@@ -104,13 +51,14 @@ class ArmSummary:
     stop_epochs: tuple[int, ...]
     stop_reasons: dict[str, int]
     pick_rule: str
+    compute_reference: bool = False
 
     @property
     def stop_epochs_text(self) -> str:
         if not self.stop_epochs:
             return "-"
         e = sorted(self.stop_epochs)
-        median = _quantile([float(x) for x in e], 0.5)
+        [median] = _quantiles([float(x) for x in e], (0.5,))
         return f"{e[0]}-{e[-1]} (med {median:g})"
 
     @property
@@ -141,51 +89,42 @@ def _r(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.3f}"
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default); NaN for an empty list."""
-    xs = sorted(v for v in values if math.isfinite(v))
-    if not xs:
-        return math.nan
-    pos = (len(xs) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def _quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
+    """``numpy.nanquantile`` (linear interpolation) over the finite values; NaN for each q when none is."""
+    finite = np.array([v if math.isfinite(v) else math.nan for v in values], dtype=float)
+    if not np.isfinite(finite).any():
+        return [math.nan] * len(qs)
+    return [float(x) for x in np.nanquantile(finite, qs)]
 
 
-def pick_trial(arm: str, records: Sequence[TrialRecord]) -> TrialRecord | None:
-    """The trial ``arm`` would pick, by :data:`PICK_RULES` (never by test accuracy); None if none qualifies."""
-    ok = [r for r in records if r.stop_reason != "error"]
-    if arm == "neve":
-        converged = [r for r in ok if r.stop_reason == "converged" and math.isfinite(r.metric("train/loss"))]
-        pool = converged or [r for r in ok if r.stop_reason != "diverged" and math.isfinite(r.metric("train/loss"))]
-        if not pool:
-            return None
-        return min(pool, key=lambda r: (r.metric("train/loss"), r.epochs, r.config_id))
-    pool = [r for r in ok if math.isfinite(r.metric("val/acc"))]
-    if not pool:
-        return None
+def pick_trial(arm: str | Arm, records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The trial ``arm`` would pick, by its rule (never by test accuracy); ``None`` if none qualifies.
 
-    def key(r: TrialRecord) -> tuple[float, float, int, int]:
-        loss = r.metric("val/loss")
-        return (-r.metric("val/acc"), loss if math.isfinite(loss) else math.inf, r.epochs, r.config_id)
-
-    return min(pool, key=key)
+    An arm this process does not know (e.g. read back from MLflow) picks by validation accuracy.
+    """
+    found = arm if isinstance(arm, Arm) else find_arm(arm)
+    return (found.pick if found is not None else pick_highest_val_acc)(records)
 
 
-def summarize_arm(result: ArmResult) -> ArmSummary:
-    """The comparison row of one arm."""
+def summarize_arm(result: ArmResult, arm: Arm | None = None) -> ArmSummary:
+    """The comparison row of one arm (``arm``: its definition, default: the registered arm of that name).
+
+    NaN policy: NaN test accuracies are left out of the quantiles and the min-max; NaN where none is left.
+    """
     records = result.records
-    picked = pick_trial(result.arm, records)
+    arm = arm or find_arm(result.arm)
+    picked = pick_trial(arm or result.arm, records)
     accs = [r.test_acc for r in records]
     finite = [a for a in accs if math.isfinite(a)]
+    q1, median, q3 = _quantiles(accs, (0.25, 0.5, 0.75))
     return ArmSummary(
         arm=result.arm,
         trials=len(records),
         picked_config_id=None if picked is None else picked.config_id,
         picked_test_acc=math.nan if picked is None else picked.test_acc,
-        median_test_acc=_quantile(accs, 0.5),
-        q1_test_acc=_quantile(accs, 0.25),
-        q3_test_acc=_quantile(accs, 0.75),
+        median_test_acc=median,
+        q1_test_acc=q1,
+        q3_test_acc=q3,
         min_test_acc=min(finite) if finite else math.nan,
         max_test_acc=max(finite) if finite else math.nan,
         trial_epochs=sum(r.epochs for r in records),
@@ -193,13 +132,14 @@ def summarize_arm(result: ArmResult) -> ArmSummary:
         train_fraction=result.train_fraction,
         stop_epochs=tuple(sorted(r.epochs for r in records)),
         stop_reasons=dict(Counter(r.stop_reason for r in records)),
-        pick_rule=PICK_RULES.get(result.arm, "-"),
+        pick_rule="-" if arm is None else arm.pick_rule,
+        compute_reference=arm is not None and arm.compute_reference,
     )
 
 
 def _reference_epochs(summaries: Sequence[ArmSummary]) -> int | None:
     for s in summaries:
-        if s.arm == "fifo":
+        if s.compute_reference:
             return s.trial_epochs or None
     return None
 
@@ -288,10 +228,3 @@ def comparison_table(summaries: Sequence[ArmSummary], *, title: str | None = Non
             str(row["stop_reasons"]),
         )
     return table
-
-
-def records_by_arm(records: Sequence[TrialRecord]) -> Mapping[str, list[TrialRecord]]:
-    out: dict[str, list[TrialRecord]] = {}
-    for r in records:
-        out.setdefault(r.arm, []).append(r)
-    return out

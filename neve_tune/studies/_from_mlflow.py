@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._compare import ArmResult, TrialRecord
+from ._keys import EPOCH, ERROR, STOPPED, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+from ._records import ArmResult, TrialRecord
 from ._spec import StudyError
 
-_PICK_KEYS = ("test/acc", "test/loss", "train/loss", "train/acc", "val/acc", "val/loss")
+_PICK_KEYS = (TEST_ACC, TEST_LOSS, TRAIN_LOSS, TRAIN_ACC, VAL_ACC, VAL_LOSS)
 
 
 @dataclass
@@ -100,7 +101,12 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
         max_results=100,
     )
     order = (study_run.data.tags.get("arms") or "").split(",")
-    arm_runs.sort(key=lambda r: order.index(r.data.tags.get(TAG_ARM)) if r.data.tags.get(TAG_ARM) in order else 99)
+
+    def position(run: Any) -> int:  # the arms' order of `study run`
+        arm = run.data.tags.get(TAG_ARM)
+        return order.index(arm) if arm is not None and arm in order else 99
+
+    arm_runs.sort(key=position)
     arms: list[ArmResult] = []
     for arm_run in arm_runs:
         arm = arm_run.data.tags.get(TAG_ARM, arm_run.info.run_name)
@@ -114,8 +120,8 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
             tags, metrics = run.data.tags, run.data.metrics
             config = {k: _number(v) for k, v in run.data.params.items()}
             epoch_tag = tags.get(TAG_STOP_EPOCH)
-            epochs = int(epoch_tag) if epoch_tag else int(metrics.get("epoch", 0))
-            reason = tags.get(TAG_STOP_REASON) or ("error" if run.info.status == "FAILED" else "stopped")
+            epochs = int(epoch_tag) if epoch_tag else int(metrics.get(EPOCH, 0))
+            reason = tags.get(TAG_STOP_REASON) or (ERROR if run.info.status == "FAILED" else STOPPED)
             # The values at the stop epoch: a trial stopped from outside may have logged one more epoch.
             final = dict(metrics)
             curve: list[tuple[int, float]] = []
@@ -126,7 +132,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
                 history = [p for p in history if not epochs or p[0] <= epochs]
                 if history:
                     final[key] = history[-1][1]
-                if key == "test/acc":
+                if key == TEST_ACC:
                     curve = history
             records.append(
                 TrialRecord(

@@ -1,146 +1,199 @@
 """The Optuna backend of the study runner: one Optuna study per arm, the same configurations enqueued.
 
-Pruners: ``neve`` -> :class:`neve_tune.optuna.NeVePruner` (converged trials COMPLETE), ``asha`` ->
-``SuccessiveHalvingPruner`` on validation accuracy (Optuna's asynchronous successive halving), ``fifo`` ->
-``NopPruner``. Trials run in threads of this process (``n_jobs``), with ``study.ask``/``study.tell``.
+Each arm's study has the arm's pruner (:attr:`Arm.optuna_pruner`: ``neve`` ->
+:class:`neve_tune.optuna.NeVePruner`, converged trials COMPLETE; ``asha`` -> ``SuccessiveHalvingPruner`` on
+validation accuracy; ``fifo`` -> ``NopPruner``), objective and direction. The sampled configurations are
+enqueued in order and ``study.optimize(n_trials=..., n_jobs=..., catch=..., callbacks=...)`` runs them in
+threads of this process.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
 import torch
 
-from ._collect import Collector
-from ._spec import Budget, Choice, LogUniform, Uniform
-from ._trial import TRAIN_LOSS, VAL_ACC, StopTrial, TrialSpec, run_trial
+from ._arms import Arm
+from ._backend import ArmJob, Backend
+from ._keys import PRUNED
+from ._records import ArmResult
+from ._spec import Choice, Domain, LogUniform, Uniform
+from ._trial import StopTrial, run_trial
 
-FAIL = optuna.trial.TrialState.FAIL
+
+class _OneProcessStorage(optuna.storages.RDBStorage):
+    """An RDB storage whose trial state changes are serialised among the threads of this process.
+
+    ``study.ask()`` pops an enqueued trial by reading the waiting trials, then setting one RUNNING; on
+    SQLite two threads can both read it waiting and both run it (the second ``tell`` then fails). With the
+    check-and-set under one lock, the second thread sees it RUNNING and takes the next one.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._state_lock = threading.Lock()
+
+    def set_trial_state_values(
+        self, trial_id: int, state: optuna.trial.TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        with self._state_lock:
+            return super().set_trial_state_values(trial_id, state, values)
+
+
+class _QuietFailures(logging.Filter):
+    """Drops Optuna's "Trial N failed ..." lines: the collector already records (and MLflow shows) why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Trial ") and " failed " in message)
 
 
 class _OptunaReporter:
-    def __init__(self, trial: Any, arm: str, max_epochs: int) -> None:
+    """Reports the arm's objective each epoch: through ``neve_tune.optuna.report_epoch`` for a NeVe trial."""
+
+    def __init__(self, trial: optuna.Trial, arm: Arm, max_epochs: int) -> None:
         self.trial, self.arm, self.max_epochs = trial, arm, max_epochs
 
     def needs_state(self, epoch: int) -> bool:
         return False
 
-    def restore(self, model: Any, optimizer: Any, neve: Any, extra: dict) -> int:
+    def restore(self, model: Any, optimizer: Any, neve: Any, extra: dict[str, Any]) -> int:
         return 0
 
     def report(
-        self, metrics: dict, *, neve: Any, model: Any, optimizer: Any, epoch: int, extra: dict, final: bool
+        self,
+        metrics: dict[str, Any],
+        *,
+        neve: Any,
+        model: Any,
+        optimizer: Any,
+        epoch: int,
+        extra: dict[str, Any],
+        final: bool,
     ) -> None:
-        if self.arm == "neve":
+        value = float(metrics.get(self.arm.objective, math.nan))
+        if neve is not None:
             from neve_tune.optuna import report_epoch
 
             try:
-                report_epoch(self.trial, neve, float(metrics[TRAIN_LOSS]), max_epochs=self.max_epochs)
+                report_epoch(self.trial, neve, value, max_epochs=self.max_epochs)
             except optuna.TrialPruned as exc:
                 if not final:
-                    raise StopTrial("pruned", exc) from None
+                    raise StopTrial(PRUNED, exc) from None
                 raise
             return
-        self.trial.report(float(metrics.get(VAL_ACC, math.nan)), epoch)
+        self.trial.report(value, epoch)
         if not final and self.trial.should_prune():
-            raise StopTrial("pruned", optuna.TrialPruned(f"pruned at epoch {epoch} on validation accuracy"))
+            raise StopTrial(PRUNED, optuna.TrialPruned(f"pruned at epoch {epoch} on {self.arm.objective}"))
 
 
-def _optuna_pruner(arm: str, budget: Budget) -> Any:
-    if arm == "neve":
-        from neve_tune.optuna import NeVePruner
+def _suggest(trial: optuna.Trial, space: dict[str, Domain], config_id: int) -> dict[str, Any]:
+    """The trial's configuration: its enqueued values, read back through the matching distributions."""
+    config: dict[str, Any] = {"config_id": config_id}
+    for key, domain in space.items():
+        if isinstance(domain, LogUniform):
+            config[key] = trial.suggest_float(key, domain.low, domain.high, log=True)
+        elif isinstance(domain, Uniform):
+            config[key] = trial.suggest_float(key, domain.low, domain.high)
+        elif isinstance(domain, Choice):
+            config[key] = trial.suggest_categorical(key, list(domain.values))
+    return config
 
-        return NeVePruner(stop_threshold=budget.neve.stop_threshold)
-    if arm == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=budget.grace_period, reduction_factor=budget.reduction_factor
-        )
-    return optuna.pruners.NopPruner()
 
+class OptunaBackend(Backend):
+    """One Optuna study per arm in ``output/optuna/optuna.db``, trials in ``n_jobs`` threads.
 
-def run_arm(
-    *,
-    arm: str,
-    spec: TrialSpec,
-    configs: list[dict[str, Any]],
-    link: Mapping[str, Any] | None,
-    collector: Collector,
-    storage: Path,
-    name: str,
-    n_jobs: int,
-    fallback_dir: str,
-) -> float:
-    definition = spec.definition()
-    storage.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=name,
-        storage=f"sqlite:///{storage / 'optuna.db'}",
-        direction="minimize" if arm == "neve" else "maximize",
-        pruner=_optuna_pruner(arm, spec.budget),
-        sampler=optuna.samplers.RandomSampler(seed=spec.seed),
-    )
-    for config in configs:
-        study.enqueue_trial(
-            {k: v for k, v in config.items() if k != "config_id"}, user_attrs={"config_id": config["config_id"]}
-        )
-    device = (
-        torch.device("cuda") if torch.cuda.is_available() and spec.budget.gpus_per_trial > 0 else torch.device("cpu")
-    )
+    ``n_jobs`` defaults to the CPUs of this machine divided by ``budget.cpus_per_trial``. A trial that raises
+    ends FAIL (its error recorded), a pruned one PRUNED, and one whose objective is not finite FAIL; the
+    study goes on. Ctrl-C starts no new trial; Optuna lets the running ones end first.
+    """
 
-    lock = threading.Lock()
+    name = "optuna"
 
-    def one_trial() -> None:
-        with lock:  # study.ask() pops an enqueued configuration; never let two threads pop the same one
-            trial = study.ask()
-        config: dict[str, Any] = {"config_id": int(trial.user_attrs["config_id"])}
-        for key, domain in definition.search_space.items():
-            if isinstance(domain, LogUniform):
-                config[key] = trial.suggest_float(key, domain.low, domain.high, log=True)
-            elif isinstance(domain, Uniform):
-                config[key] = trial.suggest_float(key, domain.low, domain.high)
-            elif isinstance(domain, Choice):
-                config[key] = trial.suggest_categorical(key, list(domain.values))
-        trial_id = f"optuna-{trial.number}"
-        collector.started(trial_id, config)
-        if link is not None:
-            config["mlflow"] = dict(link)
+    def __init__(self, *, n_jobs: int | None = None) -> None:
+        self.n_jobs = n_jobs
+
+    def run_arm(self, job: ArmJob) -> ArmResult:
+        study = self._study(job)
+        errors: dict[int, str] = {}
+
+        def trial_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            job.collector.completed(f"optuna-{trial.number}", error=errors.pop(trial.number, None))
+
+        budget = job.budget
+        n_jobs = self.n_jobs or max(1, int((os.cpu_count() or 1) // max(budget.cpus_per_trial, 1)))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        quiet, optimize_logger = _QuietFailures(), logging.getLogger("optuna.study._optimize")
+        optimize_logger.addFilter(quiet)
+        t0 = time.perf_counter()
         try:
-            outcome = run_trial(
-                spec,
-                config,
-                _OptunaReporter(trial, arm, spec.budget.max_epochs),
-                device=device,
-                trial_id=trial_id,
-                fallback_dir=fallback_dir,
-                on_epoch=lambda epoch, metrics: collector.result(trial_id, metrics),
+            study.optimize(
+                self._objective(job, errors),
+                n_trials=len(job.configs),
+                n_jobs=n_jobs,
+                catch=(Exception,),
+                callbacks=[trial_done],
             )
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            collector.completed(trial_id)
-            return
-        except Exception as exc:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            collector.completed(trial_id, error=f"{type(exc).__name__}: {exc}")
-            return
-        value = float(outcome.final.get(TRAIN_LOSS if arm == "neve" else VAL_ACC, math.nan))
-        study.tell(trial, value if math.isfinite(value) else None, state=None if math.isfinite(value) else FAIL)
-        collector.completed(trial_id)
+        finally:
+            optimize_logger.removeFilter(quiet)
+        return job.result(time.perf_counter() - t0)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, n_jobs), thread_name_prefix="neve-trial") as pool:
-        futures = [pool.submit(one_trial) for _ in configs]
-        try:
-            for future in futures:
-                future.result()
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)  # start no new trial; running ones finish their epoch
-            raise
-    return time.perf_counter() - t0
+    @staticmethod
+    def _study(job: ArmJob) -> optuna.Study:
+        folder = job.output / "optuna"
+        folder.mkdir(parents=True, exist_ok=True)
+        study = optuna.create_study(
+            study_name=job.name,
+            storage=_OneProcessStorage(f"sqlite:///{folder / 'optuna.db'}"),
+            direction=job.arm.direction,
+            pruner=job.arm.optuna_pruner(job.budget),
+            sampler=optuna.samplers.RandomSampler(seed=job.spec.seed),
+        )
+        for config in job.configs:
+            study.enqueue_trial(
+                {k: v for k, v in config.items() if k != "config_id"}, user_attrs={"config_id": config["config_id"]}
+            )
+        return study
+
+    @staticmethod
+    def _objective(job: ArmJob, errors: dict[int, str]) -> Callable[[optuna.Trial], float]:
+        spec, arm, collector = job.spec, job.arm, job.collector
+        space = dict(spec.definition().search_space)
+        use_gpu = torch.cuda.is_available() and spec.budget.gpus_per_trial > 0
+        device = torch.device("cuda") if use_gpu else torch.device("cpu")
+
+        def objective(trial: optuna.Trial) -> float:
+            config = _suggest(trial, space, int(trial.user_attrs["config_id"]))
+            trial_id = f"optuna-{trial.number}"
+            collector.started(trial_id, config)
+            if job.link is not None:
+                config["mlflow"] = dict(job.link)
+            try:
+                outcome = run_trial(
+                    spec,
+                    config,
+                    _OptunaReporter(trial, arm, spec.budget.max_epochs),
+                    device=device,
+                    trial_id=trial_id,
+                    fallback_dir=job.fallback_dir,
+                    on_epoch=lambda epoch, metrics: collector.result(trial_id, metrics),
+                )
+            except optuna.TrialPruned:
+                raise
+            except Exception as exc:
+                errors[trial.number] = f"{type(exc).__name__}: {exc}"
+                raise
+            value = float(outcome.final.get(arm.objective, math.nan))
+            return value if math.isfinite(value) else math.nan  # not finite: the trial ends FAIL
+
+        return objective
+
+
+__all__ = ["OptunaBackend"]

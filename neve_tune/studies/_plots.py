@@ -6,12 +6,21 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._compare import ArmResult, ArmSummary, pick_trial
+from ._arms import find_arm
+from ._compare import ArmSummary, pick_trial
+from ._records import ArmResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ARM_COLORS = {"neve": "C0", "asha": "C1", "fifo": "C2"}
+#: Colour of an arm this process does not know (e.g. read back from MLflow).
+OTHER_COLOR = "C3"
+
+
+def _style(arm_name: str) -> tuple[str, str]:
+    """(display name, colour) of an arm."""
+    arm = find_arm(arm_name)
+    return (arm_name, OTHER_COLOR) if arm is None else (arm.display_name, arm.color)
 
 
 def plot_test_acc_vs_epochs(results: Sequence[ArmResult]) -> Figure:
@@ -26,7 +35,7 @@ def plot_test_acc_vs_epochs(results: Sequence[ArmResult]) -> Figure:
     axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
     for ax, result in zip(axes, results, strict=False):
         picked = pick_trial(result.arm, result.records)
-        color = ARM_COLORS.get(result.arm, "C3")
+        label, color = _style(result.arm)
         for record in result.records:
             if not record.test_acc_curve:
                 continue
@@ -43,7 +52,7 @@ def plot_test_acc_vs_epochs(results: Sequence[ArmResult]) -> Figure:
                 label=f"picked: config {picked.config_id} ({picked.test_acc:.3f})",
             )
             ax.legend(fontsize=8, loc="lower right")
-        ax.set_title(f"{result.arm} ({len(result.records)} trials)")
+        ax.set_title(f"{label} ({len(result.records)} trials)")
         ax.set_xlabel("epoch")
         ax.set_xlim(0, result.max_epochs + 1)
         ax.grid(alpha=0.3)
@@ -58,8 +67,9 @@ def plot_compute(summaries: Sequence[ArmSummary]) -> Figure:
 
     fig = Figure(figsize=(8, 3.6), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
-    arms = [s.arm for s in summaries]
-    colors = [ARM_COLORS.get(a, "C3") for a in arms]
+    styles = [_style(s.arm) for s in summaries]
+    arms = [label for label, _ in styles]
+    colors = [color for _, color in styles]
     bars = ax1.bar(arms, [s.trial_epochs for s in summaries], color=colors)
     for bar, s in zip(bars, summaries, strict=True):
         label = "n/a" if not math.isfinite(s.picked_test_acc) else f"acc {s.picked_test_acc:.3f}"

@@ -1,4 +1,4 @@
-"""The Ray Tune backend of the study runner: one ``Tuner`` per arm, scheduler by arm.
+"""The Ray Tune backend of the study runner: one ``Tuner`` per arm, with the arm's scheduler.
 
 Imported only when the Ray backend runs (it imports Ray at module level, so that the callback class is
 importable and pickles by reference into Tune's experiment state).
@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from ._backend import ArmJob, Backend
 from ._collect import Collector
+from ._records import ArmResult
 from ._spec import Budget, StudyError
-from ._trial import VAL_ACC, TrialSpec, run_trial
+from ._trial import TrialSpec, run_trial
 
 
 class _RayReporter:
@@ -52,7 +54,7 @@ class _RayReporter:
         )
 
 
-def _ray_trainable(config: dict, *, spec: TrialSpec, fallback_dir: str | None) -> None:
+def _ray_trainable(config: dict[str, Any], *, spec: TrialSpec, fallback_dir: str | None) -> None:
     """The Ray Tune function trainable of every arm (runs in a Ray worker)."""
     from neve_tune.ray import trial_device
 
@@ -114,87 +116,97 @@ def _trial_error(trial: Any) -> str:
     return "the trial raised an error (see the Ray trial logs)"
 
 
-def _ray_scheduler(arm: str, budget: Budget) -> Any:
-    if arm == "neve":
-        from neve_tune.ray import NeVeScheduler
+class RayBackend(Backend):
+    """One ``tune.Tuner`` per arm: the configurations as a grid over ``config_id``, the arm's scheduler.
 
-        return NeVeScheduler(max_t=budget.max_epochs, grace_period=1, stop_threshold=budget.neve.stop_threshold)
-    if arm == "asha":
-        from ray.tune.schedulers import ASHAScheduler
+    :meth:`open` starts a local Ray (``address`` ``None``/``"local"``) or connects to one, and checks one
+    trial's resources fit the cluster; :meth:`close` shuts down a Ray it started. Failed trials restart
+    ``budget.max_failures`` times from their last checkpoint (``budget.checkpoint_every``).
+    """
 
-        return ASHAScheduler(
-            time_attr="training_iteration",
-            metric=VAL_ACC,
-            mode="max",
-            max_t=budget.max_epochs,
-            grace_period=min(budget.grace_period, budget.max_epochs),
-            reduction_factor=budget.reduction_factor,
+    name = "ray"
+
+    def __init__(self, *, address: str | None = None, callbacks: Sequence[Any] = ()) -> None:
+        self.address = address
+        self.callbacks = list(callbacks)
+        self._started = False
+
+    def open(self, budget: Budget) -> None:
+        self._started = init_ray(self.address, budget.cpus_per_trial, budget.gpus_per_trial)
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+    def run_arm(self, job: ArmJob) -> ArmResult:
+        tuner, study_callback = self._tuner(job)
+        t0 = time.perf_counter()
+        try:
+            tuner.fit()
+        finally:
+            study_callback.close()
+        done, total = job.collector.done, len(job.configs)
+        if done < total:
+            # Tune handles Ctrl-C itself: it stops the trials cleanly and fit() returns as if done.
+            raise KeyboardInterrupt(f"the {job.arm.name} arm was interrupted after {done}/{total} trials")
+        return job.result(time.perf_counter() - t0)
+
+    def _tuner(self, job: ArmJob) -> tuple[tune.Tuner, StudyCallback]:
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+        arm, budget = job.arm, job.budget
+        resources = {"cpu": budget.cpus_per_trial, "gpu": budget.gpus_per_trial}
+        trainable = tune.with_resources(
+            tune.with_parameters(_ray_trainable, spec=job.spec, fallback_dir=job.fallback_dir), resources
         )
-    from ray.tune.schedulers import FIFOScheduler
 
-    return FIFOScheduler()
+        def trial_name(trial: Any) -> str:
+            return f"{arm.name}-{int(trial.config['config_id']):03d}"
+
+        study_callback = StudyCallback(job.collector)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(job),
+            tune_config=tune.TuneConfig(
+                scheduler=arm.ray_scheduler(budget),
+                num_samples=1,
+                reuse_actors=True,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=job.name,
+                storage_path=str(job.output / "ray"),
+                verbose=0,
+                callbacks=[study_callback, JsonLoggerCallback(), CSVLoggerCallback(), *self.callbacks],
+                failure_config=tune.FailureConfig(max_failures=budget.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        return tuner, study_callback
 
 
-def run_arm(
-    *,
-    arm: str,
-    spec: TrialSpec,
-    configs: list[dict[str, Any]],
-    link: Mapping[str, Any] | None,
-    collector: Collector,
-    storage: Path,
-    name: str,
-    cpus_per_trial: float,
-    gpus_per_trial: float,
-    fallback_dir: str,
-    callbacks: Sequence[Any],
-) -> float:
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
+def _param_space(job: ArmJob) -> dict[str, Any]:
+    """A grid over ``config_id``; every other hyperparameter is looked up from the sampled configuration."""
+    configs = job.configs
     space: dict[str, Any] = {"config_id": tune.grid_search([c["config_id"] for c in configs])}
     by_id = {c["config_id"]: c for c in configs}
     for key in configs[0]:
         if key != "config_id":
-            space[key] = tune.sample_from(lambda config, key=key: by_id[config["config_id"]][key])
-    if link is not None:
-        space["mlflow"] = dict(link)
-    resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
-    trainable = tune.with_resources(
-        tune.with_parameters(_ray_trainable, spec=spec, fallback_dir=fallback_dir), resources
-    )
+            space[key] = tune.sample_from(_lookup(by_id, key))
+    if job.link is not None:
+        space["mlflow"] = dict(job.link)
+    return space
 
-    def trial_name(trial: Any) -> str:
-        return f"{arm}-{int(trial.config['config_id']):03d}"
 
-    study_callback = StudyCallback(collector)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            scheduler=_ray_scheduler(arm, spec.budget),
-            num_samples=1,
-            reuse_actors=True,
-            trial_name_creator=trial_name,
-            trial_dirname_creator=trial_name,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=str(storage),
-            verbose=0,
-            callbacks=[study_callback, JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
-            failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
-    )
-    t0 = time.perf_counter()
-    try:
-        tuner.fit()
-    finally:
-        study_callback.close()
-    if collector.done < len(configs):
-        # Tune handles Ctrl-C itself: it stops the trials cleanly and fit() returns as if done.
-        raise KeyboardInterrupt(f"the {arm} arm was interrupted after {collector.done}/{len(configs)} trials")
-    return time.perf_counter() - t0
+def _lookup(by_id: dict[Any, dict[str, Any]], key: str) -> Callable[[Any], Any]:
+    def value(config: Any) -> Any:
+        return by_id[config["config_id"]][key]
+
+    return value
 
 
 def init_ray(address: str | None, cpus_per_trial: float, gpus_per_trial: float) -> bool:

@@ -1,4 +1,7 @@
-"""The registry of studies: name -> :class:`StudyDefinition`, imported lazily from ``studies/``."""
+"""The registry of studies: name -> :class:`StudyDefinition`.
+
+The built-in studies live in :mod:`neve_tune.studies.builtin` and are imported on first use.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ from ._spec import StudyDefinition
 
 #: Built-in studies: name -> "module:attribute". Imported on first use, so ``digits`` never imports torchvision.
 BUILTIN_STUDIES: dict[str, str] = {
-    "digits": "studies.digits:STUDY",
-    "cifar10": "studies.cifar:CIFAR10_STUDY",
-    "cifar100": "studies.cifar:CIFAR100_STUDY",
-    "imagenet100": "studies.imagenet100:STUDY",
+    "digits": "neve_tune.studies.builtin.digits:STUDY",
+    "cifar10": "neve_tune.studies.builtin.cifar:CIFAR10_STUDY",
+    "cifar100": "neve_tune.studies.builtin.cifar:CIFAR100_STUDY",
+    "imagenet100": "neve_tune.studies.builtin.imagenet100:STUDY",
 }
 
 _REGISTERED: dict[str, StudyDefinition] = {}

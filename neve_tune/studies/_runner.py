@@ -6,18 +6,17 @@ tracking store, data), so a bad option loses nothing.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._arms import Arm, get_arm, is_builtin, list_arms
+from ._backend import BACKENDS, ArmJob, Backend
 from ._collect import Collector, Progress
 from ._compare import (
-    PICK_RULES,
-    ArmResult,
     ArmSummary,
     comparison_csv,
     comparison_markdown,
@@ -25,26 +24,16 @@ from ._compare import (
     pick_trial,
     summarize_arm,
 )
+from ._options import StudyOptions
+from ._records import ArmResult
 from ._registry import BUILTIN_STUDIES, get_study
 from ._spec import Budget, StudyDefinition, StudyError, search_space_params
-from ._trial import ARMS, VAL_ACC, TrialSpec
+from ._trial import TrialSpec
 
 if TYPE_CHECKING:
-    from rich.console import Console
     from rich.table import Table
 
-    from neve_tune.mlflow import ArmRun, StudyTracker
-
-BACKENDS = ("ray", "optuna")
-
-
-def _optuna_available() -> None:
-    try:
-        import neve_tune.optuna  # noqa: F401
-    except ImportError as err:
-        raise StudyError(
-            f"The optuna backend is not available ({err}). Use --backend ray, or install `neve_tune[optuna]`."
-        ) from err
+    from ._tracking import ArmRun, StudyTracker
 
 
 @dataclass
@@ -92,141 +81,92 @@ def _resolve(study: str | StudyDefinition) -> tuple[StudyDefinition, str | Study
     return definition, study
 
 
-def check_arms(arms: Sequence[str]) -> list[str]:
-    """Validate the arm names (order kept, duplicates dropped)."""
-    out: list[str] = []
-    for arm in arms:
-        arm = arm.strip().lower()
-        if arm not in ARMS:
-            raise StudyError(f"Unknown arm {arm!r}. The arms are: {', '.join(ARMS)}.")
-        if arm not in out:
+def check_arms(arms: Sequence[str]) -> list[Arm]:
+    """The registered arms of these names (order kept, duplicates dropped); ``UnknownArmError`` otherwise."""
+    out: list[Arm] = []
+    for name in arms:
+        arm = get_arm(name)
+        if arm.name not in [a.name for a in out]:
             out.append(arm)
     if not out:
-        raise StudyError(f"Give at least one arm ({', '.join(ARMS)}).")
+        raise StudyError(f"Give at least one arm ({', '.join(list_arms())}).")
     return out
 
 
-def run_study(
-    study: str | StudyDefinition,
-    *,
-    arms: Sequence[str] = ARMS,
-    trials: int | None = None,
-    max_epochs: int | None = None,
-    seed: int = 0,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    track: bool = True,
-    ray_address: str | None = None,
-    backend: str = "ray",
-    cpus_per_trial: float | None = None,
-    gpus_per_trial: float | None = None,
-    data_root: str | None = None,
-    num_workers: int = 0,
-    output_dir: str | os.PathLike[str] = "neve_results",
-    progress: bool = True,
-    console: Console | None = None,
-    callbacks: Sequence[Any] = (),
-    on_arm_done: Callable[[ArmResult, ArmSummary], None] | None = None,
-) -> StudyResult:
-    """Run ``study``'s arms on the same sampled configurations and compare them (see the package docstring).
-
-    Args:
-        study: a registered study name (``digits``, ``cifar10``, ...) or a :class:`StudyDefinition`.
-        arms: any of ``neve``, ``asha``, ``fifo``, run in this order.
-        trials, max_epochs: override the study budget (the same for every arm).
-        seed: sampling of the configurations, weight init and data order, splits.
-        tracking_uri: MLflow store (``None``: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in the
-            working directory). Checked before any training.
-        experiment: MLflow experiment name (default ``neve-tune-<study>``).
-        track: log to MLflow (False: only the returned result and the files in ``output_dir``).
-        ray_address: ``None``/``"local"`` starts a local Ray with every CPU; else e.g. ``"auto"``.
-        backend: ``"ray"`` or ``"optuna"``.
-        cpus_per_trial, gpus_per_trial: resources of one trial (default: the study budget's).
-        data_root: where the dataset is (or is downloaded to).
-        num_workers: DataLoader workers per trial.
-        output_dir: Ray results, comparison table and plots are written under it.
-        progress: show progress bars.
-        callbacks: extra Ray Tune callbacks (Ray backend).
-        on_arm_done: called after each arm with its records and row.
-
-    Raises:
-        UnknownStudyError, StudyError, TrackingUnavailableError: before any training.
-    """
-    definition, spec_study = _resolve(study)
-    arms = check_arms(arms)
-    if backend not in BACKENDS:
-        raise StudyError(f"Unknown backend {backend!r}; the backends are: {', '.join(BACKENDS)}.")
-    if backend == "optuna":
-        _optuna_available()
+def _budget(definition: StudyDefinition, options: StudyOptions) -> Budget:
     budget = definition.budget.with_overrides(
-        trials=trials, max_epochs=max_epochs, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial
+        trials=options.trials,
+        max_epochs=options.max_epochs,
+        cpus_per_trial=options.cpus_per_trial,
+        gpus_per_trial=options.gpus_per_trial,
     )
     if budget.cpus_per_trial <= 0 or budget.gpus_per_trial < 0:
         raise StudyError(
             f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, but got {budget.cpus_per_trial} and "
             f"{budget.gpus_per_trial}."
         )
-    configs = definition.configs(budget.trials, seed)
-    output = Path(output_dir).resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    experiment = experiment or f"neve-tune-{definition.name}"
+    return budget
 
+
+@dataclass(frozen=True)
+class _Plan:
+    """One study run, as checked before any training."""
+
+    definition: StudyDefinition
+    spec_study: str | StudyDefinition
+    arms: list[Arm]
+    budget: Budget
+    configs: list[dict[str, Any]]
+    options: StudyOptions
+    output: Path
+    stamp: str
+
+    @property
+    def fallback_dir(self) -> Path:
+        return self.output / "mlflow-unsent"
+
+
+def run_study(study: str | StudyDefinition, options: StudyOptions | None = None, **changes: Any) -> StudyResult:
+    """Run ``study``'s arms on the same sampled configurations and compare them (see the package docstring).
+
+    Args:
+        study: a registered study name (``digits``, ``cifar10``, ...), ``module:DEFINITION``, or a
+            :class:`StudyDefinition`.
+        options: how to run it (:class:`StudyOptions`; default: its defaults).
+        **changes: :class:`StudyOptions` fields to change, e.g. ``run_study("digits", trials=4)``.
+
+    Raises:
+        UnknownStudyError, StudyError, TrackingUnavailableError: before any training.
+    """
+    options = replace(options or StudyOptions(), **changes)
+    definition, spec_study = _resolve(study)
+    arms = check_arms(options.arms)
+    check_backend(options.backend)
+    budget = _budget(definition, options)
+    plan = _Plan(
+        definition=definition,
+        spec_study=spec_study,
+        arms=arms,
+        budget=budget,
+        configs=definition.configs(budget.trials, options.seed),
+        options=options,
+        output=Path(options.output_dir).resolve(),
+        stamp=time.strftime("%Y%m%d-%H%M%S"),
+    )
     resolved_uri = None
-    if track:
+    if options.track:
         from neve_tune.mlflow import check_tracking_uri
 
-        resolved_uri = check_tracking_uri(tracking_uri)
+        resolved_uri = check_tracking_uri(options.tracking_uri)
     if definition.prepare is not None:
-        definition.prepare(data_root)
-
-    started_ray = False
-    if backend == "ray":
-        from ._ray_backend import init_ray
-
-        started_ray = init_ray(ray_address, budget.cpus_per_trial, budget.gpus_per_trial)
-
+        definition.prepare(options.data_root)
+    backend = create_backend(options)
+    backend.open(budget)
     tracker: StudyTracker | None = None
     try:
-        if track:
-            from neve_tune.mlflow import StudyTracker
-
-            tracker = StudyTracker(
-                resolved_uri,
-                experiment,
-                study=definition.name,
-                arms=arms,
-                params={
-                    "study": definition.name,
-                    "backend": backend,
-                    "seed": seed,
-                    "trials": budget.trials,
-                    "max_epochs": budget.max_epochs,
-                    "batch_size": budget.batch_size,
-                    "momentum": budget.momentum,
-                    **search_space_params(definition.search_space),
-                },
-                arm_params={arm: _arm_params(arm, budget) for arm in arms},
-                run_name=f"{definition.name}-{stamp}",
-                fallback_dir=output / "mlflow-unsent",
-            )
-        result = _run_arms(
-            definition=definition,
-            spec_study=spec_study,
-            arms=arms,
-            budget=budget,
-            configs=configs,
-            seed=seed,
-            backend=backend,
-            tracker=tracker,
-            data_root=data_root,
-            num_workers=num_workers,
-            output=output,
-            stamp=stamp,
-            progress=progress,
-            console=console,
-            callbacks=callbacks,
-            on_arm_done=on_arm_done,
-        )
+        if options.track:
+            tracker = _open_tracker(plan, resolved_uri)
+        result = _run_arms(plan, backend, tracker)
         result.tracking_uri = resolved_uri
         if tracker is not None:
             result.experiment_id = tracker.experiment_id
@@ -235,147 +175,98 @@ def run_study(
             tracker.end("FINISHED")
         return result
     except KeyboardInterrupt:
-        if tracker is not None:
-            for arm_run in tracker.arms.values():
-                arm_run.close_open_trials("KILLED")
-            tracker.end("KILLED")
+        _abort(tracker, "KILLED")
         raise
     except BaseException:
-        if tracker is not None:
-            for arm_run in tracker.arms.values():
-                arm_run.close_open_trials("FAILED")
-            tracker.end("FAILED")
+        _abort(tracker, "FAILED")
         raise
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        backend.close()
 
 
-def _arm_params(arm: str, budget: Budget) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "arm": arm,
-        "max_epochs": budget.max_epochs,
-        "train_fraction": 1.0 if arm == "neve" else round(1 - budget.val_fraction, 6),
-        "pick_rule": PICK_RULES[arm],
-    }
-    if arm == "neve":
-        n = budget.neve
-        params.update(
-            scheduler="NeVeScheduler",
-            lr_schedule="NeVe (plateau on velocity change)",
-            patience=n.patience,
-            factor=n.factor,
-            stop_threshold=n.stop_threshold,
-            velocity_momentum=n.momentum,
-            aux="noise",
-            aux_samples=n.aux_samples,
-        )
-    elif arm == "asha":
-        params.update(
-            scheduler="ASHAScheduler",
-            metric=VAL_ACC,
-            lr_schedule=budget.lr_schedule,
-            grace_period=budget.grace_period,
-            reduction_factor=budget.reduction_factor,
-            val_fraction=budget.val_fraction,
-        )
-    else:
-        params.update(scheduler="FIFOScheduler", lr_schedule=budget.lr_schedule, val_fraction=budget.val_fraction)
-    return params
+def _open_tracker(plan: _Plan, tracking_uri: str | None) -> StudyTracker:
+    from ._tracking import StudyTracker
+
+    definition, budget, options = plan.definition, plan.budget, plan.options
+    return StudyTracker(
+        tracking_uri,
+        options.experiment or f"neve-tune-{definition.name}",
+        study=definition.name,
+        arms=[arm.name for arm in plan.arms],
+        params={
+            "study": definition.name,
+            "backend": options.backend,
+            "seed": options.seed,
+            "trials": budget.trials,
+            "max_epochs": budget.max_epochs,
+            "batch_size": budget.batch_size,
+            "momentum": budget.momentum,
+            **search_space_params(definition.search_space),
+        },
+        arm_params={arm.name: arm.params(budget) for arm in plan.arms},
+        run_name=f"{definition.name}-{plan.stamp}",
+        fallback_dir=plan.fallback_dir,
+        drain_timeout_s=options.mlflow_drain_timeout_s,
+    )
 
 
-def _run_arms(
-    *,
-    definition: StudyDefinition,
-    spec_study: str | StudyDefinition,
-    arms: list[str],
-    budget: Budget,
-    configs: list[dict[str, Any]],
-    seed: int,
-    backend: str,
-    tracker: StudyTracker | None,
-    data_root: str | None,
-    num_workers: int,
-    output: Path,
-    stamp: str,
-    progress: bool,
-    console: Console | None,
-    callbacks: Sequence[Any],
-    on_arm_done: Callable[[ArmResult, ArmSummary], None] | None,
-) -> StudyResult:
+def _abort(tracker: StudyTracker | None, status: str) -> None:
+    """End every open run of the study with ``status`` (KILLED on Ctrl-C, FAILED on an error)."""
+    if tracker is None:
+        return
+    for arm_run in tracker.arms.values():
+        arm_run.close_open_trials(status)
+    tracker.end(status)
+
+
+def _run_arms(plan: _Plan, backend: Backend, tracker: StudyTracker | None) -> StudyResult:
     arm_results: dict[str, ArmResult] = {}
     summaries: list[ArmSummary] = []
-    fallback_dir = str(output / "mlflow-unsent")
-    with Progress(progress, console) as bars:
-        for arm in arms:
-            arm_run = tracker.arm(arm) if tracker is not None else None
+    options, budget = plan.options, plan.budget
+    with Progress(options.progress, options.console) as bars:
+        for arm in plan.arms:
+            arm_run = tracker.arm(arm.name) if tracker is not None else None
             spec = TrialSpec(
-                study=spec_study, arm=arm, budget=budget, seed=seed, data_root=data_root, num_workers=num_workers
+                study=plan.spec_study,
+                arm=arm.name if is_builtin(arm) else arm,  # an arm of your own travels to the workers itself
+                budget=budget,
+                seed=options.seed,
+                data_root=options.data_root,
+                num_workers=options.num_workers,
             )
-            collector = Collector(arm, budget, arm_run, bars, len(configs))
-            link = arm_run.link.to_dict() if arm_run is not None else None
-            name = f"{definition.name}-{arm}-{stamp}"
+            job = ArmJob(
+                arm=arm,
+                spec=spec,
+                configs=plan.configs,
+                collector=Collector(arm, budget, arm_run, bars, len(plan.configs)),
+                name=f"{plan.definition.name}-{arm.name}-{plan.stamp}",
+                output=plan.output,
+                link=arm_run.link.to_dict() if arm_run is not None else None,
+                fallback_dir=str(plan.fallback_dir),
+            )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
-                if backend == "ray":
-                    from ._ray_backend import run_arm
-
-                    wall = run_arm(
-                        arm=arm,
-                        spec=spec,
-                        configs=configs,
-                        link=link,
-                        collector=collector,
-                        storage=output / "ray",
-                        name=name,
-                        cpus_per_trial=budget.cpus_per_trial,
-                        gpus_per_trial=budget.gpus_per_trial,
-                        fallback_dir=fallback_dir,
-                        callbacks=callbacks,
-                    )
-                else:
-                    from ._optuna_backend import run_arm as run_arm_optuna
-
-                    wall = run_arm_optuna(
-                        arm=arm,
-                        spec=spec,
-                        configs=configs,
-                        link=link,
-                        collector=collector,
-                        storage=output / "optuna",
-                        name=name,
-                        n_jobs=max(1, int((os.cpu_count() or 1) // max(budget.cpus_per_trial, 1))),
-                        fallback_dir=fallback_dir,
-                    )
-            arm_result = ArmResult(
-                arm=arm,
-                records=collector.records(),
-                wall_time_s=wall,
-                train_fraction=1.0 if arm == "neve" else 1 - budget.val_fraction,
-                max_epochs=budget.max_epochs,
-            )
-            summary = summarize_arm(arm_result)
-            arm_results[arm] = arm_result
+                arm_result = backend.run_arm(job)
+            summary = summarize_arm(arm_result, arm)
+            arm_results[arm.name] = arm_result
             summaries.append(summary)
             if arm_run is not None:
-                _log_arm(arm_run, arm_result, summary)
-            if on_arm_done is not None:
-                on_arm_done(arm_result, summary)
+                _log_arm(arm_run, arm, arm_result, summary)
+            if options.on_arm_done is not None:
+                options.on_arm_done(arm_result, summary)
     result = StudyResult(
-        study=definition.name,
+        study=plan.definition.name,
         arms=arm_results,
         summaries=summaries,
         budget=budget,
-        seed=seed,
-        output_dir=output / f"{definition.name}-{stamp}",
+        seed=options.seed,
+        output_dir=plan.output / f"{plan.definition.name}-{plan.stamp}",
     )
     result.files = write_outputs(result.output_dir, list(arm_results.values()), summaries)
     return result
 
 
-def _log_arm(arm_run: ArmRun, arm_result: ArmResult, summary: ArmSummary) -> None:
+def _log_arm(arm_run: ArmRun, arm: Arm, arm_result: ArmResult, summary: ArmSummary) -> None:
     arm_run.log_metrics(
         {
             "picked_test_acc": summary.picked_test_acc,
@@ -390,7 +281,7 @@ def _log_arm(arm_run: ArmRun, arm_result: ArmResult, summary: ArmSummary) -> Non
             "trials": summary.trials,
         }
     )
-    picked = pick_trial(arm_result.arm, arm_result.records)
+    picked = pick_trial(arm, arm_result.records)
     arm_run.set_tags(
         {
             "picked_config": "-" if picked is None else picked.config_id,
@@ -439,3 +330,28 @@ def _log_comparison(tracker: StudyTracker, result: StudyResult) -> None:
         metrics[f"{s.arm}.trial_epochs"] = s.trial_epochs
         metrics[f"{s.arm}.wall_time_s"] = s.wall_time_s
     tracker.log_metrics(metrics)
+
+
+def check_backend(name: str) -> None:
+    """Raise ``StudyError`` unless ``name`` is a backend whose packages are installed (imports nothing heavy)."""
+    if name not in BACKENDS:
+        raise StudyError(f"Unknown backend {name!r}; the backends are: {', '.join(BACKENDS)}.")
+    if name == "optuna":
+        try:
+            import neve_tune.optuna  # noqa: F401
+        except ImportError as err:
+            raise StudyError(
+                f"The optuna backend is not available ({err}). Use --backend ray, or install `neve_tune[optuna]`."
+            ) from err
+
+
+def create_backend(options: StudyOptions) -> Backend:
+    """The backend ``options.backend`` names, configured from ``options`` (imports Ray or Optuna)."""
+    check_backend(options.backend)
+    if options.backend == "ray":
+        from ._ray_backend import RayBackend
+
+        return RayBackend(address=options.ray_address, callbacks=options.callbacks)
+    from ._optuna_backend import OptunaBackend
+
+    return OptunaBackend()

@@ -1,8 +1,8 @@
 """What a study is: model, data, search space and budget, shared by every arm.
 
-A study definition (in ``studies/<name>.py``) is a :class:`StudyDefinition`. The runner samples the
-trial configurations once from :attr:`StudyDefinition.search_space` with the study seed, and gives the
-*same* configurations, trial count, seed and epoch cap to every arm.
+A study definition is a :class:`StudyDefinition` (the built-in ones are in :mod:`neve_tune.studies.builtin`).
+The runner samples the trial configurations once from :attr:`StudyDefinition.search_space` with the study
+seed, and gives the *same* configurations, trial count, seed and epoch cap to every arm.
 """
 
 from __future__ import annotations
@@ -103,13 +103,18 @@ def sample_configs(space: Mapping[str, Domain], n: int, seed: int) -> list[dict[
 class StudyData(Protocol):
     """The splits one trial trains and evaluates on.
 
-    ``num_val`` is 0 for the NeVe arm (nothing held out). The test split is only ever reported, never used
-    for a decision.
+    ``num_val`` is 0 for an arm that holds nothing out (``neve``). The test split is only ever reported,
+    never used for a decision.
     """
 
-    num_train: int
-    num_val: int
-    num_test: int
+    @property
+    def num_train(self) -> int: ...
+
+    @property
+    def num_val(self) -> int: ...
+
+    @property
+    def num_test(self) -> int: ...
 
     def train_batches(self, generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]: ...
 

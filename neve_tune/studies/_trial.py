@@ -1,9 +1,9 @@
 """One trial of a study arm: the epoch loop shared by every backend (Ray Tune, Optuna).
 
-Per epoch the trial trains on its training split, lets NeVe measure and decide (``neve`` arm) or steps a
-fixed LR schedule (``asha``/``fifo`` arms, whose velocity is only *monitored* for the plots), evaluates on
-the validation split (baselines only) and on the test split (reported, never used for a decision), logs
-everything to its MLflow child run and reports to the backend.
+Per epoch the trial trains on its training split, lets its arm's :class:`~neve_tune.studies.TrialPolicy`
+act (NeVe measures and decides; a fixed LR schedule steps, its velocity only *monitored* for the plots),
+evaluates on the validation split (arms that hold one out) and on the test split (reported, never used
+for a decision), logs everything to its MLflow child run and reports to the backend.
 """
 
 from __future__ import annotations
@@ -15,31 +15,36 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from neve_tune import NeVe, VelocityMonitor, noise_aux
+from neve_tune import NeVe, noise_aux
+from neve_tune.mlflow import MlflowLink
 from neve_tune.mlflow._plots import VelocityHistory
-from neve_tune.mlflow._tracker import MlflowLink
 
-from ._spec import Budget, DataRequest, StudyDefinition
+from ._arms import Arm, get_arm
+from ._keys import (
+    DIVERGED,
+    EPOCH,
+    EPOCH_TIME,
+    LAYER_VELOCITY_PREFIX,
+    LR,
+    MAX_T,
+    STOP_REASON,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+)
+from ._policy import EpochDecision, TrialPolicy
+from ._spec import Budget, DataRequest, StudyData, StudyDefinition
 
-ARMS = ("neve", "asha", "fifo")
-
-#: Result/metric keys every arm reports.
-EPOCH = "epoch"
-TRAIN_LOSS, TRAIN_ACC = "train/loss", "train/acc"
-VAL_LOSS, VAL_ACC = "val/loss", "val/acc"
-TEST_LOSS, TEST_ACC = "test/loss", "test/acc"
-LR = "lr"
-EPOCH_TIME = "time/epoch_s"
-#: Velocity measured but not acted on (baseline arms).
-MONITOR_VELOCITY, MONITOR_CHANGE = "monitor/model_velocity", "monitor/velocity_change"
-#: Only in a trial's final result: why it ended by itself ("converged", "diverged", "max_t").
-STOP_REASON = "stop_reason"
-
+if TYPE_CHECKING:
+    from neve_tune.mlflow import TrialLogger
 
 _SEED_LOCK = threading.Lock()
 
@@ -53,22 +58,28 @@ def trial_seed(seed: int, config_id: int) -> int:
 class TrialSpec:
     """What a trial needs besides its config; picklable, so it travels to Ray workers.
 
-    ``study`` is a registry name (the worker imports the definition) or a :class:`StudyDefinition`.
+    ``study`` is a registry name (the worker imports the definition) or a :class:`StudyDefinition`;
+    ``arm`` likewise an arm name (built-in arms) or an :class:`~neve_tune.studies.Arm`.
     """
 
     study: str | StudyDefinition
-    arm: str
+    arm: str | Arm
     budget: Budget
     seed: int = 0
     data_root: str | None = None
     num_workers: int = 0
 
     def definition(self) -> StudyDefinition:
+        """The study definition (imported from the registry when ``study`` is a name)."""
         if isinstance(self.study, StudyDefinition):
             return self.study
         from ._registry import get_study
 
         return get_study(self.study)
+
+    def arm_definition(self) -> Arm:
+        """The arm (looked up in the registry when ``arm`` is a name; raises ``UnknownArmError``)."""
+        return get_arm(self.arm)
 
 
 class StopTrial(Exception):
@@ -155,13 +166,6 @@ def train_epoch(
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
-def _baseline_schedule(budget: Budget, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    if budget.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=budget.max_epochs)
-    milestones = [max(1, budget.max_epochs // 2), max(1, (3 * budget.max_epochs) // 4)]
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sorted(set(milestones)), gamma=0.1)
-
-
 def hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
     """The trial config without the MLflow link and private keys."""
     return {k: v for k, v in config.items() if k != MlflowLink.CONFIG_KEY and not str(k).startswith("_")}
@@ -185,7 +189,7 @@ def run_trial(
 ) -> TrialOutcome:
     """Train one configuration under one arm's protocol (see the module docstring) and report each epoch.
 
-    The trial ends by itself when NeVe says it converged or diverged (``neve`` arm), when the training
+    The trial ends by itself when its policy says so (NeVe: converged or diverged), when the training
     loss is not finite (any arm: ``diverged``), or at the epoch cap (``max_t``). The backend may stop it
     earlier (ASHA) by raising from ``reporter.report``.
 
@@ -201,36 +205,91 @@ def run_trial(
     final report (a backend may tear the worker down right after it). An exception ends the run FAILED.
     """
     definition = spec.definition()
-    budget = spec.budget
-    arm = spec.arm
-    if arm not in ARMS:
-        raise ValueError(f"Unknown arm {arm!r}; the arms are {', '.join(ARMS)}.")
+    arm = spec.arm_definition()
     hp = hyperparameters(config)
-    device = device or torch.device("cpu")
     _quiet_worker_logs()
+    logger = _trial_logger(config, arm, hp, trial_id, fallback_dir)
+    loop = _TrialLoop(spec, definition, arm, hp, reporter, device or torch.device("cpu"), logger, on_epoch)
+    return loop.run()
 
-    logger = None
+
+def _trial_logger(
+    config: Mapping[str, Any], arm: Arm, hp: Mapping[str, Any], trial_id: str | None, fallback_dir: str | None
+) -> TrialLogger | None:
     link = MlflowLink.from_config(config)
-    if link is not None:
-        from neve_tune.mlflow import TrialLogger
+    if link is None:
+        return None
+    from neve_tune.mlflow import TrialLogger
 
-        logger = TrialLogger(
-            link,
-            run_name=f"{arm}-{int(hp.get('config_id', 0)):03d}",
-            params=hp,
-            trial_id=trial_id,
-            fallback_dir=fallback_dir,
-        )
+    return TrialLogger(
+        link,
+        run_name=f"{arm.name}-{int(hp.get('config_id', 0)):03d}",
+        params=dict(hp),
+        trial_id=trial_id,
+        fallback_dir=fallback_dir,
+    )
 
-    outcome = TrialOutcome()
-    neve: NeVe | None = None
-    monitor: VelocityMonitor | None = None
-    history = VelocityHistory()
-    try:
+
+class _TrialLoop:
+    """One trial between its epochs: what it trains, its arm's policy, its data order and plot history."""
+
+    data: StudyData
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+    def __init__(
+        self,
+        spec: TrialSpec,
+        definition: StudyDefinition,
+        arm: Arm,
+        hp: Mapping[str, Any],
+        reporter: Reporter,
+        device: torch.device,
+        logger: TrialLogger | None,
+        on_epoch: Callable[[int, dict[str, Any]], None] | None,
+    ) -> None:
+        self.spec, self.definition, self.arm, self.hp = spec, definition, arm, hp
+        self.budget = spec.budget
+        self.reporter, self.device, self.logger, self.on_epoch = reporter, device, logger, on_epoch
+        self.outcome = TrialOutcome()
+        self.history = VelocityHistory()
+        self.policy: TrialPolicy | None = None
+
+    def run(self) -> TrialOutcome:
+        try:
+            start = self._setup()
+            for epoch in range(start + 1, self.budget.max_epochs + 1):
+                if self._epoch(epoch):
+                    break
+            return self.outcome
+        except StopTrial as stop:
+            if self.logger is not None:
+                self._end_run(stop.reason, self.outcome.epochs)
+            self.outcome.stop_reason = stop.reason
+            raise stop.cause from None
+        except SystemExit as exc:
+            # Ray Tune stopping the trial (e.g. ASHA pruned it): the driver ends the run with the reason.
+            if self.logger is not None and exc.code not in (None, 0):
+                self.logger.end("KILLED", error=f"SystemExit({exc.code})")
+            elif self.logger is not None:
+                self.logger.detach()
+            raise
+        except BaseException as exc:
+            if self.logger is not None:
+                self.logger.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            if self.policy is not None:
+                self.policy.close()
+
+    def _setup(self) -> int:
+        """Build data, model, optimizer and policy; resume from a checkpoint. Returns the epochs already done."""
+        spec, budget, definition, hp = self.spec, self.budget, self.definition, self.hp
         seed = trial_seed(spec.seed, int(hp.get("config_id", 0)))
-        data = definition.load_data(
+        self.data = definition.load_data(
             DataRequest(
-                val_fraction=0.0 if arm == "neve" else budget.val_fraction,
+                val_fraction=self.arm.val_fraction(budget),
                 seed=spec.seed,
                 batch_size=budget.batch_size,
                 data_root=spec.data_root,
@@ -239,120 +298,80 @@ def run_trial(
         )
         with _SEED_LOCK:  # trials in threads of one process (Optuna backend) share the global RNG
             torch.manual_seed(seed)
-            model = definition.build_model(hp).to(device)
-        optimizer = torch.optim.SGD(
-            model.parameters(),
+            self.model = definition.build_model(hp).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
             lr=float(hp["lr"]),
             momentum=budget.momentum,
             weight_decay=float(hp.get("weight_decay", 0)),
         )
-        aux = noise_aux(definition.input_shape, n=budget.neve.aux_samples, seed=spec.seed).to(device)
-        schedule = None
-        if arm == "neve":
-            s = budget.neve
-            neve = NeVe(
-                model, optimizer, aux, momentum=s.momentum, factor=s.factor, patience=s.patience,
-                stop_threshold=s.stop_threshold,
-            )  # fmt: skip
-        else:
-            schedule = _baseline_schedule(budget, optimizer)
-            if budget.monitor_baselines:
-                monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
-                monitor.measure()  # baseline snapshot
-        generator = torch.Generator().manual_seed(seed)
+        aux = noise_aux(definition.input_shape, n=budget.neve.aux_samples, seed=spec.seed).to(self.device)
+        self.policy = policy = self.arm.policy(self.model, self.optimizer, aux, budget)
+        self.generator = torch.Generator().manual_seed(seed)
         extra: dict[str, Any] = {}
-        start = reporter.restore(model, optimizer, neve, extra)
+        start = self.reporter.restore(self.model, self.optimizer, policy.neve, extra)
         if start:
-            if schedule is not None and "schedule" in extra:
-                schedule.load_state_dict(extra["schedule"])
-            if monitor is not None and "monitor" in extra:
-                monitor.load_state_dict(extra["monitor"])
+            policy.load_state_dict(extra)
             if "generator" in extra:
-                generator.set_state(extra["generator"])
+                self.generator.set_state(extra["generator"])
             if "history" in extra:
-                history = VelocityHistory(**extra["history"])
+                self.history = VelocityHistory(**extra["history"])
+        return start
 
-        for epoch in range(start + 1, budget.max_epochs + 1):
-            t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(model, optimizer, data.train_batches(generator), device)
-            metrics: dict[str, Any] = {EPOCH: epoch, TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}
-            neve_metrics: dict[str, float] = {}
-            stop_reason: str | None = None
-            if neve is not None:
-                step = neve.step()
-                neve_metrics = neve.metrics()
-                velocity, layer_velocity, decayed = step.model_velocity, step.layer_velocity, step.lr_decayed
-                if step.stop_reason is not None:
-                    stop_reason = str(step.stop_reason)
-            else:
-                velocity, layer_velocity, decayed = None, {}, False
-                if monitor is not None:
-                    m = monitor.measure()
-                    if m is not None:
-                        velocity, layer_velocity = m.model_velocity, m.layer_velocity
-                        metrics[MONITOR_VELOCITY] = m.model_velocity
-                        if m.velocity_change is not None:
-                            metrics[MONITOR_CHANGE] = m.velocity_change
-                assert schedule is not None
-                schedule.step()
-            lr = float(optimizer.param_groups[0]["lr"])
-            metrics[LR] = lr
-            if not math.isfinite(train_loss):
-                stop_reason = "diverged"
-            if data.num_val:
-                metrics[VAL_LOSS], metrics[VAL_ACC] = evaluate(model, data.eval_batches("val"), device)
-            metrics[TEST_LOSS], metrics[TEST_ACC] = evaluate(model, data.eval_batches("test"), device)
-            metrics[EPOCH_TIME] = time.perf_counter() - t0
-            history.append(epoch, velocity, lr, lr_decayed=decayed, layer_velocity=layer_velocity)
-            if stop_reason is None and epoch >= budget.max_epochs:
-                stop_reason = "max_t"
-            final = stop_reason is not None
-            outcome.epochs, outcome.final = epoch, {**metrics, **neve_metrics}
-            if logger is not None:
-                layer_metrics = {f"layer_velocity/{k}": v for k, v in layer_velocity.items()}
-                logger.log_metrics({**metrics, **neve_metrics, **layer_metrics}, step=epoch)
-                if final:
-                    logger.log_velocity_plots(
-                        history, stop_epoch=epoch, stop_reason=stop_reason, stop_threshold=budget.neve.stop_threshold
-                    )
-                    logger.end("FINISHED", stop_reason=stop_reason, stop_epoch=epoch)
-            if final:
-                metrics[STOP_REASON] = stop_reason
-                outcome.stop_reason = stop_reason
-            if on_epoch is not None:
-                on_epoch(epoch, {**metrics, **neve_metrics})
-            extra = {}
-            if reporter.needs_state(epoch):  # only when checkpointing: a monitor's state holds its snapshot
-                extra = {"generator": generator.get_state(), "history": history.__dict__}
-                if schedule is not None:
-                    extra["schedule"] = schedule.state_dict()
-                if monitor is not None:
-                    extra["monitor"] = monitor.state_dict()
-            reporter.report(metrics, neve=neve, model=model, optimizer=optimizer, epoch=epoch, extra=extra, final=final)
-            if final:
-                break
-        return outcome
-    except StopTrial as stop:
-        if logger is not None:
-            logger.log_velocity_plots(
-                history, stop_epoch=outcome.epochs, stop_reason=stop.reason, stop_threshold=budget.neve.stop_threshold
-            )
-            logger.end("FINISHED", stop_reason=stop.reason, stop_epoch=outcome.epochs)
-        outcome.stop_reason = stop.reason
-        raise stop.cause from None
-    except SystemExit as exc:
-        # Ray Tune stopping the trial (e.g. ASHA pruned it): the driver ends the run with the reason.
-        if logger is not None and exc.code not in (None, 0):
-            logger.end("KILLED", error=f"SystemExit({exc.code})")
-        elif logger is not None:
-            logger.detach()
-        raise
-    except BaseException as exc:
-        if logger is not None:
-            logger.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    finally:
-        if neve is not None:
-            neve.close()
-        if monitor is not None:
-            monitor.close()
+    def _epoch(self, epoch: int) -> bool:
+        """Train, act, evaluate, log and report one epoch; True when it was the trial's last."""
+        policy = self.policy
+        assert policy is not None
+        t0 = time.perf_counter()
+        train_loss, train_acc = train_epoch(
+            self.model, self.optimizer, self.data.train_batches(self.generator), self.device
+        )
+        metrics: dict[str, Any] = {EPOCH: epoch, TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}
+        decision = policy.after_epoch()
+        metrics.update(decision.reported)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        metrics[LR] = lr
+        stop_reason = decision.stop_reason if math.isfinite(train_loss) else DIVERGED
+        self._evaluate(metrics)
+        metrics[EPOCH_TIME] = time.perf_counter() - t0
+        self.history.append(
+            epoch, decision.velocity, lr, lr_decayed=decision.lr_decayed, layer_velocity=decision.layer_velocity
+        )
+        if stop_reason is None and epoch >= self.budget.max_epochs:
+            stop_reason = MAX_T
+        final = stop_reason is not None
+        self.outcome.epochs, self.outcome.final = epoch, {**metrics, **decision.logged}
+        self._log(epoch, metrics, decision, stop_reason)
+        if final:
+            metrics[STOP_REASON] = stop_reason
+            self.outcome.stop_reason = stop_reason
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, {**metrics, **decision.logged})
+        extra: dict[str, Any] = {}
+        if self.reporter.needs_state(epoch):  # only when checkpointing: a monitor's state holds its snapshot
+            extra = {"generator": self.generator.get_state(), "history": self.history.__dict__, **policy.state_dict()}
+        self.reporter.report(
+            metrics, neve=policy.neve, model=self.model, optimizer=self.optimizer, epoch=epoch, extra=extra, final=final
+        )
+        return final
+
+    def _evaluate(self, metrics: dict[str, Any]) -> None:
+        if self.data.num_val:
+            metrics[VAL_LOSS], metrics[VAL_ACC] = evaluate(self.model, self.data.eval_batches("val"), self.device)
+        metrics[TEST_LOSS], metrics[TEST_ACC] = evaluate(self.model, self.data.eval_batches("test"), self.device)
+
+    def _log(self, epoch: int, metrics: dict[str, Any], decision: EpochDecision, stop_reason: str | None) -> None:
+        if self.logger is None:
+            return
+        layer_metrics = {f"{LAYER_VELOCITY_PREFIX}{k}": v for k, v in decision.layer_velocity.items()}
+        self.logger.log_metrics({**metrics, **decision.logged, **layer_metrics}, step=epoch)
+        if stop_reason is not None:
+            self._end_run(stop_reason, epoch)
+
+    def _end_run(self, stop_reason: str, epoch: int) -> None:
+        """Plots, stop tags and FINISHED, before the final report (a backend may end the worker right after)."""
+        assert self.logger is not None
+        self.logger.log_velocity_plots(
+            self.history, stop_epoch=epoch, stop_reason=stop_reason, stop_threshold=self.budget.neve.stop_threshold
+        )
+        self.logger.end("FINISHED", stop_reason=stop_reason, stop_epoch=epoch)

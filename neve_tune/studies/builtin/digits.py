@@ -12,7 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from neve_tune.studies import Budget, Choice, DataRequest, LogUniform, NeVeSettings, StudyDefinition, TensorData
+from neve_tune.studies import (
+    Budget,
+    Choice,
+    DataRequest,
+    Domain,
+    LogUniform,
+    NeVeSettings,
+    StudyDefinition,
+    TensorData,
+)
 
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
@@ -102,7 +111,7 @@ def load_data(request: DataRequest) -> TensorData:
 
 
 #: lr up to 1.0 with SGD momentum 0.9: the top of the range diverges for some widths, on purpose.
-SEARCH_SPACE = {
+SEARCH_SPACE: dict[str, Domain] = {
     "lr": LogUniform(1e-3, 1.0),
     "weight_decay": LogUniform(1e-5, 1e-2),
     "width": Choice((8, 16, 32)),

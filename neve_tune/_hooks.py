@@ -1,0 +1,167 @@
+"""The forward hooks of a measurement, and the pass that runs the aux set under them.
+
+This is the seam between the monitor and its mechanisms. Each hooked output goes through position
+subsampling (``_subsample.py``), then:
+
+* on the baseline's first pass (:meth:`Passes.record`): BatchNorm pairing (``_bnfuse.py``), and the slot
+  of its snapshot slice and its neurons' segment of the flat buffers are recorded;
+* on every later pass (:meth:`Passes.measure`): a fed BatchNorm is only checked (``_bnfuse.py``); any other
+  output goes, with its snapshot slice (``_snapshot.py``), to one accumulator call (``_accumulate.py``).
+
+The hooks hold the model's forward to a fixed shape: the same modules must run as often, with the same
+output shapes, on every aux batch and every measurement; otherwise :class:`MeasurementError`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._bnfuse import BatchNormFusion
+from ._inputs import AuxBatches
+from ._layer import Layer, MeasurementError, signature
+from ._snapshot import slot
+from ._subsample import PositionSampler
+
+#: An accumulator's compare: (layer, call, aux batch, output, snapshot slice, neuron dim) -> None.
+Accumulate = Callable[[Layer, int, int, Tensor, Tensor, int], None]
+Hook = Callable[[nn.Module, Any, Any], None]
+
+
+class Passes:
+    """Runs the aux set through the model with one forward hook on every hooked module.
+
+    Args:
+        model: the unwrapped model.
+        aux: its aux batches.
+        fusion: the monitor's BatchNorm fusion.
+    """
+
+    def __init__(self, model: nn.Module, aux: AuxBatches, fusion: BatchNormFusion) -> None:
+        self.model = model
+        self.aux = aux
+        self.fusion = fusion
+        self.num_neurons = 0  # neurons given a segment so far (segments are kept across re-baselines)
+        self.batch_index = 0  # the aux batch the hooks are seeing
+        self._handles: list[Any] = []
+
+    def record(self, layers: Sequence[Layer], batches: list[Any], sampler: PositionSampler | None) -> None:
+        """The baseline's first pass: record every output slice's slot in ``layer.layout`` (reset before),
+        give each new layer its segment, and pair BatchNorms."""
+        self._run(layers, batches, functools.partial(self._record_hook, sampler=sampler))
+
+    def measure(
+        self, layers: Sequence[Layer], batches: list[Any], sampler: PositionSampler | None, accumulate: Accumulate
+    ) -> None:
+        """A pass over the snapshot: every output slice and its snapshot slice go to ``accumulate``."""
+        self._run(layers, batches, functools.partial(self._measure_hook, sampler=sampler, accumulate=accumulate))
+
+    def ran(self, layers: list[Layer]) -> list[Layer]:
+        """The layers that ran on the baseline's first pass: selected modules that never ran on the aux set
+        (e.g. train-only auxiliary heads) are forgotten; none at all is an error."""
+        ran = [layer for layer in layers if layer.layout]
+        if not ran:
+            raise ValueError(
+                f"None of the selected modules {[layer.name for layer in layers][:12]} ran when the aux set went"
+                f" through {type(self.model).__name__} in eval mode. Select modules that the forward uses"
+                " (`layers=`)."
+            )
+        return ran
+
+    def remove_hooks(self) -> None:
+        """Remove the hooks of a pass in progress (none outside a pass)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _run(self, layers: Sequence[Layer], batches: list[Any], make_hook: Callable[[Layer], Hook]) -> None:
+        self._handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
+        try:
+            for index, batch in enumerate(batches):
+                self.batch_index = index
+                for layer in layers:
+                    layer.calls = 0
+                    layer.expect = None
+                self.aux.run(self.model, batch)
+                for layer in layers:
+                    if layer.calls != len(layer.layout):
+                        raise MeasurementError(
+                            f"Module '{layer.name}' ran {layer.calls} times on aux batch {index}, but"
+                            f" {len(layer.layout)} times before: the model's forward must run the same modules on"
+                            " the same aux set every epoch."
+                        )
+        finally:
+            self.remove_hooks()
+
+    def _record_hook(self, layer: Layer, sampler: PositionSampler | None) -> Hook:
+        num_batches = len(self.aux)
+        observe = self.fusion.observe
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise _not_a_tensor(layer, module, output)
+            call = layer.calls
+            layer.calls += 1
+            batch = self.batch_index
+            out = output.detach() if sampler is None else sampler.select(layer, call, output.detach())
+            observe(layer, call, module, inputs, out, batch)
+            if call == len(layer.layout):
+                if batch != 0:
+                    raise MeasurementError(
+                        f"Module '{layer.name}' ran more often on aux batch {batch} than on aux batch 0:"
+                        " the model's forward must run the same modules on every aux batch."
+                    )
+                layer.layout.append([None] * num_batches)
+            size = out.shape[layer.dim % out.ndim]
+            if layer.segment is None:
+                layer.segment = slice(self.num_neurons, self.num_neurons + size)
+                self.num_neurons += size
+            elif layer.segment.stop - layer.segment.start != size:
+                raise MeasurementError(f"Module '{layer.name}' changed its number of neurons.")
+            layer.layout[call][batch] = slot(out)
+
+        return hook
+
+    def _measure_hook(self, layer: Layer, sampler: PositionSampler | None, accumulate: Accumulate) -> Hook:
+        """The hot path: one accumulator call per output, no other dispatch."""
+        check_fed = self.fusion.check_fed
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise _not_a_tensor(layer, module, output)
+            call = layer.calls
+            layer.calls += 1
+            out = output.detach() if sampler is None else sampler.select(layer, call, output.detach())
+            fed_by = layer.fed_by[call] if call < len(layer.fed_by) else None
+            if fed_by is not None:  # an eval BatchNorm whose sums came from its source's pass
+                check_fed(layer, module, inputs)
+                return
+            batch = self.batch_index
+            if call >= len(layer.snapshots):
+                raise MeasurementError(
+                    f"Module '{layer.name}' ran more often on aux batch {batch} than before: the model's"
+                    " forward must run the same modules on the same aux set every epoch."
+                )
+            prev = layer.snapshots[call][batch]
+            if prev is None or prev.shape != out.shape:
+                before = "nothing" if prev is None else tuple(prev.shape)
+                raise MeasurementError(
+                    f"Module '{layer.name}' output shape changed from {before} to {tuple(out.shape)} on the"
+                    " same aux batch; the aux set and architecture must stay fixed."
+                )
+            accumulate(layer, call, batch, out, prev, layer.dim % out.ndim)
+            feeds = layer.feeds[call] if call < len(layer.feeds) else None
+            if feeds is not None:  # the BatchNorm it feeds must take exactly this output
+                feeds[0].expect = signature(out)
+
+        return hook
+
+
+def _not_a_tensor(layer: Layer, module: nn.Module, output: Any) -> TypeError:
+    return TypeError(
+        f"Module '{layer.name}' ({type(module).__name__}) returns {type(output).__name__}, not a"
+        " tensor, so NeVe cannot read its neurons. Exclude it with `layers=`."
+    )

@@ -1,0 +1,171 @@
+"""How an arm's trial adapts its training: NeVe's policy or a fixed LR schedule, behind one set of hooks.
+
+:func:`~neve_tune.studies.run_trial` owns the epoch loop (train, evaluate, log, report) and calls the
+arm's :class:`TrialPolicy` at fixed points of it, the way Ray Tune calls a ``TrialScheduler``:
+
+* ``__init__(model, optimizer, aux, budget)``: once, after the model and optimizer are built and before
+  the first epoch (a policy that measures velocity takes its baseline snapshot here);
+* :meth:`TrialPolicy.load_state_dict`: only when the trial resumes from a checkpoint, after the backend
+  restored the model, the optimizer and :attr:`TrialPolicy.neve`;
+* :meth:`TrialPolicy.after_epoch`: after each epoch's training and before its evaluation; it may change
+  the learning rate and say the trial should stop;
+* :meth:`TrialPolicy.state_dict`: after an epoch whose report saves a checkpoint;
+* :meth:`TrialPolicy.close`: always, once, when the trial ends (removes hooks).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neve_tune import NeVe, VelocityMonitor
+
+from ._keys import MONITOR_CHANGE, MONITOR_VELOCITY
+from ._spec import Budget
+
+
+@dataclass
+class EpochDecision:
+    """What a policy did after one epoch.
+
+    Attributes:
+        velocity: the model velocity measured this epoch (``None``: not measured).
+        layer_velocity: module name -> mean ``|v_i|`` (for the MLflow metrics and plots).
+        lr_decayed: whether the policy decayed the learning rate this epoch.
+        stop_reason: why the trial should end now (a ``StopReason`` value), or ``None`` to go on.
+        reported: metrics added to the epoch's result (reported to the backend).
+        logged: metrics logged to MLflow and kept in the records, but not added to the result (the
+            backend's report adds them itself, e.g. ``NeVe.metrics()``).
+    """
+
+    velocity: float | None = None
+    layer_velocity: dict[str, float] = field(default_factory=dict)
+    lr_decayed: bool = False
+    stop_reason: str | None = None
+    reported: dict[str, float] = field(default_factory=dict)
+    logged: dict[str, float] = field(default_factory=dict)
+
+
+class TrialPolicy(ABC):
+    """The per-epoch hooks of an arm's training policy (see the module docstring for when each is called).
+
+    NaN policy: a policy reports what it measures as it is; the NeVe policy stops a trial whose velocity is
+    not finite (``diverged``), the fixed schedule never stops one (the loop stops any trial whose training
+    loss is not finite). State: :meth:`state_dict` holds what a checkpoint needs beyond the model, the
+    optimizer and :attr:`neve`, which the backend saves itself.
+    """
+
+    #: The NeVe controller the backend reports and checkpoints (``None``: this policy has none).
+    neve: NeVe | None = None
+
+    @abstractmethod
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
+        """Set the policy up for a fresh trial (before the first epoch)."""
+
+    @abstractmethod
+    def after_epoch(self) -> EpochDecision:
+        """Act after one epoch's training: measure, step the LR, and say whether to stop."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra checkpoint entries (merged into the trial's checkpoint ``extra`` state)."""
+        return {}
+
+    def load_state_dict(self, extra: Mapping[str, Any]) -> None:  # noqa: B027 - a hook, empty by default
+        """Restore from the checkpoint's ``extra`` state (entries this policy did not write are absent)."""
+
+    def close(self) -> None:  # noqa: B027 - a hook, empty by default
+        """Release hooks and buffers (called once, however the trial ended)."""
+
+
+class NeVePolicy(TrialPolicy):
+    """NeVe decays the learning rate (plateau on the velocity change) and stops the trial (low velocity).
+
+    Built from ``budget.neve``; :attr:`neve` takes its baseline snapshot here. Its state is the NeVe
+    state, which the backend checkpoints with the model.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
+        s = budget.neve
+        self.neve = NeVe(
+            model, optimizer, aux, momentum=s.momentum, factor=s.factor, patience=s.patience,
+            stop_threshold=s.stop_threshold,
+        )  # fmt: skip
+
+    def after_epoch(self) -> EpochDecision:
+        assert self.neve is not None
+        step = self.neve.step()
+        return EpochDecision(
+            velocity=step.model_velocity,
+            layer_velocity=step.layer_velocity,
+            lr_decayed=step.lr_decayed,
+            stop_reason=None if step.stop_reason is None else str(step.stop_reason),
+            logged=self.neve.metrics(),
+        )
+
+    def close(self) -> None:
+        if self.neve is not None:
+            self.neve.close()
+
+
+def fixed_lr_schedule(budget: Budget, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The baselines' schedule: cosine to 0 at ``max_epochs``, or x0.1 at 50% and 75% of it (``step``)."""
+    if budget.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=budget.max_epochs)
+    milestones = [max(1, budget.max_epochs // 2), max(1, (3 * budget.max_epochs) // 4)]
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=sorted(set(milestones)), gamma=0.1)
+
+
+class FixedSchedulePolicy(TrialPolicy):
+    """A fixed LR schedule (``budget.lr_schedule``); never stops a trial (its backend may, e.g. ASHA).
+
+    With ``budget.monitor_baselines`` it also *measures* velocity (``monitor/*`` metrics, for the plots);
+    no decision uses it. State: the schedule's and the monitor's ``state_dict``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
+        self.schedule = fixed_lr_schedule(budget, optimizer)
+        self.monitor: VelocityMonitor | None = None
+        if budget.monitor_baselines:
+            self.monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
+            try:
+                self.monitor.measure()  # baseline snapshot
+            except BaseException:
+                self.monitor.close()
+                raise
+
+    def after_epoch(self) -> EpochDecision:
+        decision = EpochDecision()
+        if self.monitor is not None:
+            m = self.monitor.measure()
+            if m is not None:
+                decision.velocity, decision.layer_velocity = m.model_velocity, m.layer_velocity
+                decision.reported[MONITOR_VELOCITY] = m.model_velocity
+                if m.velocity_change is not None:
+                    decision.reported[MONITOR_CHANGE] = m.velocity_change
+        self.schedule.step()
+        return decision
+
+    def state_dict(self) -> dict[str, Any]:
+        # Only when checkpointing: a monitor's state holds its whole snapshot.
+        state: dict[str, Any] = {"schedule": self.schedule.state_dict()}
+        if self.monitor is not None:
+            state["monitor"] = self.monitor.state_dict()
+        return state
+
+    def load_state_dict(self, extra: Mapping[str, Any]) -> None:
+        if "schedule" in extra:
+            self.schedule.load_state_dict(extra["schedule"])
+        if self.monitor is not None and "monitor" in extra:
+            self.monitor.load_state_dict(extra["monitor"])
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+__all__ = ["EpochDecision", "FixedSchedulePolicy", "NeVePolicy", "TrialPolicy", "fixed_lr_schedule"]

@@ -1,0 +1,104 @@
+"""Plain per-trial records of a study (from the backends or read back from MLflow), and the pick rules.
+
+A pick rule chooses the trial an arm would deploy, using only what that arm is allowed to see; the test
+accuracy is only reported, it never picks a trial or stops one. Each :class:`~neve_tune.studies.Arm`
+names its rule; the two built-in rules are here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._keys import CONVERGED, DIVERGED, ERROR, TEST_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+
+
+@dataclass
+class TrialRecord:
+    """What the comparison needs from one trial.
+
+    NaN policy: a missing or non-numeric metric reads as NaN; NaN values never win a pick and are left out
+    of the quantiles. State: plain data (rebuilt from MLflow by ``neve-tune study compare``).
+
+    Attributes:
+        arm: the arm's name.
+        config_id: index of the sampled configuration (the same config id means the same
+            hyperparameters in every arm).
+        config: the hyperparameters.
+        epochs: epochs trained (its last reported epoch).
+        stop_reason: ``converged``, ``diverged``, ``max_t``, ``pruned``, ``error`` or ``stopped``.
+        final: its last reported metrics (``train/loss``, ``val/acc``, ``test/acc``, ...).
+        test_acc_curve: ``(epoch, test accuracy)`` per epoch, for the plots.
+        trial_id: the backend's trial id.
+        run_id: its MLflow run id, when known.
+    """
+
+    arm: str
+    config_id: int
+    config: dict[str, Any]
+    epochs: int
+    stop_reason: str
+    final: dict[str, float]
+    test_acc_curve: list[tuple[int, float]] = field(default_factory=list)
+    trial_id: str | None = None
+    run_id: str | None = None
+
+    def metric(self, key: str) -> float:
+        """``final[key]`` as a float; NaN when missing or not a number."""
+        value = self.final.get(key)
+        try:
+            return float(value) if value is not None else math.nan
+        except (TypeError, ValueError):
+            return math.nan
+
+    @property
+    def test_acc(self) -> float:
+        return self.metric(TEST_ACC)
+
+
+@dataclass
+class ArmResult:
+    """All trials of one arm, plus its wall time and the fraction of labelled data it trained on."""
+
+    arm: str
+    records: list[TrialRecord]
+    wall_time_s: float
+    train_fraction: float
+    max_epochs: int
+
+
+def pick_lowest_train_loss(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The validation-free rule: among the trials that *converged*, the lowest final training loss.
+
+    If none converged, among all trials that did not diverge. Ties: fewer epochs, then lower config id.
+    Trials that raised, and NaN losses, never qualify. This is a fit criterion, not a generalisation
+    estimate: it is what an arm without validation data can honestly use.
+    """
+    ok = [r for r in records if r.stop_reason != ERROR]
+    converged = [r for r in ok if r.stop_reason == CONVERGED and math.isfinite(r.metric(TRAIN_LOSS))]
+    pool = converged or [r for r in ok if r.stop_reason != DIVERGED and math.isfinite(r.metric(TRAIN_LOSS))]
+    if not pool:
+        return None
+    return min(pool, key=lambda r: (r.metric(TRAIN_LOSS), r.epochs, r.config_id))
+
+
+def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The validation rule: the highest validation accuracy at the trial's last epoch.
+
+    Ties: lower validation loss, fewer epochs, lower config id (``ResultGrid.get_best_result(scope="last")``).
+    Trials that raised, and NaN accuracies, never qualify.
+    """
+    pool = [r for r in records if r.stop_reason != ERROR and math.isfinite(r.metric(VAL_ACC))]
+    if not pool:
+        return None
+
+    def key(r: TrialRecord) -> tuple[float, float, int, int]:
+        loss = r.metric(VAL_LOSS)
+        return (-r.metric(VAL_ACC), loss if math.isfinite(loss) else math.inf, r.epochs, r.config_id)
+
+    return min(pool, key=key)
+
+
+__all__ = ["ArmResult", "TrialRecord", "pick_highest_val_acc", "pick_lowest_train_loss"]

@@ -1,1 +1,0 @@
-"""Runnable study definitions: model, data, search space and budget for each benchmark."""
