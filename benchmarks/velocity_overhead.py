@@ -6,6 +6,8 @@
 * memory: bytes kept between measurements over the bytes of one fp32 snapshot of every hooked output.
   Target <= 1.0 snapshot.
 * bounded-memory mode (``max_positions``): its memory ratio and its error against exact velocities.
+* compact states (``state_dict(snapshot="half" | "none")``): their bytes, and the error of the first
+  measurement after resuming from a float16 snapshot, at several sizes of the epoch's weight change.
 
 glibc's malloc hands big freed blocks back to the kernel and faults them in again, which makes even the
 bare forward pay thousands of page faults per call in a fresh process; by how much depends on what the
@@ -19,6 +21,7 @@ Run: ``python benchmarks/velocity_overhead.py [--threads 2] [--repeats 21]``
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import resource
 import statistics
@@ -156,6 +159,44 @@ def main() -> None:
             f"bounded memory max_positions={k:3d}: memory {approx.snapshot_bytes() / fp32_snapshot:.4f} snapshot,"
             f" V rel. error max {max(errors):.4f}, per-layer mean|v| rel. error median"
             f" {statistics.median(rel_layer):.4f} max {max(rel_layer):.4f}"
+        )
+
+    compact_states(model, aux, gen)
+
+
+def compact_states(model: torch.nn.Module, aux: torch.Tensor, gen: torch.Generator) -> None:
+    """Bytes of each state encoding, and the error of resuming from the float16 one: V and D of the first
+    measurement after the restore, against the monitor that kept its exact snapshot."""
+    exact = VelocityMonitor(model, aux)
+    exact.measure()
+    perturb(model, 0.02, gen)
+    exact.measure()
+    sizes = {}
+    for encoding in ("full", "half", "none"):
+        buffer = io.BytesIO()
+        torch.save(exact.state_dict(snapshot=encoding), buffer)
+        sizes[encoding] = buffer.tell()
+    print("state bytes (torch.save): " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()))
+    full, half = exact.state_dict(), exact.state_dict(snapshot="half")
+    saved = {n: t.clone() for n, t in model.state_dict().items()}
+    for scale in (0.02, 0.002, 0.0002):
+        errors_v, errors_d, abs_v = [], [], []
+        for _ in range(4):
+            restored = VelocityMonitor(model, aux)
+            restored.load_state_dict(half)
+            reference = VelocityMonitor(model, aux)
+            reference.load_state_dict(full)
+            perturb(model, scale, gen)
+            e, h = reference.measure(), restored.measure()
+            assert e is not None and h is not None and e.velocity_change is not None
+            assert h.velocity_change is not None
+            abs_v.append(abs(h.model_velocity - e.model_velocity))
+            errors_v.append(abs_v[-1] / e.model_velocity)
+            errors_d.append(abs(h.velocity_change - e.velocity_change) / e.velocity_change)
+            model.load_state_dict(saved)
+        print(
+            f"half state, weight change {scale:g}: V {e.model_velocity:.3g}, V rel. error max {max(errors_v):.2e},"
+            f" abs. {max(abs_v):.1e}, D rel. error max {max(errors_d):.2e}"
         )
 
 

@@ -3,9 +3,10 @@
 The core (this package's top level) depends on torch only:
 
 * :class:`VelocityMonitor` measures neural velocity on a fixed auxiliary set;
-* :class:`NeVeRule` is the decision rule (plateau LR decay, stop on low velocity), a pure state machine;
-* :func:`decide` is its stop test as a stateless function of one epoch's reported metrics, the one
-  decision the integrations (Ray Tune scheduler, Optuna pruner and ``report_epoch``) call;
+* :class:`NeVeRule` is the decision rule (plateau LR decay; stop as converged, stalled, collapsed or
+  diverged, with the thresholds of :class:`StopCriteria`), a pure state machine;
+* :func:`decide` reads the trial's own decision from one epoch's reported metrics, the one decision the
+  integrations (Ray Tune scheduler, Optuna pruner and ``report_epoch``) act on;
 * :class:`NeVe` combines both for a plain PyTorch loop; ``NeVe.metrics()`` (and ``StepResult.metrics()``)
   is the one flat metrics dict every integration reports;
 * :func:`noise_aux`, :func:`subset_aux`, :func:`image_folder_aux` build aux sets;
@@ -19,7 +20,8 @@ from __future__ import annotations
 from . import keys
 from ._aux import image_folder_aux, noise_aux, subset_aux
 from ._controller import NeVe, StepResult
-from ._rule import Decision, NeVeRule, decide
+from ._rule import Decision, NeVeRule, decide, settings_disagreement
+from ._stopping import StopCriteria
 from ._velocity import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
 from .keys import StopReason
 
@@ -33,6 +35,7 @@ __all__ = [
     "NeVe",
     "NeVeRule",
     "StepResult",
+    "StopCriteria",
     "StopReason",
     "VelocityMonitor",
     "__version__",
@@ -40,5 +43,6 @@ __all__ = [
     "image_folder_aux",
     "keys",
     "noise_aux",
+    "settings_disagreement",
     "subset_aux",
 ]

@@ -75,6 +75,10 @@ class NeuronSums:
         self.layer_counts = torch.tensor(sizes, dtype=dtype, device=device)
         # D = sum_i w_i * dv_i^2 with w_i = 1 / (num_layers * neurons_in_layer(i)).
         self.d_weight = (1.0 / (len(sizes) * self.layer_counts))[self.layer_of]
+        self.attach(layers)
+
+    def attach(self, layers: Sequence[Layer]) -> None:
+        """Give every layer its views of the flat buffers (again, on a copy of the monitor)."""
         for layer in layers:
             seg = layer.segment
             layer.views = (self.cur_sq[seg], self.diff_sq[seg], self.scale[seg], self.first_sq[seg])

@@ -133,6 +133,11 @@ class BatchNormFusion:
             assert layer.segment is not None
             total += layer.segment.stop - layer.segment.start
         self.affine = torch.zeros(4, total, dtype=torch.float64) if fed else None
+        self.attach(layers)
+
+    def attach(self, layers: Sequence[Layer]) -> None:
+        """Give every fed BatchNorm its columns of the affine buffer (again, on a copy of the monitor)."""
+        fed = [layer for layer in layers if any(pair is not None for pair in layer.fed_by)]
         start = 0
         for layer in layers:
             layer.affine = None

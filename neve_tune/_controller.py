@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from . import keys
 from ._rule import NeVeRule, PlateauOn, StopFlags
-from ._velocity import AuxInput, LayerSelection, VelocityMonitor
+from ._state import SnapshotInState
+from ._stopping import StopCriteria
+from ._velocity import AuxInput, LayerSelection, Measurement, VelocityMonitor
 from .keys import StopReason
 
 
@@ -27,9 +31,13 @@ class StepResult(StopFlags):
         velocity_change: D, ``None`` at the first epoch (and on a re-baseline step).
         lr_decayed: whether this step lowered at least one learning rate.
         lrs: the learning rates after this step, one per param group.
-        stop_reason: ``StopReason.CONVERGED``, ``StopReason.DIVERGED`` or ``None``.
+        stop_reason: ``StopReason.CONVERGED``, ``STALLED``, ``COLLAPSED``, ``DIVERGED`` or ``None``.
         layer_velocity: module name -> mean ``|v_i|`` over its neurons.
         num_decays: how many LR decays happened up to and including this step.
+        train_loss: the training loss passed to :meth:`NeVe.step`, ``None`` when none was.
+        detail: why, in words, for a stalled/collapsed/diverged decision ("" otherwise).
+        stop_threshold: the controller's ``stop_threshold`` (reported in the metrics).
+        min_epochs: the controller's warm-up (reported in the metrics).
     """
 
     epoch: int
@@ -40,16 +48,22 @@ class StepResult(StopFlags):
     stop_reason: StopReason | None
     layer_velocity: dict[str, float] = field(default_factory=dict, repr=False)
     num_decays: int = 0
+    train_loss: float | None = None
+    detail: str = ""
+    stop_threshold: float = 1e-3
+    min_epochs: int = 0
 
     def metrics(self) -> dict[str, float]:
         """This step as a flat dict of plain floats: what :meth:`NeVe.metrics` returned right after it."""
-        return _flat_metrics(self.epoch, self.lrs, self.num_decays, self)
+        return _flat_metrics(self.epoch, self.lrs, self.num_decays, self, self.stop_threshold, self.min_epochs)
 
     @property
     def message(self) -> str:
         """A one-line, human explanation of the decision."""
         if self.model_velocity is None:
             return f"epoch {self.epoch}: the previous measurement failed half-way; took a fresh baseline."
+        if self.diverged and self.detail:
+            return f"epoch {self.epoch}: diverged: {self.detail}. Lower the learning rate or check the loss."
         if self.diverged:
             return (
                 f"epoch {self.epoch}: diverged: model velocity {self.model_velocity}, velocity change"
@@ -61,6 +75,10 @@ class StepResult(StopFlags):
         )
         if self.converged:
             return f"{head}: converged (velocity under the stop threshold); stop training."
+        if self.stalled:
+            return f"{head}: stalled ({self.detail}); stop training: it is not learning (check the learning rate)."
+        if self.collapsed:
+            return f"{head}: collapsed ({self.detail}); stop training: lower the learning rate."
         if self.lr_decayed:
             return f"{head}: velocity change plateaued; learning rate decayed to {self.lrs}."
         return head
@@ -70,17 +88,29 @@ class NeVe(LRScheduler):
     """Validation-free LR decay and early stopping from neural velocity, for a plain PyTorch loop.
 
     ``NeVe`` takes its baseline snapshot when constructed. Call :meth:`step` once after every training
-    epoch: it measures the velocity on the aux set, lowers the learning rates like ``ReduceLROnPlateau``
-    when the velocity change plateaus, and reports when the trial converged (model velocity under
-    ``stop_threshold``) or diverged.
+    epoch, with the epoch's training loss when you have it (``neve.step(loss)``, as with
+    ``ReduceLROnPlateau``): it measures the velocity on the aux set, lowers the learning rates like
+    ``ReduceLROnPlateau`` when the velocity change plateaus, and says when to stop and why
+    (:attr:`should_stop`, :attr:`stop_reason`):
+
+    * **converged**: the network moved, learned, and stopped moving (V under ``stop_threshold`` after the
+      ``min_epochs`` warm-up, its peak V at least ``peak_ratio`` times higher, and with a loss at least
+      ``learned`` of the chance-level loss removed);
+    * **stalled**: it stopped moving without having learned (e.g. an LR far too small), or, with a loss,
+      it sat at chance for ``chance_epochs`` epochs while still moving (an LR far too large);
+    * **collapsed**: its aux responses froze abruptly (every ReLU dead, say);
+    * **diverged**: V, D or the loss is NaN/inf (at any epoch, even in the warm-up).
+
+    The thresholds are :class:`~neve_tune.StopCriteria`. Without a loss, a trial stuck at chance whose
+    velocity never settles cannot be told from one still learning: it runs until the loop's epoch cap.
 
     It follows PyTorch's LR-scheduler conventions (it is an ``LRScheduler``, with ``get_last_lr()`` and a
     ``state_dict()`` that excludes the optimizer), so Lightning can drive it as an epoch-interval
     scheduler.
 
-    NaN policy: a NaN or infinite model velocity or velocity change means the model diverged. The step
-    reports ``diverged=True`` with ``StopReason.DIVERGED``; it never decays the LR on it and never counts
-    it as a quiet bad epoch.
+    NaN policy: a NaN or infinite model velocity, velocity change or training loss means the model
+    diverged. The step reports ``diverged=True`` with ``StopReason.DIVERGED``; it never decays the LR on
+    it and never counts it as a quiet bad epoch.
 
     State: :meth:`state_dict` holds the rule's counters and the monitor's velocities and snapshot (not
     the optimizer, not the model). Restoring it, with the model and optimizer restored from the same
@@ -90,23 +120,32 @@ class NeVe(LRScheduler):
         model: the network being trained.
         optimizer: its optimizer; every param group's ``lr`` is decayed.
         aux: the aux set (see :func:`neve_tune.noise_aux`).
-        momentum: velocity momentum ``mu``.
+        momentum: velocity momentum ``mu``, in ``[0, 1)``.
         factor: LR multiplier on a plateau, ``0 < factor < 1``.
         patience: bad epochs tolerated before a decay.
-        stop_threshold: converged once the model velocity is under this.
+        stop_threshold: "not moving" once the model velocity is under this (``> 0``).
         min_lr: LR floor, a scalar or one per param group.
         plateau_on: ``"velocity_change"`` (default) or ``"model_velocity"``.
-        layers, batch_size, max_positions: passed to :class:`VelocityMonitor`.
+        min_epochs: the warm-up (``>= 0``): nothing but divergence is decided before this epoch.
+        num_classes: the number of classes of a cross-entropy training loss, for the chance-level loss
+            ``log C``. ``None`` (default): inferred when the model's last module with parameters is an
+            ``nn.Linear`` with at least 2 outputs, else unknown. ``0``: unknown (use it for a loss that
+            is not a classification cross-entropy). When unknown, the first reported loss is the
+            reference (a trial that blew up in its first epoch then looks like it learned; pass
+            ``num_classes``).
+        criteria: the thresholds of the stalled/collapsed tests (:class:`~neve_tune.StopCriteria`).
+        layers, batch_size, max_positions, state_snapshot: passed to :class:`VelocityMonitor`
+            (``state_snapshot="half"`` halves the checkpoint size; ``"none"`` re-baselines on resume).
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> neve = NeVe(model, opt, torch.randn(32, 4))
-        >>> result = neve.step()  # after an epoch of training
-        >>> result.epoch, result.converged, result.lrs
-        (1, True, [0.1])
+        >>> neve = NeVe(model, opt, torch.randn(32, 4), min_epochs=1)
+        >>> result = neve.step()  # after an epoch of training (the model did not move)
+        >>> result.epoch, result.stop_reason, neve.should_stop, result.lrs
+        (1, <StopReason.STALLED: 'stalled'>, True, [0.1])
     """
 
     def __init__(
@@ -124,27 +163,59 @@ class NeVe(LRScheduler):
         layers: LayerSelection = None,
         batch_size: int | None = None,
         max_positions: int | None = None,
+        min_epochs: int = 5,
+        num_classes: int | None = None,
+        criteria: StopCriteria | None = None,
+        state_snapshot: SnapshotInState = "full",
     ) -> None:
         # Deliberately no super().__init__(): LRScheduler's would take a step and wrap optimizer.step.
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), but got {momentum=}.")
+        if num_classes is None:
+            num_classes = _infer_num_classes(model)
         self.rule = NeVeRule(
-            factor=factor, patience=patience, stop_threshold=stop_threshold, min_lr=min_lr, plateau_on=plateau_on
-        )
+            factor=factor, patience=patience, stop_threshold=stop_threshold, min_lr=min_lr, plateau_on=plateau_on,
+            min_epochs=min_epochs, num_classes=num_classes, criteria=criteria,
+        )  # fmt: skip
         self.rule.check_num_groups(len(optimizer.param_groups))
         self.optimizer = optimizer
         self.monitor = VelocityMonitor(
-            model, aux, momentum=momentum, layers=layers, batch_size=batch_size, max_positions=max_positions
+            model,
+            aux,
+            momentum=momentum,
+            layers=layers,
+            batch_size=batch_size,
+            max_positions=max_positions,
+            state_snapshot=state_snapshot,
         )
         self.last_epoch = 0
         self._lrs: list[float] = [float(g["lr"]) for g in optimizer.param_groups]
         self._last: StepResult | None = None
+        self._signed_mean = 0.0  # mean_i v_i of the latest measurement, for u_t = mean_i (v_i^t + mu v_i^{t-1})
+        self._unreported_steps = 0  # steps since the last integration report (see ray/optuna report_epoch)
         self.monitor.measure()  # the baseline snapshot, before the first training epoch
 
     @property
     def last_result(self) -> StepResult | None:
         """The result of the latest :meth:`step`, or ``None`` before the first."""
         return self._last
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why training should stop after the latest step (a :class:`StopReason`), or ``None``."""
+        return None if self._last is None else self._last.stop_reason
+
+    @property
+    def should_stop(self) -> bool:
+        """True when the latest step says to stop (converged, stalled, collapsed or diverged)."""
+        return self.stop_reason is not None
+
+    @property
+    def converged(self) -> bool:
+        """True when the latest step says the trial converged (a success; stalled/collapsed are not)."""
+        return self.stop_reason is StopReason.CONVERGED
 
     def get_last_lr(self) -> list[float]:  # type: ignore[override]
         """The learning rates after the latest step, one per param group."""
@@ -153,15 +224,33 @@ class NeVe(LRScheduler):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
-    def step(self) -> StepResult:  # type: ignore[override]
-        """Measure after an epoch, decay the LR on a plateau, and say whether to stop."""
+    def step(self, train_loss: float | torch.Tensor | None = None) -> StepResult:  # type: ignore[override]
+        """Measure after an epoch, decay the LR on a plateau, and say whether to stop (and why).
+
+        Args:
+            train_loss: the epoch's training loss (preferably its mean over the epoch; the last batch's
+                loss works too), a number or a one-element tensor. Optional: it sharpens the decision
+                (see the class docstring). A NaN/inf loss means the trial diverged.
+        """
+        loss = _as_loss(train_loss)
+        self.last_epoch += 1  # before measuring: a measurement that raises still counts its epoch
         measurement = self.monitor.measure()
-        self.last_epoch += 1
+        self._unreported_steps += 1
         lrs = self.get_lr()
+        rule = self.rule
         if measurement is None:
-            result = StepResult(self.last_epoch, None, None, False, lrs, None, num_decays=self.rule.num_decays)
+            result = StepResult(
+                self.last_epoch, None, None, False, lrs, None, num_decays=rule.num_decays, train_loss=loss,
+                stop_threshold=rule.stop_threshold, min_epochs=rule.min_epochs,
+            )  # fmt: skip
         else:
-            decision = self.rule.step(measurement.model_velocity, measurement.velocity_change, lrs)
+            decision = rule.step(
+                measurement.model_velocity,
+                measurement.velocity_change,
+                lrs,
+                raw_change=self._raw_change(measurement),
+                train_loss=loss,
+            )
             if decision.lr_decayed:
                 for group, lr in zip(self.optimizer.param_groups, decision.lrs, strict=True):
                     group["lr"] = lr
@@ -173,11 +262,45 @@ class NeVe(LRScheduler):
                 lrs=list(decision.lrs),
                 stop_reason=decision.stop_reason,
                 layer_velocity=measurement.layer_velocity,
-                num_decays=self.rule.num_decays,
+                num_decays=rule.num_decays,
+                train_loss=loss,
+                detail=decision.detail,
+                stop_threshold=rule.stop_threshold,
+                min_epochs=rule.min_epochs,
             )
         self._lrs = list(result.lrs)
         self._last = result
         return result
+
+    def _step_for_report(self, train_loss: float | torch.Tensor, who: str) -> StepResult:
+        """``step(train_loss)`` on behalf of an integration's ``report_epoch(..., train_loss=...)``.
+
+        Refuses when the loop already called :meth:`step` since the last report: stepping twice in one
+        epoch would measure an unchanged model (V near 0) and read it as convergence.
+        """
+        if self._unreported_steps > 0:
+            raise ValueError(
+                f"{who}(..., train_loss=...) steps NeVe itself, but neve.step() was already called for this"
+                " epoch. Either drop the neve.step() call, or pass the loss there (`neve.step(loss)`) and"
+                f" not to {who}."
+            )
+        return self.step(train_loss)
+
+    def _mark_reported(self) -> None:
+        """An integration reported the latest step (see :meth:`_step_for_report`)."""
+        self._unreported_steps = 0
+
+    def _raw_change(self, measurement: Measurement) -> float:
+        """``u_t = mean_i (1 - rho_i^t)``, from this and the previous measurement's per-neuron velocities."""
+        total = 0.0
+        count = 0
+        for v in measurement.layers.values():
+            total += float(v.sum())
+            count += v.numel()
+        signed = total / count if count else math.nan
+        previous = 0.0 if measurement.index == 0 else self._signed_mean
+        self._signed_mean = signed
+        return signed + self.monitor.momentum * previous
 
     def metrics(self) -> dict[str, float]:
         """The latest step as a flat dict of plain floats, keyed by :mod:`neve_tune.keys`.
@@ -185,9 +308,13 @@ class NeVe(LRScheduler):
         Keys: ``neve/epoch``, ``neve/model_velocity`` (absent before the first step and on a re-baseline
         step), ``neve/velocity_change`` (absent until the second step), ``neve/lr`` (group 0) and
         ``neve/lr_<i>`` for every group when there are several, ``neve/lr_decayed``,
-        ``neve/num_decays``, ``neve/converged``, ``neve/diverged`` (1.0 or 0.0).
+        ``neve/num_decays``; the decision flags ``neve/converged``, ``neve/stalled``, ``neve/collapsed``,
+        ``neve/diverged`` (1.0 or 0.0); the settings behind them, ``neve/stop_threshold`` and
+        ``neve/min_epochs``; and ``neve/train_loss`` when the latest step was given one.
         """
-        return _flat_metrics(self.last_epoch, self._lrs, self.rule.num_decays, self._last)
+        return _flat_metrics(
+            self.last_epoch, self._lrs, self.rule.num_decays, self._last, self.rule.stop_threshold, self.rule.min_epochs
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Rule counters, monitor state (velocities and snapshot) and the last result; no optimizer."""
@@ -197,6 +324,7 @@ class NeVe(LRScheduler):
             "last_lr": list(self._lrs),
             "rule": self.rule.state_dict(),
             "monitor": self.monitor.state_dict(),
+            "signed_mean": self._signed_mean,
             "last_result": None
             if last is None
             else {
@@ -207,6 +335,8 @@ class NeVe(LRScheduler):
                 "lrs": list(last.lrs),
                 "stop_reason": None if last.stop_reason is None else last.stop_reason.value,
                 "layer_velocity": dict(last.layer_velocity),
+                "train_loss": last.train_loss,
+                "detail": last.detail,
             },
         }
 
@@ -217,6 +347,8 @@ class NeVe(LRScheduler):
         self.monitor.load_state_dict(state_dict["monitor"])
         self.last_epoch = int(state_dict["last_epoch"])
         self._lrs = [float(x) for x in state_dict["last_lr"]]
+        self._signed_mean = float(state_dict.get("signed_mean", 0.0))
+        self._unreported_steps = 0
         last = state_dict["last_result"]
         if last is None:
             self._last = None
@@ -231,6 +363,10 @@ class NeVe(LRScheduler):
                 stop_reason=None if reason is None else StopReason(reason),
                 layer_velocity=dict(last["layer_velocity"]),
                 num_decays=self.rule.num_decays,  # the last result is the rule's latest step
+                train_loss=last.get("train_loss"),
+                detail=str(last.get("detail", "")),
+                stop_threshold=self.rule.stop_threshold,
+                min_epochs=self.rule.min_epochs,
             )
 
     def close(self) -> None:
@@ -242,20 +378,57 @@ class NeVe(LRScheduler):
         return f"NeVe(epoch={self.last_epoch}, model_velocity={v}, lrs={self._lrs}, rule={self.rule!r})"
 
 
+def _infer_num_classes(model: nn.Module) -> int | None:
+    """The output width of the model's last module with parameters, when it is an ``nn.Linear`` (>= 2)."""
+    last: nn.Module | None = None
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            last = module
+    if isinstance(last, nn.Linear) and last.out_features >= 2:
+        return int(last.out_features)
+    return None
 
-def _flat_metrics(epoch: int, lrs: Sequence[float], num_decays: int, last: StepResult | None) -> dict[str, float]:
+
+def _as_loss(train_loss: float | torch.Tensor | None) -> float | None:
+    if train_loss is None:
+        return None
+    if isinstance(train_loss, torch.Tensor):
+        if train_loss.numel() != 1:
+            raise TypeError(
+                f"train_loss must be a number or a one-element tensor, but got a tensor of shape"
+                f" {tuple(train_loss.shape)}; pass the epoch's mean loss, e.g. `neve.step(loss.item())`."
+            )
+        return float(train_loss.detach().reshape(()).item())
+    if isinstance(train_loss, bool) or not isinstance(train_loss, (int, float)):
+        raise TypeError(f"train_loss must be a number or a one-element tensor, but got {type(train_loss).__name__}.")
+    return float(train_loss)
+
+
+def _flat_metrics(
+    epoch: int,
+    lrs: Sequence[float],
+    num_decays: int,
+    last: StepResult | None,
+    stop_threshold: float,
+    min_epochs: int,
+) -> dict[str, float]:
     """The one builder of NeVe's flat metrics (``NeVe.metrics()``, ``StepResult.metrics()``)."""
     out: dict[str, float] = {keys.EPOCH: float(epoch)}
     if last is not None and last.model_velocity is not None:
         out[keys.MODEL_VELOCITY] = float(last.model_velocity)
     if last is not None and last.velocity_change is not None:
         out[keys.VELOCITY_CHANGE] = float(last.velocity_change)
+    if last is not None and last.train_loss is not None:
+        out[keys.TRAIN_LOSS] = float(last.train_loss)
     out[keys.LR] = float(lrs[0])
     if len(lrs) > 1:
         for i, lr in enumerate(lrs):
             out[keys.lr_key(i)] = float(lr)
     out[keys.LR_DECAYED] = float(bool(last and last.lr_decayed))
     out[keys.NUM_DECAYS] = float(num_decays)
-    out[keys.CONVERGED] = float(bool(last and last.converged))
-    out[keys.DIVERGED] = float(bool(last and last.diverged))
+    reason = None if last is None else last.stop_reason
+    for flag_reason, flag in keys.DECISION_FLAGS.items():
+        out[flag] = float(reason is flag_reason)
+    out[keys.STOP_THRESHOLD] = float(stop_threshold)
+    out[keys.MIN_EPOCHS] = float(min_epochs)
     return out

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._layer import MeasurementError
+from ._state import aux_fingerprint
 
 AuxInput = Tensor | Iterable[Any]
 
@@ -85,7 +86,23 @@ class AuxBatches:
 
     def __init__(self, aux: AuxInput, batch_size: int | None = None) -> None:
         self.batches = as_batches(aux, batch_size)
+        _check_finite(self.batches)
         self._on: tuple[torch.device, list[Any]] | None = None
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """A hash of the batches' bytes, shapes and dtypes (computed once), kept in saved states."""
+        if self._fingerprint is None:
+            self._fingerprint = aux_fingerprint(self.batches)
+        return self._fingerprint
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies carry the batches, not their device copies; a batch that is a view of a larger tensor
+        travels as its own tensor (pickle would carry the whole tensor with every view)."""
+        state = self.__dict__.copy()
+        state["_on"] = None
+        state["batches"] = [_own(b) for b in self.batches]
+        return state
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -111,12 +128,65 @@ class AuxBatches:
         except (torch.OutOfMemoryError, MeasurementError):
             raise
         except RuntimeError as exc:
+            mismatch = _dtype_mismatch(model, batch)
+            if mismatch:
+                raise ValueError(f"{mismatch} ({type(model).__name__} failed on it: {exc})") from exc
             raise ValueError(
                 f"The aux set does not fit the model: {type(model).__name__} failed on an aux batch"
                 f" of shape {_batch_shape(batch)}: {exc}.{_expected_input(model)} Pass aux inputs"
                 " shaped like one training batch, e.g. neve_tune.noise_aux(sample_shape) with the shape of"
                 " one sample (no batch dim)."
             ) from exc
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
+def _check_finite(batches: list[Any]) -> None:
+    """Refuse NaN/inf inputs: every measurement on them would read as diverged."""
+    for index, batch in enumerate(batches):
+        for t in _tensors(batch):
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(
+                    f"The aux set holds {bad} NaN/inf value(s) (aux batch {index}, a tensor of shape"
+                    f" {tuple(t.shape)}): every velocity measured on it would be NaN, so every trial would read"
+                    " as diverged. Pass finite inputs (e.g. torch.nan_to_num(aux), or fix the transform or"
+                    " normalisation that produced them)."
+                )
+
+
+def _own(batch: Any) -> Any:
+    """``batch`` with every tensor that views a larger storage replaced by its own copy."""
+    if isinstance(batch, Tensor):
+        return batch.clone() if batch.untyped_storage().nbytes() > batch.numel() * batch.element_size() else batch
+    if isinstance(batch, Mapping):
+        return {k: _own(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_own(v) for v in batch)
+    return batch
+
+
+def _dtype_mismatch(model: nn.Module, batch: Any) -> str:
+    """A message when the batch's floating inputs and the model's floating parameters differ in dtype."""
+    wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    given = {t.dtype for t in _tensors(batch) if t.is_floating_point()}
+    if wanted is None or not given or given == {wanted}:
+        return ""
+    got = ", ".join(sorted(str(d).removeprefix("torch.") for d in given))
+    name = str(wanted).removeprefix("torch.")
+    return (
+        f"The aux set's dtype ({got}) is not the model's ({name}): a dtype mismatch, not a shape problem. Build"
+        f" the aux set in {name} (e.g. neve_tune.noise_aux(shape, dtype=torch.{name}), or aux.to(torch.{name})),"
+        " or convert the model to the aux set's dtype (e.g. model.float())."
+    )
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

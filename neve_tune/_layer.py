@@ -12,6 +12,8 @@ its own fields and is the only one that writes them:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,8 @@ from torch import Tensor, nn
 Slot = tuple[torch.Size, torch.dtype, torch.device, tuple[int, ...]]
 #: What identifies a tensor's contents: data pointer, shape, strides and in-place version.
 Signature = tuple[int, tuple[int, ...], tuple[int, ...], int]
+#: The fields that are views of the monitor's flat buffers (or transient): a copy rebuilds them.
+REBUILT_ON_COPY = ("snapshots", "views", "affine", "expect")
 
 
 class MeasurementError(RuntimeError):
@@ -76,3 +80,12 @@ class Layer:
         self.scale: Tensor | None = None  # s, in the compute dtype, shaped to broadcast over the output
         self.first_stale = False  # first_sq is out of date (the kernel path, which uses s = 1, ran last)
         self.sample_index: list[Tensor | None] = []  # per call, bounded-memory position subsample
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Every field but the views of the monitor's flat buffers, which the monitor rebuilds on the copy."""
+        return {k: getattr(self, k) for k in self.__slots__ if k not in REBUILT_ON_COPY}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.snapshots, self.views, self.affine, self.expect = [], None, None, None
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -30,98 +30,36 @@ How it is computed (one pass over memory, at most one snapshot), each mechanism 
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import _state
 from ._accumulate import Accumulator, CopyOnly, NeuronSums, accumulator_for, reset_scales
 from ._bnfuse import BatchNormFusion
 from ._hooks import Passes
 from ._inputs import AuxBatches, AuxInput, model_device, unwrap_model
-from ._inputs import as_batches as as_batches  # re-exported, as is MeasurementError
+from ._inputs import as_batches as as_batches  # re-exported, as are the names below
 from ._layer import Layer
 from ._layer import MeasurementError as MeasurementError
+from ._select import CHANNELS_FIRST as CHANNELS_FIRST
+from ._select import CHANNELS_LAST as CHANNELS_LAST
+from ._select import DEFAULT_LAYER_TYPES as DEFAULT_LAYER_TYPES
+from ._select import LayerSelection as LayerSelection
+from ._select import neuron_dim
+from ._select import select_layers as select_layers
 from ._snapshot import Snapshot, slot
+from ._state import STATE_FORMAT as STATE_FORMAT
+from ._state import SnapshotInState
 from ._subsample import PositionSampler
-
-#: Modules whose neurons lie on dim 1 of their output ``(N, C, ...)``.
-CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-)
-#: Modules whose neurons lie on the last dim of their output ``(N, ..., C)``.
-CHANNELS_LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
-#: The layer types hooked by default.
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = CHANNELS_FIRST + CHANNELS_LAST
 
 #: A neuron whose squared response norm exceeds this (NaN, inf, or a norm above 1.8e19) has diverged.
 FLOAT32_MAX = torch.finfo(torch.float32).max
-
-#: The format of :meth:`VelocityMonitor.state_dict`, under its ``"format_version"`` key. Format 1 is the
-#: unversioned one before it (the same fields, no key); :meth:`VelocityMonitor.load_state_dict` reads both.
-STATE_FORMAT = 2
-
-LayerSelection = Sequence[type[nn.Module]] | Sequence[str] | Callable[[str, nn.Module], bool] | None
-
-
-def neuron_dim(module: nn.Module) -> int:
-    """The output dim that indexes neurons: last for Linear/LayerNorm, 1 for everything else."""
-    return -1 if isinstance(module, CHANNELS_LAST) else 1
-
-
-def select_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str, nn.Module]:
-    """The modules to hook, by name as in ``model.named_modules()``.
-
-    ``layers`` is ``None`` (the default types: Conv/ConvTranspose 1-3d, Linear, BatchNorm 1-3d,
-    LayerNorm), a sequence of module types, a sequence of name globs (``"features.*"``), or a predicate
-    ``(name, module) -> bool``.
-    """
-    if layers is None:
-        chosen = {n: m for n, m in model.named_modules() if isinstance(m, DEFAULT_LAYER_TYPES)}
-        if not chosen:
-            raise ValueError(
-                f"{type(model).__name__} has no layer NeVe hooks by default (Conv1d/2d/3d, ConvTranspose1d/2d/3d,"
-                " Linear, BatchNorm1d/2d/3d, LayerNorm). Choose the layers to measure with `layers=`: module"
-                " types, name globs, or a predicate (name, module) -> bool."
-            )
-        return chosen
-    if callable(layers) and not isinstance(layers, type):
-        chosen = {n: m for n, m in model.named_modules() if layers(n, m)}
-    else:
-        items: list[Any] = list(cast(Iterable[Any], layers))
-        if not items:
-            raise ValueError("layers= is empty: pass module types, name globs or a predicate, or None.")
-        if all(isinstance(x, type) and issubclass(x, nn.Module) for x in items):
-            types: tuple[type[nn.Module], ...] = tuple(items)
-            chosen = {n: m for n, m in model.named_modules() if isinstance(m, types)}
-        elif all(isinstance(x, str) for x in items):
-            chosen = {
-                n: m for n, m in model.named_modules() if any(fnmatch.fnmatchcase(n, g) for g in items)
-            }
-        else:
-            raise TypeError(
-                "layers= must be a sequence of nn.Module types, a sequence of name globs (str), or a"
-                f" predicate (name, module) -> bool; got {layers!r}."
-            )
-    if not chosen:
-        names = [n for n, _ in model.named_modules() if n][:12]
-        raise ValueError(
-            f"layers={layers!r} matches no module of {type(model).__name__}. Module names look like"
-            f" {names}; pass types, globs or a predicate that selects at least one of them."
-        )
-    return chosen
 
 
 @dataclass(frozen=True)
@@ -167,8 +105,16 @@ class VelocityMonitor:
     Failure: if a measurement raises half-way, the snapshot is part old, part new. The monitor notices,
     and the next :meth:`measure` takes a fresh baseline (returns ``None``) instead of comparing with it.
 
-    State: :meth:`state_dict` (format :data:`STATE_FORMAT`) holds velocities, norms and the snapshot, so a
-    monitor restored with :meth:`load_state_dict` continues with identical numbers.
+    State: :meth:`state_dict` (format :data:`STATE_FORMAT`) holds velocities, norms, the snapshot (in full,
+    as float16, or not at all: ``state_snapshot``) and fingerprints of the aux set and of the layer shapes; a
+    monitor restored with :meth:`load_state_dict` continues with identical numbers (``"full"``).
+
+    Copies: ``pickle``, ``copy.deepcopy`` and ``torch.save``/``torch.load`` of a monitor (or of an object
+    holding one, with its model) give a monitor that measures exactly like the original, on the copied
+    model. Hooks exist only during a measurement, so they always go on the model the copy holds.
+
+    Autocast: measurements run with autocast disabled, in the model's own dtype, whether or not the caller
+    is inside ``torch.autocast``; a bfloat16/float16 model is compared in float32.
 
     Args:
         model: the network (DataParallel/DDP and ``torch.compile`` wrappers are unwrapped; module names
@@ -180,6 +126,12 @@ class VelocityMonitor:
         batch_size: split a tensor aux set into batches of this size (None: one batch).
         max_positions: opt-in bounded memory: keep at most this many positions per neuron and sample.
         seed: seed of the monitor's own generator for ``max_positions`` (the global RNG is untouched).
+        state_snapshot: how :meth:`state_dict` holds the snapshot by default: ``"full"`` (exact resume),
+            ``"half"`` (float16, half the bytes of a float32 snapshot) or ``"none"`` (a few bytes per neuron;
+            the restored monitor re-baselines, losing one measurement). Settable later as an attribute.
+
+    Raises:
+        ValueError: the aux set holds NaN or inf, or an argument is out of range.
 
     Example:
         >>> import torch
@@ -203,6 +155,7 @@ class VelocityMonitor:
         batch_size: int | None = None,
         max_positions: int | None = None,
         seed: int = 0,
+        state_snapshot: SnapshotInState = "full",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(model).__name__} is not an nn.Module")
@@ -213,6 +166,8 @@ class VelocityMonitor:
         self.model = model
         self.momentum = float(momentum)
         self.max_positions = max_positions
+        self.state_snapshot: SnapshotInState = state_snapshot
+        _state.check_snapshot_choice(state_snapshot)
         self._seed = seed
         self._inner = unwrap_model(model)
         self._aux = AuxBatches(aux, batch_size)
@@ -258,7 +213,7 @@ class VelocityMonitor:
         accumulator = accumulator_for(device)
         result: Measurement | None = None
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda), _without_autocast(device):
                 if any(training for _, training in modes):
                     self._inner.eval()
                 if baseline:
@@ -285,25 +240,35 @@ class VelocityMonitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue with identical numbers: velocities, norms and the snapshot.
+    def state_dict(self, snapshot: SnapshotInState | None = None) -> dict[str, Any]:
+        """Everything needed to continue: velocities, norms, the snapshot and the fingerprints.
+
+        Args:
+            snapshot: ``"full"`` (identical numbers after a restore), ``"half"`` (float16: half the bytes of a
+                float32 snapshot, a small error in the first measurement after a restore) or ``"none"`` (no
+                snapshot: the restored monitor re-baselines at its next measurement); default
+                ``self.state_snapshot``. See the README's "Checkpoint size" for sizes and errors.
 
         The state's ``"format_version"`` is :data:`STATE_FORMAT`.
         """
-        sums = self._sums
+        snapshot = _state.check_snapshot_choice(self.state_snapshot if snapshot is None else snapshot)
+        sums, kept = self._sums, snapshot != "none"
         return {
             "format_version": STATE_FORMAT,
             "momentum": self.momentum,
             "max_positions": self.max_positions,
             "count": self._count,
-            "has_baseline": self._has_baseline,
+            "has_baseline": self._has_baseline and kept,
+            "snapshot": snapshot,
+            "aux_fingerprint": self._aux.fingerprint(),
+            "layer_fingerprint": _state.layer_fingerprint(self._layers),
             "layers": [
                 {
                     "name": layer.name,
                     "segment": None if layer.segment is None else (layer.segment.start, layer.segment.stop),
-                    "snapshots": [list(per_call) for per_call in layer.snapshots],
+                    **_state.encode_snapshot(layer.snapshots, snapshot),
                     "sample_index": list(layer.sample_index),
-                    **self._fusion.state(layer),
+                    **(self._fusion.state(layer) if kept else {"fed_by": [], "affine": None}),
                 }
                 for layer in self._layers
             ],
@@ -315,33 +280,55 @@ class VelocityMonitor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output onto this monitor's model device.
 
-        Reads states of :data:`STATE_FORMAT` and of the unversioned format before it. Raises ``ValueError``
-        for a state of a newer format, or one saved for other layers.
+        Reads states of :data:`STATE_FORMAT` and of the formats before it. Raises ``ValueError`` for a state
+        of a newer format, one saved for other layers or layer shapes, or one saved with another aux set
+        (states of formats 1-2 have no fingerprints and are not checked for the last two); a refused state
+        leaves the monitor as it was.
         """
-        entries = _saved_layers(state)
-        self._match_layers([entry["name"] for entry in entries])
+        entries = _state.saved_layers(state)
+        layers = self._matched_layers([entry["name"] for entry in entries])
+        _state.check_fingerprints(state, self._aux.fingerprint(), layers)
+        self._layers = layers
         device = model_device(self._inner)
         self.momentum = float(state["momentum"])
         self.max_positions = state["max_positions"]
         self._count = int(state["count"])
         self._has_baseline = bool(state["has_baseline"])
-        for layer, entry in zip(self._layers, entries, strict=True):
+        snapshots = [_state.decode_snapshot(entry) for entry in entries]
+        for layer, entry, saved in zip(self._layers, entries, snapshots, strict=True):
             seg = entry["segment"]
             layer.segment = None if seg is None else slice(seg[0], seg[1])
-            layer.layout = [[None if t is None else slot(t, device) for t in saved] for saved in entry["snapshots"]]
-            layer.sample_index = [_moved(t, device) for t in entry["sample_index"]]
+            layer.layout = [[None if t is None else slot(t, device) for t in per_call] for per_call in saved]
+            layer.sample_index = [_state.moved(t, device) for t in entry["sample_index"]]
         reset_scales(self._layers, first_sq_current=False)  # s restarts at 1; first-slice norms are re-taken
         # Fed BatchNorms: keep the pairing on the CPU fast path; elsewhere rebuild their snapshots from the
         # source's (alpha' * source + beta') and measure them on their own from now on.
         pairing = accumulator_for(device).fuses_batchnorm and self.max_positions is None
-        rebuilt = self._fusion.restore(self._layers, entries, device, pairing)
+        decoded = [{**entry, "snapshots": saved} for entry, saved in zip(entries, snapshots, strict=True)]
+        rebuilt = self._fusion.restore(self._layers, decoded, device, pairing)
         self._allocate_snapshot()
-        self._snapshot.load(self._layers, [entry["snapshots"] for entry in entries], rebuilt)
-        v, prev_sq, first_sq = (_moved(state[key], device) for key in ("v", "prev_sq", "first_sq"))
+        self._snapshot.load(self._layers, snapshots, rebuilt)
+        v, prev_sq, first_sq = (_state.moved(state[key], device) for key in ("v", "prev_sq", "first_sq"))
         self._passes.num_neurons = 0 if v is None else v.numel()
         self._sums = None
         if v is not None and prev_sq is not None and first_sq is not None:
             self._sums = NeuronSums(v, prev_sq, first_sq, self._layers)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickle, ``copy.deepcopy`` and ``torch.save``: the flat buffers travel, per-layer views do not
+        (a pickled view would carry its own copy of the whole buffer and alias nothing)."""
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild every per-layer view onto the copied flat buffers. The model is not touched: inside a
+        deepcopy of an object holding both, it may not be filled in yet."""
+        self.__dict__.update(state)
+        if self._closed:
+            return
+        self._allocate_snapshot()  # same sizes: the copied buffers are kept, the views rebuilt onto them
+        self._fusion.attach(self._layers)
+        if self._sums is not None:
+            self._sums.attach(self._layers)
 
     # ------------------------------------------------------------------ passes
     def _baseline(self, device: torch.device, batches: list[Any], accumulator: Accumulator) -> None:
@@ -377,16 +364,15 @@ class VelocityMonitor:
     def _allocate_snapshot(self) -> None:
         self._snapshot.allocate(self._layers, [self._fusion.stored_layout(layer) for layer in self._layers])
 
-    def _match_layers(self, names: list[str]) -> None:
-        """Take the saved layers (in their order), or raise if they are not this monitor's."""
+    def _matched_layers(self, names: list[str]) -> list[Layer]:
+        """The saved layers (in their order), or ``ValueError`` if they are not this monitor's."""
         by_name = {layer.name: layer for layer in self._layers}
-        if all(n in by_name for n in names):  # the saving monitor may have dropped silent layers
-            self._layers = [by_name[n] for n in names]
-        if names != self.layer_names:
+        if not all(n in by_name for n in names):  # the saving monitor may have dropped silent layers
             raise ValueError(
                 f"This state was saved for layers {names}, but this monitor hooks {self.layer_names}. Build"
                 " the monitor on the same architecture with the same `layers=` selection."
             )
+        return [by_name[n] for n in names]
 
     # ------------------------------------------------------------------ the formulas
     def _finish(self, sums: NeuronSums) -> Measurement:
@@ -432,17 +418,10 @@ class VelocityMonitor:
         )
 
 
-def _moved(t: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if t is None else t.detach().to(device).clone()
 
-
-def _saved_layers(state: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The per-layer entries of a saved state, once its format is known to be one this version reads."""
-    version = state.get("format_version", 1)
-    if version not in range(1, STATE_FORMAT + 1):
-        raise ValueError(
-            f"This VelocityMonitor state has format_version={version!r}, but this version of neve_tune reads"
-            f" formats 1 to {STATE_FORMAT}: it was saved by a newer neve_tune. Load it with that version, or"
-            " start from a fresh monitor (its first measure() takes a new baseline)."
-        )
-    return list(state["layers"])
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off on the model's device: the measurement runs in the model's own dtype."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()

@@ -24,10 +24,20 @@ LR = "neve/lr"
 LR_DECAYED = "neve/lr_decayed"
 #: How many LR decays happened so far.
 NUM_DECAYS = "neve/num_decays"
-#: 1.0 when V fell under ``stop_threshold`` at this step (the trial converged), else 0.0.
+#: 1.0 when the trial's own NeVe decided at this step that it converged, else 0.0.
 CONVERGED = "neve/converged"
-#: 1.0 when V or D was not finite at this step (the trial diverged), else 0.0.
+#: 1.0 when V, D or the training loss was not finite at this step (the trial diverged), else 0.0.
 DIVERGED = "neve/diverged"
+#: 1.0 when the trial's NeVe decided at this step that it stalled (stopped moving without learning).
+STALLED = "neve/stalled"
+#: 1.0 when the trial's NeVe decided at this step that it collapsed (its aux responses froze: dead units).
+COLLAPSED = "neve/collapsed"
+#: The training loss passed to ``NeVe.step(train_loss)`` at this step (absent when none was passed).
+TRAIN_LOSS = "neve/train_loss"
+#: The trial's own ``stop_threshold`` (so a scheduler or pruner can check it agrees).
+STOP_THRESHOLD = "neve/stop_threshold"
+#: The trial's own ``min_epochs`` warm-up.
+MIN_EPOCHS = "neve/min_epochs"
 
 #: Why a trial stopped (a :class:`StopReason` value): a result key in Ray, a tag in MLflow.
 STOP_REASON = "neve/stop_reason"
@@ -39,16 +49,36 @@ class StopReason(str, enum.Enum):
     """Why a trial stopped. The value is the plain string that tags, attributes and results carry."""
 
     CONVERGED = "converged"
-    """The model velocity fell under ``stop_threshold``: training has settled."""
+    """The network moved, learned, and stopped moving: V under ``stop_threshold`` after the warm-up."""
+    STALLED = "stalled"
+    """It stopped moving (or thrashes at chance) without having learned, e.g. an LR far too small."""
+    COLLAPSED = "collapsed"
+    """Its aux responses froze abruptly (dead or constant units, e.g. every ReLU dead)."""
     DIVERGED = "diverged"
-    """The model velocity or the velocity change was NaN or infinite."""
+    """The model velocity, the velocity change or the training loss was NaN or infinite."""
     MAX_T = "max_t"
     """The trial reached the epoch/iteration cap of its scheduler."""
     PRUNED = "pruned"
-    """A wrapped, validation-based pruner (e.g. Optuna's MedianPruner) rejected the trial."""
+    """A cross-trial ranking or a wrapped pruner (e.g. Optuna's MedianPruner) rejected the trial."""
+
+    @property
+    def is_failure(self) -> bool:
+        """True for the reasons that end a trial as a failure (Ray STOP, Optuna PRUNED, never picked)."""
+        return self in _FAILURES
 
     def __str__(self) -> str:
         return self.value
+
+
+_FAILURES = frozenset((StopReason.STALLED, StopReason.COLLAPSED, StopReason.DIVERGED, StopReason.PRUNED))
+
+#: The reasons a trial's own NeVe decides, with the flag key that reports each one.
+DECISION_FLAGS: dict[StopReason, str] = {
+    StopReason.DIVERGED: DIVERGED,
+    StopReason.COLLAPSED: COLLAPSED,
+    StopReason.STALLED: STALLED,
+    StopReason.CONVERGED: CONVERGED,
+}
 
 
 def lr_key(group: int) -> str:
@@ -57,16 +87,22 @@ def lr_key(group: int) -> str:
 
 
 __all__ = [
+    "COLLAPSED",
     "CONVERGED",
+    "DECISION_FLAGS",
     "DIVERGED",
     "EPOCH",
     "LR",
     "LR_DECAYED",
+    "MIN_EPOCHS",
     "MODEL_VELOCITY",
     "NUM_DECAYS",
     "PREFIX",
+    "STALLED",
     "STOP_EPOCH",
     "STOP_REASON",
+    "STOP_THRESHOLD",
+    "TRAIN_LOSS",
     "VELOCITY_CHANGE",
     "StopReason",
     "lr_key",

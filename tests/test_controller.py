@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from neve_tune import NeVe, StopReason, VelocityMonitor, keys, noise_aux
+from neve_tune import NeVe, NeVeRule, StopReason, VelocityMonitor, keys, noise_aux
 from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 from tests.readme import readme_example
 
@@ -57,7 +57,7 @@ def test_measuring_every_epoch_is_bit_identical_to_not_measuring(digits):
     b.load_state_dict(a.state_dict())
     opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
-    neve = NeVe(b, opt_b, noise_aux((1, 8, 8), n=50), patience=1000, stop_threshold=0.0)
+    neve = NeVe(b, opt_b, noise_aux((1, 8, 8), n=50), patience=1000, stop_threshold=1e-12)
 
     train(a, opt_a, digits, 3)
     rng_a = torch.get_rng_state()
@@ -153,6 +153,7 @@ def test_metrics_keys_and_values():
     assert neve.metrics() == {
         keys.EPOCH: 0.0, keys.LR: 0.1, keys.lr_key(0): 0.1, keys.lr_key(1): 0.01,
         keys.LR_DECAYED: 0.0, keys.NUM_DECAYS: 0.0, keys.CONVERGED: 0.0, keys.DIVERGED: 0.0,
+        keys.STALLED: 0.0, keys.COLLAPSED: 0.0, keys.STOP_THRESHOLD: 1e-3, keys.MIN_EPOCHS: 5.0,
     }
     with torch.no_grad():
         model[0].weight.mul_(-1.0)
@@ -281,7 +282,7 @@ def test_step_result_metrics_are_neves_metrics_key_for_key(digits):
     torch.manual_seed(0)
     model = DigitsCNN(width=4)
     opt = torch.optim.SGD([{"params": model.features.parameters()}, {"params": model.head.parameters()}], lr=0.5)
-    neve = NeVe(model, opt, noise_aux((1, 8, 8), n=20), momentum=0.0, patience=0, stop_threshold=0.0)
+    neve = NeVe(model, opt, noise_aux((1, 8, 8), n=20), momentum=0.0, patience=0, stop_threshold=1e-12)
     x, y = digits
     seen = []
     for epoch in range(6):
@@ -298,6 +299,219 @@ def test_step_result_metrics_are_neves_metrics_key_for_key(digits):
     assert seen[-1][keys.NUM_DECAYS] >= 1.0  # patience=0: the LR decayed along the way
     assert {keys.lr_key(0), keys.lr_key(1), keys.NUM_DECAYS, keys.VELOCITY_CHANGE} <= set(seen[-1])
 
-    restored = NeVe(model, opt, noise_aux((1, 8, 8), n=20), momentum=0.0, patience=0, stop_threshold=0.0)
+    restored = NeVe(model, opt, noise_aux((1, 8, 8), n=20), momentum=0.0, patience=0, stop_threshold=1e-12)
     restored.load_state_dict(neve.state_dict())
     assert restored.metrics() == neve.metrics() == restored.last_result.metrics()
+
+
+# ---------------------------------------------------------------- issue 12: converged only for a network that learned
+# The README's digits loop, varied as a new user would. Before issue 12 every one of these but the healthy run was
+# called "converged" (no BN lr=1e-4: epoch 1 at 11.8%; BN lr=1e-5: epoch 7 at 13.3%; the collapse: epoch 11 at 10%).
+
+
+def _readme_loop(*, bn=True, lr=0.1, batch=64, with_loss=True, epochs=60, **neve_kwargs):
+    """The README's plain-PyTorch loop (seed 0, unshuffled batches), passing the epoch's mean loss to step()."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    torch.manual_seed(0)
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(data.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    norm = [nn.BatchNorm2d(16)] if bn else []
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), *norm, nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    neve = NeVe(model, opt, noise_aux((1, 8, 8), n=100), **neve_kwargs)
+    with _one_thread():
+        result = _train_readme(neve, model, opt, x_tr, y_tr, batch, with_loss, epochs)
+    model.eval()
+    with torch.no_grad():
+        test_acc = (model(x_te).argmax(1) == y_te).float().mean().item()
+    return neve, result, test_acc
+
+
+class _one_thread:
+    """Train on one thread (the numbers do not depend on it; the 2 shared cores do)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def _train_readme(neve, model, opt, x_tr, y_tr, batch, with_loss, epochs):
+    for _ in range(epochs):
+        model.train()
+        total = 0.0
+        for xb, yb in zip(x_tr.split(batch), y_tr.split(batch), strict=True):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(yb)
+        result = neve.step(total / len(y_tr) if with_loss else None)
+        if neve.should_stop:
+            break
+    return result
+
+
+@pytest.mark.parametrize("with_loss", [True, False])
+def test_healthy_readme_run_still_converges_at_epoch_18(with_loss):
+    neve, result, test_acc = _readme_loop(with_loss=with_loss)
+    assert (result.epoch, result.stop_reason) == (18, StopReason.CONVERGED)
+    assert neve.converged and neve.should_stop and neve.stop_reason is StopReason.CONVERGED
+    assert test_acc >= 0.98  # 0.987
+
+
+@pytest.mark.parametrize(("with_loss", "epoch"), [(True, 6), (False, 5)])
+def test_no_batchnorm_lr_1e4_is_stalled_not_converged(with_loss, epoch):
+    """HEAD: converged at epoch 1 at 11.8% test accuracy. The network never moved (peak V ~2e-4)."""
+    neve, result, test_acc = _readme_loop(bn=False, lr=1e-4, with_loss=with_loss)
+    assert (result.epoch, result.stop_reason) == (epoch, StopReason.STALLED)
+    assert neve.should_stop and not neve.converged and result.stalled
+    assert test_acc < 0.2
+    assert "stalled" in result.message and "learning rate" in result.message
+
+
+def test_batchnorm_lr_1e5_is_stalled_with_the_training_loss():
+    """HEAD: converged at epoch 7 at 13.3% (the early V is BN statistics settling). The loss shows no learning."""
+    _, result, test_acc = _readme_loop(lr=1e-5)
+    assert (result.epoch, result.stop_reason) == (7, StopReason.STALLED)
+    assert "chance-level loss" in result.detail
+    assert test_acc < 0.2
+
+
+@pytest.mark.parametrize(("lr", "with_loss"), [(0.2, True), (0.5, False), (2.0, True), (5.5, False)])
+def test_collapsed_network_sgd_momentum_batch_16_is_collapsed(lr, with_loss):
+    """HEAD: converged at epoch 11 at chance (every ReLU dead). The raw change freezes at epoch 4."""
+    neve, result, test_acc = _readme_loop(lr=lr, batch=16, with_loss=with_loss)
+    assert (result.epoch, result.stop_reason) == (5, StopReason.COLLAPSED)  # frozen at 4, reported after warm-up
+    assert result.collapsed and neve.should_stop and not neve.converged
+    assert "froze at epoch 4" in result.detail
+    assert test_acc <= 0.11
+    m = neve.metrics()
+    assert (m[keys.COLLAPSED], m[keys.CONVERGED], m[keys.STALLED]) == (1.0, 0.0, 0.0)
+
+
+def test_warm_up_decides_nothing_but_divergence():
+    _, result, _ = _readme_loop(bn=False, lr=1e-4, min_epochs=9)
+    assert (result.epoch, result.stop_reason) == (9, StopReason.STALLED)  # V was under 1e-3 from epoch 1
+    _, result, _ = _readme_loop(lr=1e4, min_epochs=50, epochs=3)
+    assert (result.epoch, result.stop_reason) == (1, StopReason.DIVERGED)  # divergence ignores the warm-up
+
+
+def _tabular_loop(*, lr, batch, norm, with_loss=True, epochs=60):
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+
+    x, y = make_classification(
+        n_samples=3000, n_features=20, n_informative=10, n_redundant=4, n_classes=5, random_state=0
+    )
+    x_tr, _, y_tr, _ = train_test_split(torch.tensor(x, dtype=torch.float32), torch.tensor(y), test_size=0.25,
+                                        stratify=y, random_state=0)  # fmt: skip
+    x_tr = (x_tr - x_tr.mean(0)) / x_tr.std(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 128), norm(128), nn.ReLU(), nn.Linear(128, 64), norm(64), nn.ReLU(), nn.Linear(64, 5)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    neve = NeVe(model, opt, noise_aux((20,), n=100))
+    g = torch.Generator().manual_seed(0)
+    with _one_thread():
+        return _train_tabular(neve, model, opt, x_tr, y_tr, g, batch, with_loss, epochs)
+
+
+def _train_tabular(neve, model, opt, x_tr, y_tr, g, batch, with_loss, epochs):
+    for _ in range(epochs):
+        total = 0.0
+        for idx in torch.randperm(len(y_tr), generator=g).split(batch):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        result = neve.step(total / len(y_tr) if with_loss else None)
+        if result.should_stop:
+            break
+    return result
+
+
+@pytest.mark.slow
+def test_stuck_at_chance_with_a_velocity_that_never_settles_is_stalled_with_the_loss():
+    """An LR too large for batch 16: V stays ~1e-2 for 60 epochs at chance. HEAD: ran to the cap."""
+    result = _tabular_loop(lr=2.0, batch=16, norm=nn.LayerNorm)
+    assert (result.epoch, result.stop_reason) == (35, StopReason.STALLED)
+    assert result.detail.startswith("unsettled") and result.model_velocity > 1e-3
+    # Without the loss nothing validation-free tells it from a network still learning: it runs to the cap.
+    result = _tabular_loop(lr=2.0, batch=16, norm=nn.LayerNorm, with_loss=False)
+    assert (result.epoch, result.stop_reason) == (60, None)
+
+
+def test_num_classes_is_inferred_only_from_a_final_linear():
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    head = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert NeVe(head, opt(head), torch.randn(8, 4)).rule.num_classes == 3
+    regression = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    assert NeVe(regression, opt(regression), torch.randn(8, 4)).rule.num_classes is None
+    normed = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    assert NeVe(normed, opt(normed), torch.randn(8, 4)).rule.num_classes is None
+    assert NeVe(head, opt(head), torch.randn(8, 4), num_classes=0).rule.num_classes is None
+    assert NeVe(head, opt(head), torch.randn(8, 4), num_classes=7).rule.num_classes == 7
+
+
+def test_step_takes_a_loss_tensor_and_refuses_other_things():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    neve = NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(8, 4))
+    assert neve.step(torch.tensor(0.7, requires_grad=True)).train_loss == pytest.approx(0.7)
+    assert neve.metrics()[keys.TRAIN_LOSS] == pytest.approx(0.7)
+    with pytest.raises(TypeError, match=r"one-element tensor, but got a tensor of shape \(2,\)"):
+        neve.step(torch.tensor([0.5, 0.6]))
+    with pytest.raises(TypeError, match="train_loss must be a number or a one-element tensor, but got str"):
+        neve.step("0.5")  # type: ignore[arg-type]
+    result = neve.step(math.nan)
+    assert result.diverged and "the training loss is nan" in result.message
+
+
+def test_properties_before_and_after_a_stop():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    neve = NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(8, 4), min_epochs=1)
+    assert (neve.should_stop, neve.converged, neve.stop_reason) == (False, False, None)
+    neve.step()  # nothing moved: stalled
+    assert (neve.should_stop, neve.converged, neve.stop_reason) == (True, False, StopReason.STALLED)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\), but got momentum=1.0."),
+        ({"momentum": -0.1}, r"momentum must be in \[0, 1\), but got momentum=-0.1."),
+        ({"momentum": math.nan}, r"momentum must be in \[0, 1\), but got momentum=nan."),
+        ({"stop_threshold": 0.0}, r"stop_threshold must be a finite number > 0, but got stop_threshold=0.0."),
+        ({"stop_threshold": -1e-3}, r"stop_threshold must be a finite number > 0, but got stop_threshold=-0.001."),
+        ({"min_epochs": -1}, r"min_epochs must be an integer >= 0, but got min_epochs=-1."),
+        ({"min_epochs": 2.5}, r"min_epochs must be an integer >= 0, but got min_epochs=2.5."),
+        ({"num_classes": 1}, r"num_classes must be None, 0 \(unknown\) or an integer >= 2, but got num_classes=1."),
+    ],
+)
+def test_bad_settings_are_refused_with_their_value(kwargs, message):
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=message):
+        NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(8, 4), **kwargs)
+
+
+def test_state_keeps_the_stop_detector_as_json():
+    """The rule state (detector histories included) is plain JSON and restores exactly."""
+    import json
+
+    neve, result, _ = _readme_loop(lr=0.5, batch=16, epochs=4)
+    assert result.stop_reason is None  # frozen at epoch 4, but the warm-up lasts to epoch 5
+    state = json.loads(json.dumps(neve.state_dict()["rule"]))
+    assert state["detector"]["froze_at"] == 4 and state["min_epochs"] == 5
+    rule = NeVeRule()
+    rule.load_state_dict(state)
+    assert rule.detector.state_dict() == neve.rule.detector.state_dict()

@@ -1,5 +1,6 @@
 """End-to-end Optuna runs with real NeVe training: digits studies, MLflow logging, 3 worker processes on
-one SQLite file, and a worker killed mid-trial (heartbeat + retry).
+one SQLite file, a worker killed mid-trial (heartbeat + retry), and 3 processes sharing enqueued trials on
+one journal file (issue 12), the README's several-workers recipe among them.
 
 Worker processes run :func:`_worker` from this module (``python -c "from tests.test_optuna_e2e import
 _worker; ..."``), so this module imports nothing heavy at the top beyond optuna and torch.
@@ -484,3 +485,202 @@ def test_worker_killed_mid_trial_is_failed_and_retried_nothing_else_lost(tmp_pat
         _check_final_trial(trial)  # the retry restarted at epoch 1: its history is one run, not two
     for old, new in zip(before[:2], after[:2], strict=True):  # nothing finished before the kill changed
         assert (old.state, old.value, old.params, old.user_attrs) == (new.state, new.value, new.params, new.user_attrs)
+
+
+# --- enqueued trials across worker processes: journal storage ---------------------------------------------
+
+
+def _queue_storage(where: str):
+    """A ``sqlite:///`` URL gives an RDB storage (the racy setup of issue 12), a path a journal file."""
+    if where.startswith("sqlite:"):
+        return optuna.storages.RDBStorage(where, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(where))
+
+
+def _synchronise(folder: Path, name: str, index: int, n_workers: int) -> None:
+    """Wait until every worker reached ``name``, so the workers really contend for the same queue."""
+    folder.joinpath(f"{name}-{index}").touch()
+    deadline = time.time() + 120
+    while len(list(folder.glob(f"{name}-*"))) < n_workers:
+        if any(folder.glob("failed-*")):
+            raise RuntimeError(f"another worker failed before {name}")
+        assert time.time() < deadline, f"the other workers never reached {name}"
+        time.sleep(0.005)
+
+
+def _pruning_objective(epoch_sleep: float, max_epochs: int = 4):
+    """A cheap NeVe-reporting objective: odd configurations diverge at epoch 2 (PRUNED), even ones run to
+    the cap (COMPLETE). Synthetic velocities through the real ``report_epoch`` and ``NeVePruner``."""
+
+    def objective(trial):
+        config = trial.suggest_int("config", 0, 999)
+        trial.set_user_attr("pid", os.getpid())
+        for epoch in range(1, max_epochs + 1):
+            time.sleep(epoch_sleep)
+            diverged = config % 2 == 1 and epoch == 2
+            velocity = math.nan if diverged else 0.5 * 0.8**epoch
+            metrics = {keys.EPOCH: float(epoch), keys.MODEL_VELOCITY: velocity, keys.DIVERGED: float(diverged)}
+            if report_epoch(trial, metrics, float(epoch), max_epochs=max_epochs):
+                break
+        return float(config)
+
+    return objective
+
+
+def _queue_worker(config_json: str) -> None:
+    """Entry point of a queue worker: per round, join the round's study, enqueue two trials, optimize two."""
+    config = json.loads(config_json)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    barrier, index, n_workers = Path(config["barrier"]), config["index"], config["n_workers"]
+    try:
+        for rnd in range(config["rounds"]):
+            _synchronise(barrier, f"create{rnd}", index, n_workers)
+            study = optuna.create_study(
+                study_name=f"round-{rnd}",
+                storage=_queue_storage(config["storage"]),
+                direction="maximize",
+                pruner=NeVePruner(),
+                sampler=optuna.samplers.RandomSampler(seed=index),
+                load_if_exists=True,
+            )
+            for k in range(2):
+                study.enqueue_trial({"config": 100 * rnd + 10 * index + k})
+            _synchronise(barrier, f"optimize{rnd}", index, n_workers)
+            study.optimize(_pruning_objective(config["epoch_sleep"]), n_trials=2, catch=())
+    except BaseException:
+        barrier.joinpath(f"failed-{index}").touch()  # the others stop waiting for this worker
+        raise
+
+
+def _run_queue_workers(storage: str, barrier: Path, *, rounds: int, n_workers: int = 3) -> list[tuple[int, str]]:
+    """Start ``n_workers`` queue workers on one storage; their (return code, output) once all ended."""
+    code = "import sys; from tests.test_optuna_e2e import _queue_worker; _queue_worker(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    barrier.mkdir(parents=True, exist_ok=True)
+    common = dict(storage=storage, barrier=str(barrier), rounds=rounds, n_workers=n_workers, epoch_sleep=0.02)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps({**common, "index": i})],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n_workers)
+    ]
+    outputs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        outputs.append((proc.returncode, out))
+    return outputs
+
+
+def _queue_problems(storage, rounds: int, n_workers: int = 3) -> list[str]:
+    """What went wrong in each round's study: every enqueued configuration must end exactly once."""
+    problems = []
+    for rnd in range(rounds):
+        trials = optuna.load_study(study_name=f"round-{rnd}", storage=storage).trials
+        enqueued = sorted(100 * rnd + 10 * i + k for i in range(n_workers) for k in range(2))
+        ran = sorted(t.params.get("config", -1) for t in trials)
+        if ran != enqueued:
+            problems.append(f"round {rnd}: ran {ran}, enqueued {enqueued}")
+        for t in trials:
+            if t.state not in FINAL:
+                problems.append(f"round {rnd}: trial {t.number} left {t.state.name}")
+            elif (t.state is TrialState.PRUNED) != (t.params["config"] % 2 == 1):
+                problems.append(f"round {rnd}: trial {t.number} (config {t.params['config']}) {t.state.name}")
+    return problems
+
+
+def test_three_worker_processes_on_one_journal_file_run_every_enqueued_trial_exactly_once(tmp_path):
+    """Issue 12: three processes on one study, each enqueueing two trials and optimizing two, some pruned.
+    On a shared SQLite file two workers can pop the same enqueued trial (SQLite ignores SELECT ... FOR
+    UPDATE), one prunes it, the other dies on "Cannot tell a PRUNED trial" and its trials stay WAITING.
+    On a journal file, the first RUNNING record in the log wins: every trial runs once, no worker fails."""
+    rounds = 5
+    journal = str(tmp_path / "journal.log")
+    outputs = _run_queue_workers(journal, tmp_path / "barrier", rounds=rounds)
+    assert [rc for rc, _ in outputs] == [0, 0, 0], "\n".join(out for _, out in outputs)
+    storage = _queue_storage(journal)
+    assert _queue_problems(storage, rounds) == []
+    trials = [t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)]
+    assert len(trials) == 6 * rounds
+    assert sum(t.state is TrialState.PRUNED for t in trials) == 3 * rounds
+    assert all(t.user_attrs[STOP_REASON_ATTR] == "diverged" for t in trials if t.state is TrialState.PRUNED)
+    assert all(t.user_attrs[STOP_EPOCH_ATTR] == 2 for t in trials if t.state is TrialState.PRUNED)
+    assert len({t.user_attrs["pid"] for t in trials}) == 3  # all three processes ran trials
+
+
+def _lr_objective(epoch_sleep: float = 0.02, max_epochs: int = 4):
+    """The README objective's search space (``lr``), cheap: lr above 10 diverges at epoch 2 (PRUNED)."""
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e-2, 1e3, log=True)
+        trial.set_user_attr("pid", os.getpid())
+        for epoch in range(1, max_epochs + 1):
+            time.sleep(epoch_sleep)
+            diverged = lr > 10 and epoch == 2
+            velocity = math.nan if diverged else 0.5 * 0.8**epoch
+            metrics = {keys.EPOCH: float(epoch), keys.MODEL_VELOCITY: velocity, keys.DIVERGED: float(diverged)}
+            if report_epoch(trial, metrics, 1 / (1 + lr), max_epochs=max_epochs):
+                break
+        return 1 / (1 + lr)
+
+    return objective
+
+
+def _readme_worker(config_json: str) -> None:
+    """A worker running the README's several-workers recipe as written, with a cheap ``objective``."""
+    config = json.loads(config_json)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    barrier = Path(config["barrier"])
+    try:
+        _synchronise(barrier, "start", config["index"], config["n_workers"])
+        namespace = {"__name__": "readme_optuna_workers", "objective": _lr_objective()}
+        exec(compile(readme_example("optuna-workers"), "README.md:optuna-workers", "exec"), namespace)
+    except BaseException:
+        barrier.joinpath(f"failed-{config['index']}").touch()
+        raise
+
+
+def test_readme_several_workers_recipe_runs_in_three_processes(tmp_path):
+    """The README recipe, as written, in three processes on one machine: a journal file in the working
+    directory, each worker enqueueing lr=0.05 and adding 10 trials; every trial ends exactly once."""
+    code = "import sys; from tests.test_optuna_e2e import _readme_worker; _readme_worker(sys.argv[1])"
+    env = {k: v for k, v in os.environ.items() if k != "OPTUNA_STORAGE"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    (tmp_path / "barrier").mkdir()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                json.dumps({"barrier": str(tmp_path / "barrier"), "index": i, "n_workers": 3}),
+            ],
+            cwd=tmp_path,  # the recipe's journal file lands here
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    for proc in procs:
+        _wait(proc)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna_journal.log"))
+    )
+    trials = optuna.load_study(study_name="digits-neve", storage=storage).trials
+    assert len(trials) == 30 and sorted(t.number for t in trials) == list(range(30))
+    assert all(t.state in FINAL for t in trials), [t.state.name for t in trials]
+    assert sum(t.params["lr"] == 0.05 for t in trials) == 3  # the three enqueued trials, each run once
+    assert all(t.state is TrialState.PRUNED for t in trials if t.params["lr"] > 10)
+    assert all(t.state is TrialState.COMPLETE for t in trials if t.params["lr"] <= 10)
+    assert len({t.user_attrs["pid"] for t in trials}) == 3
+    assert not list(tmp_path.glob("*.db"))  # no SQLite file

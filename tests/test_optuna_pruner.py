@@ -213,8 +213,8 @@ def test_no_report_no_decision(storage_url):
     [
         ({"n_warmup_steps": -1}, ValueError, "Number of warmup steps cannot be negative, but got n_warmup_steps=-1."),
         ({"interval_steps": 0}, ValueError, "Pruning interval steps must be at least 1, but got interval_steps=0."),
-        ({"stop_threshold": -1.0}, ValueError, "stop_threshold must be a finite number >= 0"),
-        ({"stop_threshold": math.nan}, ValueError, "stop_threshold must be a finite number >= 0"),
+        ({"stop_threshold": -1.0}, ValueError, "stop_threshold must be a finite number > 0"),
+        ({"stop_threshold": math.nan}, ValueError, "stop_threshold must be a finite number > 0"),
         ({"base_pruner": "median"}, TypeError, "base_pruner must be an optuna.pruners.BasePruner or None"),
         ({"base_pruner": NeVePruner()}, ValueError, "must not be another NeVePruner"),
     ],
@@ -238,7 +238,7 @@ def test_report_epoch_converged_returns_and_trial_completes(storage_url):
     trial = study.ask()
     assert report_epoch(trial, metrics(1, 0.5), 0.8) is None
     assert report_epoch(trial, metrics(2, 0.01, 0.02), 0.9) is None
-    reason = report_epoch(trial, metrics(3, 5e-4, 1e-4), 0.95)
+    reason = report_epoch(trial, metrics(3, 5e-4, 1e-4, converged=1.0), 0.95)  # the trial's own decision
     assert reason is StopReason.CONVERGED and reason  # truthy: `if report_epoch(...): break`
     study.tell(trial, 0.95)
 
@@ -247,7 +247,7 @@ def test_report_epoch_converged_returns_and_trial_completes(storage_url):
     assert frozen.intermediate_values == {0: 0.8, 1: 0.9, 2: 0.95}
     assert frozen.user_attrs[STOP_REASON_ATTR] == "converged"
     assert frozen.user_attrs[STOP_EPOCH_ATTR] == 3
-    assert frozen.user_attrs[NEVE_ATTR] == {"step": 2, "value": 0.95, **metrics(3, 5e-4, 1e-4)}
+    assert frozen.user_attrs[NEVE_ATTR] == {"step": 2, "value": 0.95, **metrics(3, 5e-4, 1e-4, converged=1.0)}
     history = frozen.user_attrs[HISTORY_ATTR]
     assert [e["step"] for e in history] == [0, 1, 2]
     assert [e[keys.MODEL_VELOCITY] for e in history] == [0.5, 0.01, 5e-4]
@@ -345,14 +345,17 @@ def test_report_epoch_accepts_a_neve_controller_and_a_step_result(storage_url):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    neve = NeVe(model, opt, torch.randn(16, 4), stop_threshold=1e-3)
-    study = make_study(storage_url, NeVePruner(stop_threshold=1e-3))
+    neve = NeVe(model, opt, torch.randn(16, 4), stop_threshold=1e-3, min_epochs=0)
+    study = make_study(storage_url, NeVePruner())
     trial = study.ask()
-    result = neve.step()  # no training: the model did not move, V == 0 < threshold
-    assert report_epoch(trial, neve, 0.5) is StopReason.CONVERGED
+    result = neve.step()  # no training: the model never moved, V == 0: stalled (issue 12), not converged
+    with pytest.raises(optuna.TrialPruned, match="stalled at epoch 1"):
+        report_epoch(trial, neve, 0.5)
     assert trial.user_attrs[NEVE_ATTR] == {"step": 0, "value": 0.5, **neve.metrics()}
+    assert trial.user_attrs[STOP_REASON_ATTR] == "stalled"
     other = study.ask()
-    assert report_epoch(other, result, 0.5) is StopReason.CONVERGED
+    with pytest.raises(optuna.TrialPruned):
+        report_epoch(other, result, 0.5)
     stored = other.user_attrs[NEVE_ATTR]
     assert stored[keys.MODEL_VELOCITY] == result.model_velocity and stored[keys.EPOCH] == 1.0
 
@@ -368,7 +371,7 @@ def test_report_epoch_rejects_bad_input(storage_url):
         report_epoch(trial, metrics(1, 0.3), 0.5, max_epochs=0)
 
 
-def _still_neve(torch, *, stop_threshold=0.0):
+def _still_neve(torch, *, stop_threshold=1e-12):
     """A NeVe whose model stands still: V = 0, so with patience=0 the LR decays from epoch 3 on."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -381,7 +384,7 @@ def test_report_epoch_metrics_are_neves_metrics_key_for_key(storage_url):
     """What report_epoch stores is NeVe.metrics(), for a NeVe and for a StepResult, num_decays included."""
     torch = pytest.importorskip("torch")
     neve = _still_neve(torch)
-    study = make_study(storage_url, NeVePruner(stop_threshold=0.0))
+    study = make_study(storage_url, NeVePruner())
     from_neve, from_result = study.ask(), study.ask()
     for _ in range(4):
         result = neve.step()
@@ -397,19 +400,87 @@ def test_report_epoch_metrics_are_neves_metrics_key_for_key(storage_url):
 
 
 def test_report_epoch_decides_with_the_public_decide(storage_url):
-    """With a NeVePruner: decide(metrics, stop_threshold=pruner's) on its check steps; else the trial's flags."""
+    """With a NeVePruner: the trial's flags (decide(metrics)) on the pruner's check steps only."""
     from neve_tune import decide
 
     pruner = NeVePruner(stop_threshold=1e-3, n_warmup_steps=1, interval_steps=2)
     study = make_study(storage_url, pruner)
     trial = study.ask()
     for epoch in range(1, 7):
-        m = metrics(epoch, 5e-4 if epoch >= 3 else 0.5, 0.0 if epoch > 1 else None)
+        m = metrics(epoch, 5e-4 if epoch >= 3 else 0.5, 0.0 if epoch > 1 else None, converged=float(epoch >= 3))
         checked = pruner.is_check_step(epoch - 1, range(epoch))
-        expected = decide(m, stop_threshold=1e-3) if checked else None
+        expected = decide(m) if checked else None
         assert report_epoch(trial, m, 0.5) is expected, epoch
         if expected is not None:
             break
     assert (epoch, trial.user_attrs[STOP_REASON_ATTR]) == (4, "converged")  # steps 1, 3, 5 are checks
     assert [pruner.is_check_step(s, range(s + 1)) for s in range(6)] == [False, True, False, True, False, True]
     assert pruner.is_check_step(4, [0, 1, 2, 4])  # step 3 was not reported: its check moves to step 4
+
+
+# --- issue 12: one decision source, every reason ---------------------------------------------------------
+
+
+def _flags(**set_flags):
+    out = {keys.CONVERGED: 0.0, keys.STALLED: 0.0, keys.COLLAPSED: 0.0, keys.DIVERGED: 0.0, keys.STOP_THRESHOLD: 1e-3}
+    out.update({"neve/" + k: v for k, v in set_flags.items()})
+    return out
+
+
+@pytest.mark.parametrize("reason", ["stalled", "collapsed"])
+def test_stalled_and_collapsed_trials_end_pruned_never_best(storage_url, reason):
+    study = make_study(storage_url, NeVePruner())
+    good = study.ask()
+    assert report_epoch(good, {**metrics(1, 5e-4), **_flags(converged=1.0)}, 0.5) is StopReason.CONVERGED
+    study.tell(good, 0.5)
+    bad = study.ask()
+    assert report_epoch(bad, {**metrics(1, 0.2), **_flags()}, 0.9) is None
+    with pytest.raises(optuna.TrialPruned, match=f"Trial 1 {reason} at epoch 2"):
+        report_epoch(bad, {**metrics(2, 5e-4, 1e-4), **_flags(**{reason: 1.0})}, 0.99)
+    study.tell(bad, state=TrialState.PRUNED)
+    frozen = study.trials[1]
+    assert frozen.state is TrialState.PRUNED
+    assert (frozen.user_attrs[STOP_REASON_ATTR], frozen.user_attrs[STOP_EPOCH_ATTR]) == (reason, 2)
+    assert study.best_trial.number == 0  # the higher value of the pruned trial never counts
+    # Through should_prune too (a hand-written loop): the pruner prunes on the trial's flag.
+    other = study.ask()
+    other.set_user_attr(NEVE_ATTR, {**neve_attr(0, 5e-4), **_flags(**{reason: 1.0})})
+    other.report(0.1, 0)
+    assert other.should_prune()
+
+
+def test_pruner_follows_the_trials_own_threshold_and_warns_once(storage_url):
+    """Issue 12 item 2: NeVe(stop_threshold=0.01) with NeVePruner(stop_threshold=1e-3) stops where NeVe says."""
+    study = make_study(storage_url, NeVePruner(stop_threshold=1e-3))
+    trial = study.ask()
+    own = {keys.STOP_THRESHOLD: 0.01}
+    both = r"NeVePruner \(trial 0\) was given stop_threshold=0.001.*reports stop_threshold=0.01"
+    with pytest.warns(UserWarning, match=both):
+        assert report_epoch(trial, {**metrics(1, 0.2), **own}, 0.5) is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per trial
+        # V = 5e-3: under the trial's 0.01, so its NeVe said converged; the pruner's 1e-3 does not recompute it.
+        reason = report_epoch(trial, {**metrics(2, 5e-3, 1e-4, converged=1.0), **own}, 0.6)
+    assert reason is StopReason.CONVERGED
+    # And the reverse: V = 5e-4 is under the pruner's 1e-3, but the trial did not say converged.
+    follow = make_study(storage_url.replace("optuna.db", "b.db"), NeVePruner())
+    t = follow.ask()
+    assert report_epoch(t, {**metrics(1, 5e-4), **_flags(), keys.STOP_THRESHOLD: 1e-4}, 0.5) is None
+
+
+def test_report_epoch_with_train_loss_steps_neve(storage_url):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    neve = NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(16, 4))
+    study = make_study(storage_url, NeVePruner())
+    trial = study.ask()
+    assert report_epoch(trial, neve, 0.5, train_loss=torch.tensor(0.69)) is None
+    assert neve.last_epoch == 1 and trial.user_attrs[NEVE_ATTR][keys.TRAIN_LOSS] == pytest.approx(0.69)
+    neve.step(0.6)
+    with pytest.raises(ValueError, match=r"already called for this epoch"):
+        report_epoch(trial, neve, 0.5, train_loss=0.6)
+    with pytest.raises(TypeError, match="needs the neve_tune.NeVe controller"):
+        report_epoch(trial, neve.metrics(), 0.5, train_loss=0.6)

@@ -221,7 +221,7 @@ def test_missing_time_attr_and_non_numeric_velocity_are_explained():
         ({"grace_period": -1}, r"grace_period must be a finite number >= 0, but got grace_period=-1"),
         ({"max_t": 0}, r"max_t must be None or a number > 0, but got max_t=0"),
         ({"max_t": 3, "grace_period": 5}, r"grace_period must be <= max_t"),
-        ({"stop_threshold": -1.0}, r"stop_threshold must be a finite number >= 0"),
+        ({"stop_threshold": -1.0}, r"stop_threshold must be a finite number > 0"),
         ({"mode": "maximize"}, r"mode must be 'min', 'max' or None, but got mode='maximize'"),
         ({"velocity_key": ""}, r"velocity_key must be a non-empty string"),
     ],
@@ -439,7 +439,7 @@ def test_report_epoch_reports_neves_metrics_key_for_key(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.01}], lr=0.1)
     # The model stands still: V = 0, and with patience=0 the LR decays from epoch 3 on.
-    neve = NeVe(model, opt, torch.randn(16, 4), momentum=0.0, patience=0, stop_threshold=0.0)
+    neve = NeVe(model, opt, torch.randn(16, 4), momentum=0.0, patience=0, min_epochs=0)
     for _ in range(4):
         step = neve.step()
         reported = report_epoch(neve, {"train_loss": 0.25}, model=model, optimizer=opt, checkpoint_every=2)
@@ -448,10 +448,11 @@ def test_report_epoch_reports_neves_metrics_key_for_key(monkeypatch):
     assert [m[keys.NUM_DECAYS] for m, _ in sent] == [0.0, 0.0, 1.0, 1.0]
     assert [c is not None for _, c in sent] == [False, True, False, True]
     assert keys.lr_key(1) in sent[-1][0]
-    # What the scheduler reads from such a report is the public decision on it.
-    sched = NeVeScheduler(stop_threshold=1e-3)
+    # What the scheduler reads from such a report is the trial's own decision: a model that never moved
+    # is stalled (issue 12), not converged.
+    sched = NeVeScheduler()
     info = sched.check_result({IT: 4, **sent[-1][0]})
-    assert info.reason is decide(sent[-1][0], stop_threshold=1e-3) is StopReason.CONVERGED
+    assert info.reason is decide(sent[-1][0]) is StopReason.STALLED
 
 
 def test_scheduler_decisions_are_the_public_decide():
@@ -477,3 +478,96 @@ def test_a_scheduler_pickled_with_a_rule_object_still_restores(tmp_path):
     assert restored.check_result(result(2, 0.2)).reason is StopReason.CONVERGED
     unpickled = pickle.loads(pickle.dumps(restored))
     assert unpickled.stop_threshold == 0.25 and repr(unpickled) == repr(restored)
+
+
+# --- issue 12: one decision source, every reason ---------------------------------------------------------
+
+
+def _own_threshold_run(stop_threshold: float, epochs: int = 30) -> list[dict]:
+    """Flat results of a real digits run whose NeVe has its own stop_threshold, until NeVe says stop."""
+    splits = load_digits_splits()
+    torch.manual_seed(0)
+    model = DigitsCNN(width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    neve = NeVe(model, opt, noise_aux((1, 8, 8), n=64, seed=0), patience=2, stop_threshold=stop_threshold)
+    x, y = splits.x_train, splits.y_train
+    out = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for epoch in range(1, epochs + 1):
+            total = 0.0
+            for idx in torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).split(64):
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx) / len(y)
+            neve.step(total)
+            out.append({IT: epoch, "loss": total, **neve.metrics()})
+            if neve.should_stop:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_scheduler_follows_the_trials_own_threshold_and_warns_once_when_given_another():
+    """Issue 12 item 2: NeVe(stop_threshold=0.01) stops where NeVe says, whatever the scheduler's threshold."""
+    results = _own_threshold_run(0.01)
+    own_stop = len(results)
+    assert results[-1][keys.CONVERGED] == 1.0 and results[-1][keys.STOP_THRESHOLD] == 0.01
+    assert results[-1][V] >= 1e-3  # a scheduler recomputing with 1e-3 (as on HEAD) would not stop here
+    follow, trial = NeVeScheduler(), new_trial()
+    assert drive(follow, trial, results)[-1] == STOP and follow.stop_info(trial.trial_id).epoch == own_stop
+    disagreeing, trial = NeVeScheduler(stop_threshold=1e-3), new_trial()
+    both = r"given stop_threshold=0\.001, but the trial's NeVe reports stop_threshold=0\.01"
+    with pytest.warns(UserWarning, match=both):
+        decisions = drive(disagreeing, trial, results)
+    assert decisions[-1] == STOP and len(decisions) == own_stop
+    assert disagreeing.stop_info(trial.trial_id).reason is StopReason.CONVERGED
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per trial: no second warning for the same trial
+        disagreeing.on_trial_result(None, trial, results[0])
+
+
+@pytest.mark.parametrize("reason", [StopReason.STALLED, StopReason.COLLAPSED])
+def test_stalled_and_collapsed_trials_are_stopped_and_recorded(reason):
+    flags = {keys.CONVERGED: 0.0, keys.STALLED: 0.0, keys.COLLAPSED: 0.0, keys.DIVERGED: 0.0}
+    sched, trial = NeVeScheduler(grace_period=3, max_t=50), new_trial()
+    sched.on_trial_add(None, trial)
+    flagged = {**flags, keys.MODEL_VELOCITY: 1e-4, "neve/" + reason.value: 1.0}
+    assert sched.on_trial_result(None, trial, result(2, **flagged)) == CONTINUE  # inside the grace period
+    assert sched.on_trial_result(None, trial, result(3, **flagged)) == STOP
+    info = sched.stop_info(trial.trial_id)
+    assert (info.reason, info.epoch) == (reason, 3)
+    trial.update_last_result(result(3, **flagged))
+    sched.on_trial_complete(None, trial, trial.last_result)
+    assert trial.last_result[STOP_REASON] == reason.value
+    assert StopInfo.from_metrics(trial.last_result).reason is reason
+    # A flagged result with a tiny V but no stop flag set continues: the trial's NeVe decides, not V.
+    quiet = {**flags, keys.MODEL_VELOCITY: 1e-6}
+    assert NeVeScheduler().on_trial_result(None, new_trial(), result(9, **quiet)) == CONTINUE
+
+
+def test_report_epoch_with_train_loss_steps_neve_and_refuses_a_double_step(monkeypatch):
+    import ray.tune
+
+    sent = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, checkpoint=None: sent.append(metrics))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    neve = NeVe(model, opt, torch.randn(16, 4))
+    report_epoch(neve, {"loss": 0.6}, model=model, optimizer=opt, train_loss=0.6, checkpoint_every=0)
+    assert neve.last_epoch == 1 and sent[-1][keys.TRAIN_LOSS] == 0.6 and sent[-1]["loss"] == 0.6
+    neve.step(0.5)  # the loop stepped too: a second step in one epoch would measure an unchanged model
+    with pytest.raises(ValueError, match=r"neve.step\(\) was already called for this epoch"):
+        report_epoch(neve, {}, model=model, optimizer=opt, train_loss=0.5, checkpoint_every=0)
+    report_epoch(neve, {}, model=model, optimizer=opt, checkpoint_every=0)  # the plain form still works
+    report_epoch(neve, {}, model=model, optimizer=opt, train_loss=0.4, checkpoint_every=0)
+    assert neve.last_epoch == 3
+    with pytest.raises(ValueError, match="needs a NeVe object"):
+        report_epoch(None, {}, model=model, optimizer=opt, epoch=1, train_loss=0.4)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import neve_tune
-from neve_tune import NeVeRule, StopReason, decide, keys
+from neve_tune import NeVeRule, StopCriteria, StopReason, decide, keys
 
 
 def run(rule: NeVeRule, script, lrs=(0.1,)):
@@ -82,7 +82,7 @@ def test_non_finite_velocity_or_change_means_diverged_and_is_not_a_bad_epoch(bad
 
 
 def test_stop_when_velocity_under_threshold():
-    rule = NeVeRule(stop_threshold=1e-3)
+    rule = NeVeRule(stop_threshold=1e-3, min_epochs=0)  # no warm-up: the bare stop test
     reasons = [r for _, _, r in run(rule, [(0.5, None), (0.01, 0.1), (0.0011, 0.01), (0.00099, 0.001)])]
     assert reasons == [None, None, None, StopReason.CONVERGED]
     assert str(StopReason.CONVERGED) == "converged"
@@ -145,7 +145,7 @@ VALUES = [0.0, 1e-5, 9.99e-4, 1e-3, 0.2, -0.0, math.nan, math.inf, -math.inf]
 CHANGES = [None, 0.0, 0.5, math.nan, math.inf, -math.inf]
 
 
-@pytest.mark.parametrize("threshold", [0.0, 1e-3, 0.25])
+@pytest.mark.parametrize("threshold", [1e-9, 1e-3, 0.25])
 def test_decide_with_a_threshold_is_the_rules_classify(threshold):
     rule = NeVeRule(stop_threshold=threshold)
     for v in VALUES:
@@ -171,8 +171,9 @@ def test_decide_without_a_threshold_reads_the_trials_own_flags():
     assert decide(metrics(0.5, 0.1, converged=1.0)) is StopReason.CONVERGED  # its own threshold decided
     assert decide(metrics(0.5, 0.1, diverged=1.0)) is StopReason.DIVERGED
     assert decide(metrics(0.5, 0.1, converged=0.0, diverged=0.0)) is None
-    # With a threshold, the flags are not read: the caller's threshold decides.
-    assert decide(metrics(0.5, 0.1, converged=1.0), stop_threshold=1e-3) is None
+    # Issue 12 (one decision source): with flags present a threshold never overrides them.
+    assert decide(metrics(0.5, 0.1, converged=1.0), stop_threshold=1e-3) is StopReason.CONVERGED
+    assert decide(metrics(1e-5, 0.0, converged=0.0), stop_threshold=1e-3) is None
 
 
 def test_decide_without_a_velocity_is_no_decision():
@@ -202,8 +203,8 @@ def test_decide_errors_name_the_key_and_the_fix():
         decide(metrics("fast"), stop_threshold=1e-3)
     with pytest.raises(TypeError, match=r"under 'neve/velocity_change'.*\[0.1\] \(list\).*neve.metrics\(\)"):
         decide(metrics(0.5, [0.1]))
-    for bad in (-1.0, math.nan, math.inf):
-        with pytest.raises(ValueError, match="stop_threshold must be a finite number >= 0"):
+    for bad in (-1.0, 0.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="stop_threshold must be a finite number > 0"):
             decide({}, stop_threshold=bad)  # validated even when there is nothing to decide
 
 
@@ -216,7 +217,8 @@ def test_decide_docstring_example_runs():
 
 def test_stop_reason_is_spelled_once_in_keys():
     assert neve_tune.StopReason is keys.StopReason is StopReason
-    assert [r.value for r in StopReason] == ["converged", "diverged", "max_t", "pruned"]
+    assert [r.value for r in StopReason] == ["converged", "stalled", "collapsed", "diverged", "max_t", "pruned"]
+    assert [r.value for r in StopReason if r.is_failure] == ["stalled", "collapsed", "diverged", "pruned"]
     assert str(StopReason.MAX_T) == "max_t" and StopReason("diverged") is StopReason.DIVERGED
     assert "StopReason" in keys.__all__ and "decide" in neve_tune.__all__
 
@@ -245,3 +247,169 @@ def test_integrations_import_no_private_core_module(path):
     allowed = {"neve_tune", "neve_tune.keys"}
     bad = sorted(m for m in ours if m not in allowed and not (m == own or m.startswith(own + ".")))
     assert not bad, f"{path} imports {bad}; use the public `neve_tune` / `neve_tune.keys` names"
+
+
+# --- issue 12: converged / stalled / collapsed (the StopDetector inside NeVeRule) --------------------------
+
+
+def decisions(rule, script):
+    """Feed (V, u, loss) triples (D is V's change); return the per-epoch (reason, detail)."""
+    out = []
+    previous = None
+    for v, u, loss in script:
+        d = None if previous is None else (v - previous) ** 2
+        previous = v
+        decision = rule.step(v, d, (0.1,), raw_change=u, train_loss=loss)
+        out.append((decision.stop_reason, decision.detail))
+    return out
+
+
+def test_warm_up_decides_only_divergence():
+    rule = NeVeRule(min_epochs=3)
+    reasons = [r for r, _ in decisions(rule, [(0.5, 0.5, None), (1e-4, 1e-4, None), (1e-4, 1e-4, None)])]
+    assert reasons == [None, None, StopReason.CONVERGED]  # V < thr from epoch 2, decided at epoch 3
+    rule = NeVeRule(min_epochs=30)
+    assert decisions(rule, [(0.5, 0.5, None), (math.nan, 0.5, None)])[-1][0] is StopReason.DIVERGED
+    rule = NeVeRule(min_epochs=30)
+    reason, detail = decisions(rule, [(0.5, 0.5, 2.3), (0.4, 0.5, math.inf)])[-1]
+    assert reason is StopReason.DIVERGED and detail == "the training loss is inf"
+
+
+def test_without_loss_a_network_that_never_moved_is_stalled():
+    peak = 1.9e-3  # under peak_ratio (2) * stop_threshold (1e-3)
+    rule = NeVeRule(min_epochs=2)
+    got = decisions(rule, [(peak, peak, None), (5e-4, 5e-4, None)])
+    assert got[-1] == (StopReason.STALLED, "it never moved: peak model velocity 0.0019")
+    rule = NeVeRule(min_epochs=2)
+    assert decisions(rule, [(2e-3, 2e-3, None), (5e-4, 5e-4, None)])[-1][0] is StopReason.CONVERGED
+    rule = NeVeRule(min_epochs=2, criteria=StopCriteria(peak_ratio=20))
+    assert decisions(rule, [(1e-2, 1e-2, None), (5e-4, 5e-4, None)])[-1][0] is StopReason.STALLED
+
+
+def test_an_abrupt_freeze_is_collapsed_after_the_warm_up_unless_the_loss_says_it_learned():
+    frozen = [(0.9, 0.9, None), (0.8, 0.8, None), (0.5, 0.5, None), (0.4, 4e-5, None), (0.2, 1e-9, None)]
+    rule = NeVeRule(min_epochs=5)
+    got = decisions(rule, frozen)
+    assert [r for r, _ in got] == [None, None, None, None, StopReason.COLLAPSED]
+    assert "froze at epoch 4" in got[-1][1]
+    assert rule.detector.froze_at == 4
+    # The same freeze in a network whose loss fell to 10% of log(10): never collapsed.
+    learned = [(v, u, 0.2) for v, u, _ in frozen]
+    assert all(r is None for r, _ in decisions(NeVeRule(min_epochs=5, num_classes=10), learned))
+    # A gradual decay (1e-3x in 3 epochs, steeper than any healthy run measured) is not a freeze.
+    gradual = [(0.9, 0.9, None), (0.5, 0.1, None), (0.2, 0.01, None), (0.1, 9e-4, None), (0.05, 5e-4, None)]
+    assert all(r is None for r, _ in decisions(NeVeRule(min_epochs=5), gradual))
+
+
+def test_with_loss_converged_needs_half_the_chance_loss_removed():
+    chance = math.log(10)
+    moving = [(0.5, 0.5, chance)] * 4
+    rule = NeVeRule(min_epochs=5, num_classes=10)
+    got = decisions(rule, [*moving, (5e-4, 5e-4, 0.4 * chance), (5e-4, 5e-4, 0.4 * chance)])
+    assert got[-2][0] is None  # the loss fell a lot over the last window: still learning
+    rule = NeVeRule(min_epochs=5, num_classes=10)
+    got = decisions(rule, [(0.5, 0.5, 0.3)] * 4 + [(5e-4, 5e-4, 0.3)])
+    assert got[-1][0] is StopReason.CONVERGED  # p = 0.87
+    rule = NeVeRule(min_epochs=5, num_classes=10)
+    got = decisions(rule, [(0.5, 0.5, 0.97 * chance)] * 6 + [(5e-4, 5e-4, 0.97 * chance)])
+    assert got[-1] == (StopReason.STALLED, "only 3% of the chance-level loss removed, and the loss no longer falls")
+
+
+def test_with_loss_a_slow_learner_keeps_training_while_its_loss_falls():
+    chance = math.log(10)
+    losses = [chance * (1 - 0.04 * t) for t in range(20)]  # 4% of log C per epoch
+    rule = NeVeRule(min_epochs=5, num_classes=10)
+    got = decisions(rule, [(5e-4, 5e-4, loss) for loss in losses])
+    first_stop = next(t for t, (r, _) in enumerate(got, 1) if r is not None)
+    # p over the last 3 losses is 0.04 * (t - 2): it first passes learned=0.25 at epoch 9 (p = 0.28); before
+    # that the slope (4% per epoch) says "still learning", so it is never called stalled.
+    assert got[first_stop - 1][0] is StopReason.CONVERGED and first_stop == 9
+
+
+def test_with_loss_a_trial_stuck_at_chance_while_moving_is_stalled_unsettled():
+    rule = NeVeRule(min_epochs=5, num_classes=5, criteria=StopCriteria(chance_epochs=4))
+    got = decisions(rule, [(1e-2, 1e-2, math.log(5))] * 20)
+    epoch = next(t for t, (r, _) in enumerate(got, 1) if r is not None)
+    # The slope exists from epoch 6 (two loss windows): epochs 6-9 without progress.
+    assert epoch == 9 and got[epoch - 1][0] is StopReason.STALLED
+    assert got[epoch - 1][1].startswith("unsettled: not learning while still moving")
+    # Without the loss the same trial never stops (nothing validation-free separates it from learning).
+    assert all(r is None for r, _ in decisions(NeVeRule(min_epochs=5), [(1e-2, 1e-2, None)] * 20))
+
+
+def test_unknown_classes_use_the_first_loss_as_reference():
+    rule = NeVeRule(min_epochs=3, num_classes=None)
+    got = decisions(rule, [(0.5, 0.5, 100.0), (0.5, 0.5, 10.0), (5e-4, 5e-4, 10.0)])
+    assert rule.detector.reference_loss == 100.0 and got[-1][0] is StopReason.CONVERGED  # p = 0.6
+    rule = NeVeRule(min_epochs=2, num_classes=None)
+    got = decisions(rule, [(0.5, 0.5, -1.0), (5e-4, 5e-4, -2.0)])  # L_ref <= 0: judged as without a loss
+    assert got[-1][0] is StopReason.CONVERGED and rule.detector.progress() is None
+
+
+def test_detector_state_round_trip_mid_run_gives_identical_decisions():
+    import json
+
+    script = [(0.9, 0.9, 2.3), (0.8, 0.8, 2.2), (0.5, 0.5, 2.3), (0.4, 4e-5, 2.3), (0.2, 1e-9, 2.3)]
+    whole = decisions(NeVeRule(num_classes=10), script)
+    first = NeVeRule(num_classes=10)
+    decisions(first, script[:3])
+    resumed = NeVeRule()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.num_classes == 10 and resumed.min_epochs == 5
+    # D at the resume point is recomputed from V by the helper, so compare reasons only.
+    assert [r for r, _ in decisions(resumed, script[3:])] == [r for r, _ in whole[3:]] == [None, StopReason.COLLAPSED]
+
+
+def test_a_state_from_before_issue_12_keeps_its_old_decisions():
+    state = NeVeRule().state_dict()
+    del state["detector"], state["min_epochs"]
+    rule = NeVeRule()
+    rule.load_state_dict(state)
+    assert rule.min_epochs == 0 and rule.step(5e-4, 1e-6, [0.1]).stop_reason is StopReason.CONVERGED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"peak_ratio": 0.0}, r"peak_ratio must be a finite number > 0, but got peak_ratio=0.0."),
+        ({"freeze_ratio": math.inf}, r"freeze_ratio must be a finite number > 0, but got freeze_ratio=inf."),
+        ({"learned": 1.5}, r"learned must be in \(0, 1\], but got learned=1.5."),
+        ({"chance_progress": 0.0}, r"chance_progress must be in \(0, 1\], but got chance_progress=0.0."),
+        ({"chance_epochs": 0}, r"chance_epochs must be an integer >= 1, but got chance_epochs=0."),
+        ({"loss_window": 1.5}, r"loss_window must be an integer >= 1, but got loss_window=1.5."),
+    ],
+)
+def test_stop_criteria_are_validated_with_their_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StopCriteria(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stop_threshold": 0.0}, r"stop_threshold must be a finite number > 0, but got stop_threshold=0.0."),
+        ({"min_epochs": -1}, r"min_epochs must be an integer >= 0, but got min_epochs=-1."),
+        ({"num_classes": 1}, r"num_classes must be None, 0 \(unknown\) or an integer >= 2, but got num_classes=1."),
+    ],
+)
+def test_rule_settings_are_validated_with_their_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NeVeRule(**kwargs)
+
+
+def test_decide_reads_every_reason_from_the_flags_in_a_fixed_order():
+    assert decide(metrics(1e-4, stalled=1.0, converged=0.0)) is StopReason.STALLED
+    assert decide(metrics(1e-4, collapsed=1.0, stalled=1.0)) is StopReason.COLLAPSED
+    assert decide(metrics(1e-4, diverged=1.0, collapsed=1.0)) is StopReason.DIVERGED
+    assert decide(metrics(1e-4, stalled=0.0, collapsed=0.0, converged=0.0, diverged=0.0), stop_threshold=1e-3) is None
+    assert decide(metrics(1e-4, stalled="1.0")) is StopReason.STALLED  # Optuna attrs may hold strings
+
+
+def test_settings_disagreement_names_both_values():
+    from neve_tune import settings_disagreement
+
+    m = {keys.STOP_THRESHOLD: 0.01}
+    message = settings_disagreement(m, 1e-3, "NeVePruner")
+    assert "NeVePruner was given stop_threshold=0.001" in message and "reports stop_threshold=0.01" in message
+    assert settings_disagreement(m, 0.01, "x") is None and settings_disagreement(m, None, "x") is None
+    assert settings_disagreement({}, 1e-3, "x") is None  # an older producer does not report it

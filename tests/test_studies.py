@@ -245,10 +245,10 @@ def test_optuna_threads_never_pop_the_same_enqueued_configuration(tmp_path: Path
     import time
     from collections import Counter
 
-    from neve_tune.studies._optuna_backend import _OneProcessStorage
+    from neve_tune.studies._optuna_backend import study_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=_OneProcessStorage(f"sqlite:///{tmp_path / 'o.db'}"))
+    study = optuna.create_study(storage=study_storage(tmp_path))
     for i in range(16):
         study.enqueue_trial({"x": float(i)}, user_attrs={"config_id": i})
     seen: Counter = Counter()
@@ -334,7 +334,10 @@ def test_digits_study_end_to_end_against_a_real_mlflow_server(local_ray: Any, tm
                 stop_epoch = int(tags["neve/stop_epoch"])
                 reason = tags["neve/stop_reason"]
                 assert 1 <= stop_epoch <= 4
-                allowed = {"neve": {"converged", "diverged", "max_t"}, "asha": {"pruned", "diverged", "max_t"}}
+                allowed = {
+                    "neve": {"converged", "stalled", "collapsed", "diverged", "max_t"},
+                    "asha": {"pruned", "diverged", "max_t"},
+                }
                 assert reason in allowed.get(arm, {"max_t", "diverged"})
                 if reason == "max_t":
                     assert stop_epoch == 4
@@ -489,7 +492,10 @@ def test_optuna_backend_runs_the_same_protocol(tmp_path: Path) -> None:
     result = run_study(
         _tiny_digits(), backend="optuna", trials=3, max_epochs=4, tracking_uri=uri, output_dir=tmp_path, progress=False
     )
-    storage = f"sqlite:///{tmp_path / 'optuna' / 'optuna.db'}"
+    from neve_tune.studies._optuna_backend import study_storage
+
+    assert not (tmp_path / "optuna" / "optuna.db").exists()  # issue 12: a journal file, not SQLite
+    storage = study_storage(tmp_path / "optuna")
     studies = {s.study_name.split("-")[1]: s for s in optuna.get_all_study_summaries(storage)}
     assert set(studies) == set(ARMS)
     neve = optuna.load_study(study_name=studies["neve"].study_name, storage=storage)
@@ -566,3 +572,32 @@ def test_a_crashed_trial_resumes_from_its_checkpoint_with_identical_numbers(loca
     assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1" and "error" not in run.data.tags
     # Epoch 1 was logged once: the second attempt started at epoch 2, from the checkpoint, not from scratch.
     assert _steps(client, run.info.run_id, "neve/model_velocity") == [1, 2, 3, 4]
+
+
+# --- issue 12: stalled and collapsed trials are never picked, and the pick-rule line says what happened ----
+
+
+def test_neve_arm_never_picks_stalled_or_collapsed_trials_and_says_what_happened() -> None:
+    from neve_tune.studies._arms import NEVE
+
+    stalled = _record("neve", 0, reason="stalled", epochs=6, test=0.12, **{"train/loss": 0.01})
+    collapsed = _record("neve", 1, reason="collapsed", epochs=5, test=0.10, **{"train/loss": 0.001})
+    capped = _record("neve", 2, reason="max_t", epochs=50, test=0.90, **{"train/loss": 0.2})
+    converged = _record("neve", 3, reason="converged", epochs=12, test=0.95, **{"train/loss": 0.3})
+    # The lowest train losses belong to the stalled and collapsed trials: never picked.
+    assert pick_trial("neve", [stalled, collapsed, converged, capped]).config_id == 3
+    assert pick_trial("neve", [stalled, collapsed, capped]).config_id == 2
+    assert pick_trial("neve", [stalled, collapsed]) is None
+
+    def line(records: list[TrialRecord]) -> str:
+        return summarize_arm(ArmResult("neve", records, 1.0, 1.0, 50), NEVE).pick_rule
+
+    assert line([stalled, converged]) == "lowest final train loss among the 1 converged trials (validation-free)"
+    assert line([stalled, collapsed, capped]) == (
+        "no trial converged: picked the lowest final train loss among the 1 trials that ended max_t (validation-free)"
+    )
+    assert line([stalled, collapsed]).startswith("no trial converged, and none ran to its cap")
+    summary = summarize_arm(ArmResult("neve", [stalled, collapsed, capped], 1.0, 1.0, 50), NEVE)
+    assert summary.stop_reasons == {"stalled": 1, "collapsed": 1, "max_t": 1}
+    md = comparison_markdown([summary])
+    assert "pick rule, neve: no trial converged: picked" in md and "among converged trials" not in md

@@ -1,9 +1,10 @@
-"""NeVe for Optuna: a pruner where converged trials COMPLETE and only diverged ones are PRUNED.
+"""NeVe for Optuna: a pruner where converged trials COMPLETE and diverged, stalled, collapsed ones are PRUNED.
 
 * :class:`NeVePruner` — an ``optuna.pruners.BasePruner``; optionally wraps a validation-based pruner.
 * :func:`report_epoch` — the one call per epoch in the objective: reports, stores NeVe's metrics in the
-  trial's user attributes, and says whether to stop (raising ``optuna.TrialPruned`` only on divergence
-  or a pruner's rejection).
+  trial's user attributes, and says whether to stop (raising ``optuna.TrialPruned`` when the trial's NeVe
+  says diverged, stalled or collapsed, or on a pruner's rejection); ``train_loss=`` steps NeVe with the
+  epoch's training loss first.
 * :class:`NeVeMLflowCallback` — a study callback that logs every trial, with every epoch's NeVe
   metrics, to MLflow.
 

@@ -5,9 +5,9 @@
 * ``"neve"`` — the latest step: ``{"step": <optuna step>, "value": <reported value>, **NeVe.metrics()}``.
   This is what :class:`~neve_tune.optuna.NeVePruner` reads.
 * ``"neve_history"`` — a list of those dicts, one per reported step, oldest first (for plots and MLflow).
-* ``"neve_stop_reason"`` — ``"converged"``, ``"diverged"``, ``"pruned"`` or ``"max_t"``, set when the
-  trial stops for that reason (absent while it runs, and when it ran its full budget without
-  ``max_epochs``).
+* ``"neve_stop_reason"`` — ``"converged"``, ``"stalled"``, ``"collapsed"``, ``"diverged"``, ``"pruned"`` or
+  ``"max_t"``, set when the trial stops for that reason (absent while it runs, and when it ran its full
+  budget without ``max_epochs``).
 * ``"neve_stop_epoch"`` — ``neve/epoch`` at that stop: the number of epochs trained.
 
 Values are plain JSON: finite floats stay floats; NaN and infinities become the strings ``"nan"``,

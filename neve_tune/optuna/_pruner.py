@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from optuna.pruners import BasePruner
 
-from neve_tune import StopReason, decide, keys
+from neve_tune import StopReason, decide, keys, settings_disagreement
 from neve_tune.optuna._attrs import NEVE_ATTR, STEP_KEY
 
 if TYPE_CHECKING:
     import optuna
+
+#: What flagless metrics (an older producer) are classified with when the pruner has no stop_threshold.
+_LEGACY_THRESHOLD = 1e-3
 
 _HOW_TO_REPORT = (
     "Call `neve_tune.optuna.report_epoch(trial, neve, value)` after every epoch (it reports the value and"
@@ -32,17 +36,20 @@ def _is_check_step(step: int, reported_steps: Iterable[int], n_warmup_steps: int
 
 
 class NeVePruner(BasePruner):
-    """Pruner that ends diverged trials and lets converged ones finish as successes (NeVe).
+    """Pruner that ends diverged, stalled and collapsed trials and lets converged ones finish (NeVe).
 
     NeVe (neural velocity) measures, inside each trial, how much the network still moves on a fixed
-    auxiliary set. The objective reports each epoch with :func:`neve_tune.optuna.report_epoch`, which
-    stores NeVe's metrics in the trial's user attribute ``"neve"`` (``trial.report`` takes one value
-    only) and reports the objective's intermediate value as usual. At every check, this pruner
-    classifies the latest metrics with :func:`neve_tune.decide` and its ``stop_threshold``:
+    auxiliary set, and decides with its own settings when and why the trial should stop. The objective
+    reports each epoch with :func:`neve_tune.optuna.report_epoch`, which stores NeVe's metrics in the
+    trial's user attribute ``"neve"`` (``trial.report`` takes one value only) and reports the objective's
+    intermediate value as usual. At every check, this pruner reads the trial's own decision with
+    :func:`neve_tune.decide` (it never recomputes it with other settings):
 
-    * **diverged** (model velocity or velocity change not finite): :meth:`prune` returns ``True``, the
-      trial ends ``PRUNED`` and ``report_epoch`` records ``neve_stop_reason="diverged"``;
-    * **converged** (model velocity under ``stop_threshold``): :meth:`prune` returns ``False``, even if
+    * **diverged** (model velocity or velocity change not finite), **stalled** (it stopped moving, or
+      sits at chance, without having learned) or **collapsed** (its aux responses froze): :meth:`prune`
+      returns ``True``, the trial ends ``PRUNED`` and ``report_epoch`` records ``neve_stop_reason``
+      (``"diverged"``, ``"stalled"`` or ``"collapsed"``); such a trial is never ``best_trial``;
+    * **converged** (the trial's ``neve/converged`` flag): :meth:`prune` returns ``False``, even if
       the base pruner would prune. Training is done, and that is a success: ``report_epoch`` returns
       ``StopReason.CONVERGED``, the objective returns its value, and the trial ends ``COMPLETE``
       (counted for ``best_trial``) with ``neve_stop_reason="converged"`` and ``neve_stop_epoch``;
@@ -118,8 +125,11 @@ class NeVePruner(BasePruner):
             An Optuna pruner (e.g. :class:`~optuna.pruners.MedianPruner`) that may also prune on the
             objective's intermediate values. :obj:`None` (default): only divergence prunes.
         stop_threshold:
-            A trial converged once its model velocity is under this value. Use the same value as the
-            ``NeVe`` controller in the objective; this pruner's value decides.
+            :obj:`None` (default): follow the trial; its ``NeVe(stop_threshold=...)`` decides. A value
+            given here that differs from the trial's reported ``neve/stop_threshold`` has no effect and
+            raises a ``UserWarning`` once per trial (per process) naming both values. It is used only for
+            metrics of an older producer that reports no decision flags: those are converged when the
+            model velocity is under it (under 1e-3 when it is ``None``).
         n_warmup_steps:
             NeVe's decisions are disabled while the current step is less than ``n_warmup_steps``; the
             earliest a trial can stop is at ``step == n_warmup_steps``. ``report_epoch`` reports epoch
@@ -134,7 +144,7 @@ class NeVePruner(BasePruner):
         self,
         base_pruner: BasePruner | None = None,
         *,
-        stop_threshold: float = 1e-3,
+        stop_threshold: float | None = None,
         n_warmup_steps: int = 0,
         interval_steps: int = 1,
     ) -> None:
@@ -148,14 +158,17 @@ class NeVePruner(BasePruner):
             raise ValueError(f"Number of warmup steps cannot be negative, but got {n_warmup_steps=}.")
         if isinstance(interval_steps, bool) or not isinstance(interval_steps, int) or interval_steps < 1:
             raise ValueError(f"Pruning interval steps must be at least 1, but got {interval_steps=}.")
-        decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
-        self._stop_threshold = float(stop_threshold)
+        if stop_threshold is not None:
+            decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
+        self._stop_threshold = None if stop_threshold is None else float(stop_threshold)
+        self._warned: set[int] = set()  # trial numbers already warned about (a warning, not a decision)
         self._base_pruner = base_pruner
         self._n_warmup_steps = n_warmup_steps
         self._interval_steps = interval_steps
 
     @property
-    def stop_threshold(self) -> float:
+    def stop_threshold(self) -> float | None:
+        """The threshold given here (``None``: follow each trial's own NeVe)."""
         return self._stop_threshold
 
     @property
@@ -164,7 +177,7 @@ class NeVePruner(BasePruner):
 
     def prune(self, study: optuna.study.Study, trial: optuna.trial.FrozenTrial) -> bool:
         reason = self.neve_decision(trial)
-        if reason is StopReason.DIVERGED:
+        if reason is not None and reason.is_failure:
             return True
         if reason is StopReason.CONVERGED:
             return False
@@ -173,7 +186,8 @@ class NeVePruner(BasePruner):
         return bool(self._base_pruner.prune(study, trial))  # some pruners return numpy bools
 
     def neve_decision(self, trial: optuna.trial.FrozenTrial) -> StopReason | None:
-        """NeVe's decision at the trial's latest reported step: ``CONVERGED``, ``DIVERGED`` or ``None``.
+        """The trial's NeVe decision at its latest reported step (``CONVERGED``, ``STALLED``, ``COLLAPSED``,
+        ``DIVERGED``) or ``None``.
 
         ``None`` also before any report, during warmup and between interval checks. The base pruner is
         not consulted.
@@ -200,15 +214,25 @@ class NeVePruner(BasePruner):
                 f" {entry[STEP_KEY]}, but its latest report is step {step}; store them at every step you"
                 f" report. {_HOW_TO_REPORT}"
             )
-        return decide(entry, stop_threshold=self._stop_threshold)
+        return self.decide(number, entry)
+
+    def decide(self, number: int, metrics: Mapping[str, object]) -> StopReason | None:
+        """:func:`neve_tune.decide` on trial ``number``'s metrics, warning once if its threshold differs."""
+        if self._stop_threshold is not None and number not in self._warned:
+            message = settings_disagreement(metrics, self._stop_threshold, f"NeVePruner (trial {number})")
+            if message is not None:
+                self._warned.add(number)
+                warnings.warn(message, UserWarning, stacklevel=3)
+        threshold = _LEGACY_THRESHOLD if self._stop_threshold is None else self._stop_threshold
+        return decide(metrics, stop_threshold=threshold)
 
     def is_check_step(self, step: int, reported_steps: Iterable[int]) -> bool:
         """Whether NeVe decides at ``step``, given every step reported so far (``step`` may be among them).
 
         Checks happen at ``n_warmup_steps``, ``n_warmup_steps + interval_steps``, ...; a check that falls
         on a step that was not reported is postponed to the first reported step after it, as in Optuna's
-        own pruners. :func:`~neve_tune.optuna.report_epoch` decides with
-        ``decide(metrics, stop_threshold=pruner.stop_threshold)`` exactly on these steps.
+        own pruners. :func:`~neve_tune.optuna.report_epoch` reads the trial's decision exactly on these
+        steps.
         """
         return _is_check_step(step, reported_steps, self._n_warmup_steps, self._interval_steps)
 

@@ -47,10 +47,15 @@ def report_epoch(
     *,
     step: int | None = None,
     max_epochs: int | None = None,
+    train_loss: float | Any | None = None,
 ) -> StopReason | None:
     """Report one epoch to Optuna and say whether to stop: the NeVe training loop's only Optuna call.
 
-    Call it after ``neve.step()`` at the end of every epoch. It stores NeVe's metrics in the trial's
+    Call it at the end of every epoch, either after ``neve.step(loss)`` or, with ``train_loss=``, instead
+    of it: ``report_epoch(trial, neve, value, train_loss=epoch_loss)`` calls ``neve.step(epoch_loss)``
+    itself, so NeVe's decision uses the training loss (the stalled test and the chance-level check need
+    it; see ``neve_tune.NeVe``). Calling both ``neve.step()`` and ``report_epoch(..., train_loss=...)``
+    in one epoch raises ``ValueError``. It stores NeVe's metrics in the trial's
     user attributes (``"neve"``: this step, ``"neve_history"``: every step), reports ``value`` with
     ``trial.report(value, step)``, and then:
 
@@ -58,20 +63,22 @@ def report_epoch(
     * returns ``StopReason.CONVERGED`` when NeVe says training is done: stop and **return the
       objective's value**, so the trial ends ``COMPLETE`` and counts for ``best_trial``;
     * returns ``StopReason.MAX_T`` at epoch ``max_epochs`` (when given): the budget is spent;
-    * raises :class:`optuna.TrialPruned` when the trial diverged (NaN/inf velocity) or the pruner
-      prunes it (e.g. the base pruner of :class:`~neve_tune.optuna.NeVePruner` on ``value``): the trial
-      ends ``PRUNED``.
+    * raises :class:`optuna.TrialPruned` when the trial's NeVe says it diverged (NaN/inf velocity or
+      loss), stalled (stopped moving, or sits at chance, without having learned) or collapsed (its aux
+      responses froze), or when the pruner prunes it (e.g. the base pruner of
+      :class:`~neve_tune.optuna.NeVePruner` on ``value``): the trial ends ``PRUNED``, never
+      ``best_trial``.
 
     On every stop it records the user attributes ``neve_stop_reason`` (``"converged"``, ``"max_t"``,
-    ``"diverged"`` or ``"pruned"``) and ``neve_stop_epoch`` (``neve/epoch``: epochs trained). The return
+    ``"stalled"``, ``"collapsed"``, ``"diverged"`` or ``"pruned"``) and
+    ``neve_stop_epoch`` (``neve/epoch``: epochs trained). The return
     value is truthy exactly when the loop should end, so ``if report_epoch(...): break`` is the idiom.
 
-    Who decides: :func:`neve_tune.decide` on this epoch's metrics. With a
-    :class:`~neve_tune.optuna.NeVePruner` as the study's pruner, with the pruner's settings
-    (``decide(metrics, stop_threshold=pruner.stop_threshold)`` on its ``is_check_step`` steps, which
-    follow ``n_warmup_steps`` and ``interval_steps``); with any other pruner, or a
-    :class:`optuna.trial.FixedTrial`, from the NeVe controller's own ``converged``/``diverged`` flags
-    (``decide(metrics)``), and ``should_prune()`` adds the study pruner's decision.
+    Who decides: the trial's own NeVe, read with :func:`neve_tune.decide` from this epoch's flags. With a
+    :class:`~neve_tune.optuna.NeVePruner` as the study's pruner, only on its ``is_check_step`` steps
+    (``n_warmup_steps`` and ``interval_steps``), and a pruner ``stop_threshold`` that differs from the
+    trial's warns; with any other pruner, or a :class:`optuna.trial.FixedTrial`, at every step, and
+    ``should_prune()`` adds the study pruner's decision.
 
     Re-running a step (a trial retried by ``RetryHeartbeatStaleTrialCallback`` inherits the failed
     attempt's attributes, or a trial resumed from a checkpoint) drops the history from that step on, so
@@ -87,13 +94,25 @@ def report_epoch(
         value: this epoch's objective value (e.g. training or test accuracy), for ``trial.report``.
         step: the Optuna step; defaults to ``neve/epoch - 1`` (0 after the first epoch).
         max_epochs: the epoch budget; reaching it returns ``StopReason.MAX_T``.
+        train_loss: the epoch's training loss (a number or a one-element tensor): step ``neve`` (a
+            ``NeVe``) with it before reporting. ``None``: the loop called ``neve.step()`` itself.
 
     Returns:
         Why to stop (``CONVERGED`` or ``MAX_T``), or ``None`` to continue.
 
     Raises:
-        optuna.TrialPruned: the trial diverged or was pruned.
+        optuna.TrialPruned: the trial diverged, stalled, collapsed or was pruned.
     """
+    stepper = getattr(neve, "_step_for_report", None)
+    if train_loss is not None:
+        if stepper is None:
+            raise TypeError(
+                "report_epoch(..., train_loss=...) steps NeVe itself, so it needs the neve_tune.NeVe"
+                f" controller, but got {type(neve).__name__}."
+            )
+        stepper(train_loss, "report_epoch")
+    if callable(getattr(neve, "_mark_reported", None)):
+        neve._mark_reported()  # type: ignore[union-attr]
     metrics = _as_metrics(neve)
     if keys.EPOCH not in metrics or metrics[keys.EPOCH] < 1:
         raise ValueError(
@@ -118,7 +137,7 @@ def report_epoch(
     pruner = getattr(getattr(trial, "study", None), "pruner", None)
     if isinstance(pruner, NeVePruner):
         checked = pruner.is_check_step(step, [e[STEP_KEY] for e in history])
-        reason = decide(metrics, stop_threshold=pruner.stop_threshold) if checked else None
+        reason = pruner.decide(trial.number, metrics) if checked else None
     else:
         reason = decide(metrics)  # the trial's own NeVe flags (and any non-finite velocity)
     if reason is None and trial.should_prune():
@@ -130,7 +149,7 @@ def report_epoch(
 
     trial.set_user_attr(STOP_REASON_ATTR, reason.value)
     trial.set_user_attr(STOP_EPOCH_ATTR, epoch)
-    if reason in (StopReason.DIVERGED, StopReason.PRUNED):
+    if reason.is_failure:
         raise optuna.TrialPruned(_pruned_message(trial.number, reason, epoch, metrics, value))
     return reason
 
@@ -142,5 +161,15 @@ def _pruned_message(number: int, reason: StopReason, epoch: int, metrics: Mappin
         return (
             f"Trial {number} diverged at epoch {epoch}: model velocity {decode(velocity)}, velocity change"
             f" {change}. Lower the learning rate or check the loss."
+        )
+    if reason is StopReason.STALLED:
+        return (
+            f"Trial {number} stalled at epoch {epoch}: its NeVe says it stopped moving (or sits at chance)"
+            " without having learned. Check the learning rate."
+        )
+    if reason is StopReason.COLLAPSED:
+        return (
+            f"Trial {number} collapsed at epoch {epoch}: its NeVe saw its aux responses freeze (dead units)."
+            " The learning rate is likely too large."
         )
     return f"Trial {number} was pruned at epoch {epoch} on its reported value {value}."

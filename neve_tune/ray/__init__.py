@@ -1,8 +1,10 @@
-"""NeVe for Ray Tune: a scheduler that stops converged and diverged trials, and helpers for trainables.
+"""NeVe for Ray Tune: a scheduler that stops trials on their own NeVe's decision, and helpers for trainables.
 
-* :class:`NeVeScheduler` stops each trial from the velocity it reports (``"converged"``,
-  ``"diverged"`` or ``"max_t"``) and records why in the trial's last result;
-* :func:`report_epoch` / :func:`restore_from_checkpoint` report NeVe's metrics with a checkpoint of the
+* :class:`NeVeScheduler` stops each trial on the decision its NeVe reports (``"converged"``,
+  ``"stalled"``, ``"collapsed"``, ``"diverged"``), or at ``"max_t"``, and records why in the trial's last
+  result;
+* :func:`report_epoch` / :func:`restore_from_checkpoint` report NeVe's metrics (``train_loss=`` steps NeVe
+  with the epoch's training loss first) with a checkpoint of the
   model, optimizer and NeVe state, and resume from it with identical velocities and learning rates;
 * :func:`trial_device` picks the trial's device (its GPU when Ray gave it one).
 

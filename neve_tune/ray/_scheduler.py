@@ -1,9 +1,10 @@
-"""``NeVeScheduler``: a Ray Tune scheduler that stops converged and diverged trials from their velocity."""
+"""``NeVeScheduler``: a Ray Tune scheduler that stops trials on the decision each trial's NeVe reports."""
 
 from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Real
@@ -21,7 +22,7 @@ from ray.tune.result import (
 )
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
-from neve_tune import StopReason, decide, keys
+from neve_tune import StopReason, decide, keys, settings_disagreement
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -48,7 +49,8 @@ class StopInfo:
     """Why and when :class:`NeVeScheduler` stopped one trial.
 
     Attributes:
-        reason: ``StopReason.CONVERGED``, ``StopReason.DIVERGED`` or ``StopReason.MAX_T``.
+        reason: ``CONVERGED``, ``STALLED``, ``COLLAPSED``, ``DIVERGED`` (the trial's own decision) or
+            ``MAX_T``.
         epoch: ``neve/epoch`` of the stopping result (``training_iteration`` when the trial did not
             report it).
         time: the value of the scheduler's ``time_attr`` in the stopping result.
@@ -80,19 +82,28 @@ class StopInfo:
 
 
 class NeVeScheduler(FIFOScheduler):
-    """Stop Ray Tune trials once NeVe says they converged or diverged, with no validation data.
+    """Stop Ray Tune trials once their NeVe says converged, stalled, collapsed or diverged; no validation.
 
-    Every trial measures its own velocity with ``neve_tune.NeVe`` (which also decays its LR) and reports
-    ``neve.metrics()`` with its other metrics. On each result the scheduler calls
-    :func:`neve_tune.decide` with its ``stop_threshold`` on the reported model velocity ``V`` and velocity
-    change ``D`` and returns ``STOP`` when the trial:
+    Every trial measures its own velocity with ``neve_tune.NeVe`` (which also decays its LR and decides,
+    with its own settings, when and why to stop) and reports ``neve.metrics()`` with its other metrics.
+    The scheduler acts on that decision, read with :func:`neve_tune.decide` from the trial's flags; it
+    never recomputes it with other settings. It returns ``STOP`` when the trial:
 
-    * **diverged**: ``V`` or ``D`` is NaN or infinite. It stops at once, at the first such result, even
-      inside the grace period;
-    * **converged**: ``V < stop_threshold``, once ``result[time_attr] >= grace_period``;
+    * **diverged**: ``V`` or ``D`` is NaN or infinite, or the trial flagged ``neve/diverged``. It stops at
+      once, at the first such result, even inside the grace period;
+    * **converged**, **stalled** or **collapsed** (the trial's ``neve/converged``, ``neve/stalled`` or
+      ``neve/collapsed`` flag), once ``result[time_attr] >= grace_period``;
     * reached ``max_t``: ``result[time_attr] >= max_t`` (reason ``"max_t"``).
 
-    Otherwise it returns ``CONTINUE``. Trials run in FIFO order, as with ``FIFOScheduler``.
+    Otherwise it returns ``CONTINUE``. Trials run in FIFO order, as with ``FIFOScheduler``. Stalled and
+    collapsed trials are failures (they never learned): pick your final configuration among the
+    converged ones.
+
+    ``stop_threshold``: leave it ``None``. The trial's ``NeVe(stop_threshold=...)`` decides. A value given
+    here that differs from the trial's reported ``neve/stop_threshold`` has no effect and raises a
+    ``UserWarning`` once per trial naming both values. It is used only for results of an older producer
+    that reports no decision flags (no ``neve/converged`` key): those are converged when ``V`` is under
+    it (under 1e-3 when it is ``None``).
 
     NaN policy: a NaN or infinite velocity (or velocity change) is divergence, never convergence and never
     a value to skip.
@@ -110,7 +121,8 @@ class NeVeScheduler(FIFOScheduler):
 
     Records: the reason and epoch of every trial it stopped are available as :meth:`stop_info` and
     :attr:`stopped_trials` while the scheduler lives, and are written into the trial's last result as
-    ``neve/stop_reason`` (``"converged"``, ``"diverged"`` or ``"max_t"``) and ``neve/stop_epoch``, so
+    ``neve/stop_reason`` (``"converged"``, ``"stalled"``, ``"collapsed"``, ``"diverged"`` or ``"max_t"``)
+    and ``neve/stop_epoch``, so
     ``ResultGrid[i].metrics`` carries them after ``fit()``, in the saved experiment state and after
     ``Tuner.restore``. :meth:`StopInfo.from_metrics` reads them back.
 
@@ -132,8 +144,10 @@ class NeVeScheduler(FIFOScheduler):
         mode: ``"min"`` or ``"max"``, only passed through to Tune.
         time_attr: the result key that measures progress, for ``grace_period`` and ``max_t``.
         max_t: stop every trial once ``result[time_attr] >= max_t``; ``None`` for no cap.
-        grace_period: never stop a trial as *converged* before ``result[time_attr] >= grace_period``.
-        stop_threshold: the trial converged once its model velocity is under this value.
+        grace_period: never stop a trial as converged, stalled or collapsed before
+            ``result[time_attr] >= grace_period`` (the trial's own ``min_epochs`` warm-up also applies).
+        stop_threshold: ``None`` (default): follow the trial. Otherwise the value you expect the trials
+            to use: a trial reporting another one gets a warning (see above).
         velocity_key: the result key of the model velocity.
         change_key: the result key of the velocity change (absent at the first epoch).
         allow_missing: continue on results without ``velocity_key`` instead of raising.
@@ -145,8 +159,9 @@ class NeVeScheduler(FIFOScheduler):
         >>> tuner = tune.Tuner(  # doctest: +SKIP
         ...     train_fn, tune_config=tune.TuneConfig(scheduler=scheduler, metric="loss", mode="min")
         ... )
-        >>> scheduler.check_result({"training_iteration": 4, "neve/model_velocity": 1e-4})
-        StopInfo(reason=<StopReason.CONVERGED: 'converged'>, epoch=4, time=4.0, model_velocity=0.0001)
+        >>> scheduler.check_result({"training_iteration": 4, "neve/model_velocity": 1e-4, "neve/stalled": 1.0,
+        ...                         "neve/converged": 0.0})
+        StopInfo(reason=<StopReason.STALLED: 'stalled'>, epoch=4, time=4.0, model_velocity=0.0001)
     """
 
     def __init__(
@@ -157,7 +172,7 @@ class NeVeScheduler(FIFOScheduler):
         time_attr: str = TRAINING_ITERATION,
         max_t: float | None = None,
         grace_period: float = 1,
-        stop_threshold: float = 1e-3,
+        stop_threshold: float | None = None,
         velocity_key: str = keys.MODEL_VELOCITY,
         change_key: str = keys.VELOCITY_CHANGE,
         allow_missing: bool = False,
@@ -173,19 +188,21 @@ class NeVeScheduler(FIFOScheduler):
         for name, value in named:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, but got {name}={value!r}.")
-        decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
+        if stop_threshold is not None:
+            decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
         super().__init__()
         self._metric: str | None = metric
         self._mode: str | None = mode
         self._time_attr: str = time_attr
         self._max_t: float | None = max_t
         self._grace_period: float = grace_period
-        self._stop_threshold: float = float(stop_threshold)
+        self._stop_threshold: float | None = None if stop_threshold is None else float(stop_threshold)
         self._velocity_key: str = velocity_key
         self._change_key: str = change_key
         self._allow_missing: bool = bool(allow_missing)
         self._live: set[str] = set()
         self._stopped: dict[str, StopInfo] = {}
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ settings
     @property
@@ -193,7 +210,8 @@ class NeVeScheduler(FIFOScheduler):
         return self._mode
 
     @property
-    def stop_threshold(self) -> float:
+    def stop_threshold(self) -> float | None:
+        """The threshold given here (``None``: follow each trial's own NeVe)."""
         return self._stop_threshold
 
     @property
@@ -247,7 +265,7 @@ class NeVeScheduler(FIFOScheduler):
         try:
             reason = decide(
                 result,
-                stop_threshold=self._stop_threshold,
+                stop_threshold=_LEGACY_THRESHOLD if self._stop_threshold is None else self._stop_threshold,
                 velocity_key=self._velocity_key,
                 change_key=self._change_key,
             )
@@ -260,7 +278,7 @@ class NeVeScheduler(FIFOScheduler):
         if time is None:
             raise ValueError(self._missing_key_message(self._time_attr, result))
         time = float(time)
-        if reason is StopReason.CONVERGED and time >= self._grace_period:
+        if reason is not None and time >= self._grace_period:
             return StopInfo(reason, _epoch(result), time, float(velocity))
         if self._max_t is not None and time >= self._max_t:
             return StopInfo(StopReason.MAX_T, _epoch(result), time, float(velocity))
@@ -309,7 +327,12 @@ class NeVeScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: TuneController | None, trial: Trial, result: dict) -> str:
         # Reads the result and this object's settings only: O(1), and no per-trial memory is touched
-        # unless the trial stops.
+        # unless the trial stops (or, once, to warn about a stop_threshold that disagrees).
+        if self._stop_threshold is not None and trial.trial_id not in self._warned:
+            message = settings_disagreement(result, self._stop_threshold, f"NeVeScheduler (trial {trial.trial_id})")
+            if message is not None:
+                self._warned.add(trial.trial_id)
+                warnings.warn(message, UserWarning, stacklevel=2)
         info = self.check_result(result)
         if info is None:
             return TrialScheduler.CONTINUE
@@ -328,6 +351,7 @@ class NeVeScheduler(FIFOScheduler):
 
     def on_trial_remove(self, tune_controller: TuneController | None, trial: Trial) -> None:
         self._live.discard(trial.trial_id)
+        self._warned.discard(trial.trial_id)
 
     def on_trial_error(self, tune_controller: TuneController | None, trial: Trial) -> None:
         # A retried trial is re-added (on_trial_add) before it runs again.
@@ -356,6 +380,7 @@ class NeVeScheduler(FIFOScheduler):
         state = dict(state)
         if "_rule" in state and "_stop_threshold" not in state:
             state["_stop_threshold"] = float(state.pop("_rule").stop_threshold)
+        state.setdefault("_warned", set())
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
@@ -365,6 +390,10 @@ class NeVeScheduler(FIFOScheduler):
             f"velocity_key={self._velocity_key!r}, change_key={self._change_key!r}, "
             f"allow_missing={self._allow_missing})"
         )
+
+
+# What flagless results (an older producer) are classified with when no stop_threshold is given here.
+_LEGACY_THRESHOLD = 1e-3
 
 
 def _check_mode(mode: str | None) -> None:

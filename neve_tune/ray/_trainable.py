@@ -42,10 +42,15 @@ def report_epoch(
     extra_state: Mapping[str, Any] | None = None,
     checkpoint_every: int = 1,
     save_rng: bool = True,
+    train_loss: float | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Report one epoch to Ray Tune: ``{**metrics, **neve.metrics()}`` with a checkpoint every k epochs.
 
-    Call it once per epoch, after ``neve.step()``. The checkpoint (``neve_state.pt`` in a
+    Call it once per epoch, either after ``neve.step(loss)`` or, with ``train_loss=``, instead of it:
+    ``report_epoch(neve, metrics, model=..., optimizer=..., train_loss=epoch_loss)`` calls
+    ``neve.step(epoch_loss)`` itself, so NeVe's decision uses the training loss (the stalled test and the
+    chance-level check need it; see ``neve_tune.NeVe``). Calling both ``neve.step()`` and
+    ``report_epoch(..., train_loss=...)`` in one epoch raises ``ValueError``. The checkpoint (``neve_state.pt`` in a
     ``ray.tune.Checkpoint``) holds ``model.state_dict()``, ``optimizer.state_dict()``,
     ``neve.state_dict()``, the epoch, the torch/NumPy/Python RNG states (``save_rng``) and
     ``extra_state`` (any ``torch.save``-able values, e.g. an LR scheduler's ``state_dict()``).
@@ -61,6 +66,8 @@ def report_epoch(
             :func:`restore_from_checkpoint`.
         checkpoint_every: save a checkpoint when ``epoch % checkpoint_every == 0``; ``0`` never saves.
         save_rng: also save the RNG states, so the data order and dropout continue identically.
+        train_loss: the epoch's training loss (a number or a one-element tensor): step NeVe with it
+            before reporting. ``None``: the loop called ``neve.step()`` itself.
 
     Returns:
         The dict that was reported.
@@ -72,7 +79,12 @@ def report_epoch(
     if clash:
         raise ValueError(f"metrics must not use NeVe's own key prefix {keys.PREFIX!r}; got {clash}.")
     reported: dict[str, Any] = own
+    if train_loss is not None and neve is None:
+        raise ValueError("train_loss= steps NeVe before reporting; it needs a NeVe object (got neve=None).")
     if neve is not None:
+        if train_loss is not None:
+            neve._step_for_report(train_loss, "report_epoch")
+        neve._mark_reported()
         neve_metrics = neve.metrics()
         reported = {**own, **neve_metrics}
         if epoch is None:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ._keys import PRUNED, STOPPED, TRAIN_LOSS, VAL_ACC
 from ._policy import FixedSchedulePolicy, NeVePolicy, TrialPolicy
-from ._records import TrialRecord, pick_highest_val_acc, pick_lowest_train_loss
+from ._records import TrialRecord, describe_train_loss_pick, pick_highest_val_acc, pick_lowest_train_loss
 from ._spec import Budget, StudyError
 
 Direction = Literal["minimize", "maximize"]
@@ -54,6 +54,8 @@ class Arm:
         external_stop_reason: stop reason of a trial its backend stopped (``pruned`` where the backend
             prunes, ``stopped`` otherwise, e.g. Ctrl-C).
         compute_reference: the arm whose trial-epochs the table's "vs fifo" column divides by.
+        describe_pick: records -> the pick-rule line saying what actually happened (e.g. "no trial
+            converged: ..."); ``None``: the table shows ``pick_rule``.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Arm:
     describe: Callable[[Budget], dict[str, Any]]
     external_stop_reason: str = STOPPED
     compute_reference: bool = False
+    describe_pick: Callable[[Sequence[TrialRecord]], str] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip().lower() or "," in self.name:
@@ -140,10 +143,10 @@ def fifo_ray_scheduler(budget: Budget) -> Any:
 
 
 def neve_optuna_pruner(budget: Budget) -> Any:
-    """:class:`neve_tune.optuna.NeVePruner` with the budget's stop threshold (converged trials COMPLETE)."""
+    """:class:`neve_tune.optuna.NeVePruner`, following each trial's own NeVe (converged trials COMPLETE)."""
     from neve_tune.optuna import NeVePruner
 
-    return NeVePruner(stop_threshold=budget.neve.stop_threshold)
+    return NeVePruner(stop_threshold=budget.neve.stop_threshold)  # the trials' own value: warns on a mismatch
 
 
 def asha_optuna_pruner(budget: Budget) -> Any:
@@ -203,6 +206,7 @@ NEVE = Arm(
     direction="minimize",
     pick_rule="lowest final train loss among converged trials (validation-free)",
     pick=pick_lowest_train_loss,
+    describe_pick=describe_train_loss_pick,
     ray_scheduler=neve_ray_scheduler,
     optuna_pruner=neve_optuna_pruner,
     describe=describe_neve,

@@ -5,7 +5,8 @@ allowed to see:
 
 * ``neve``: no validation data exists. Among the trials NeVe stopped as *converged*, the one with the
   lowest final training loss (mean over its last epoch's minibatches, on the training split); if none
-  converged, among all trials that did not diverge. Ties: fewer epochs, then lower config id. This is a
+  converged, among the trials that ran to the epoch cap (stalled, collapsed, diverged and pruned trials
+  are never picked), and the pick-rule line says so. Ties: fewer epochs, then lower config id. This is a
   fit criterion, not a generalisation estimate: it is what a validation-free arm can honestly use.
 * ``asha`` and ``fifo``: the highest validation accuracy at the trial's last epoch (ties: lower
   validation loss, fewer epochs, lower config id), i.e. ``ResultGrid.get_best_result(scope="last")``.
@@ -132,7 +133,7 @@ def summarize_arm(result: ArmResult, arm: Arm | None = None) -> ArmSummary:
         train_fraction=result.train_fraction,
         stop_epochs=tuple(sorted(r.epochs for r in records)),
         stop_reasons=dict(Counter(r.stop_reason for r in records)),
-        pick_rule="-" if arm is None else arm.pick_rule,
+        pick_rule="-" if arm is None else (arm.describe_pick or (lambda _: arm.pick_rule))(records),
         compute_reference=arm is not None and arm.compute_reference,
     )
 

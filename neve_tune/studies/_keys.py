@@ -37,11 +37,14 @@ ERROR = "error"
 STOPPED = "stopped"
 
 CONVERGED = StopReason.CONVERGED.value
+STALLED = StopReason.STALLED.value
+COLLAPSED = StopReason.COLLAPSED.value
 DIVERGED = StopReason.DIVERGED.value
 MAX_T = StopReason.MAX_T.value
 PRUNED = StopReason.PRUNED.value
 
 __all__ = [
+    "COLLAPSED",
     "CONVERGED",
     "DIVERGED",
     "EPOCH",
@@ -53,6 +56,7 @@ __all__ = [
     "MONITOR_CHANGE",
     "MONITOR_VELOCITY",
     "PRUNED",
+    "STALLED",
     "STOPPED",
     "STOP_REASON",
     "TEST_ACC",

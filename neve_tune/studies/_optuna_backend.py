@@ -4,7 +4,8 @@ Each arm's study has the arm's pruner (:attr:`Arm.optuna_pruner`: ``neve`` ->
 :class:`neve_tune.optuna.NeVePruner`, converged trials COMPLETE; ``asha`` -> ``SuccessiveHalvingPruner`` on
 validation accuracy; ``fifo`` -> ``NopPruner``), objective and direction. The sampled configurations are
 enqueued in order and ``study.optimize(n_trials=..., n_jobs=..., catch=..., callbacks=...)`` runs them in
-threads of this process.
+threads of this process. The studies live in one Optuna journal file, ``output/optuna/journal.log``
+(:func:`study_storage`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from ._arms import Arm
 from ._backend import ArmJob, Backend
@@ -27,24 +30,28 @@ from ._records import ArmResult
 from ._spec import Choice, Domain, LogUniform, Uniform
 from ._trial import StopTrial, run_trial
 
+JOURNAL_FILE = "journal.log"
 
-class _OneProcessStorage(optuna.storages.RDBStorage):
-    """An RDB storage whose trial state changes are serialised among the threads of this process.
 
-    ``study.ask()`` pops an enqueued trial by reading the waiting trials, then setting one RUNNING; on
-    SQLite two threads can both read it waiting and both run it (the second ``tell`` then fails). With the
-    check-and-set under one lock, the second thread sees it RUNNING and takes the next one.
+def study_storage(folder: Path) -> JournalStorage:
+    """The Optuna storage of the studies under ``folder``: the journal file ``folder / "journal.log"``.
+
+    Every trial state change is one record appended to the file under a file lock, and a worker owns an
+    enqueued trial only if its own RUNNING record is the first one in the log: ``study.ask()`` in several
+    threads (``n_jobs``) or processes never pops the same enqueued trial twice. A shared SQLite file
+    cannot promise that (SQLite ignores ``SELECT ... FOR UPDATE``; two workers can both read a trial
+    WAITING and both run it, issue 12). The same call reads a finished study back::
+
+        optuna.load_study(study_name=..., storage=study_storage(Path("neve_results/optuna")))
+
+    Args:
+        folder: the folder of the journal file; created if missing.
+
+    Returns:
+        A journal storage on ``folder / "journal.log"`` (the file is created if missing).
     """
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self._state_lock = threading.Lock()
-
-    def set_trial_state_values(
-        self, trial_id: int, state: optuna.trial.TrialState, values: Sequence[float] | None = None
-    ) -> bool:
-        with self._state_lock:
-            return super().set_trial_state_values(trial_id, state, values)
+    folder.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(folder / JOURNAL_FILE)))
 
 
 class _QuietFailures(logging.Filter):
@@ -108,7 +115,7 @@ def _suggest(trial: optuna.Trial, space: dict[str, Domain], config_id: int) -> d
 
 
 class OptunaBackend(Backend):
-    """One Optuna study per arm in ``output/optuna/optuna.db``, trials in ``n_jobs`` threads.
+    """One Optuna study per arm in the journal file ``output/optuna/journal.log``, trials in ``n_jobs`` threads.
 
     ``n_jobs`` defaults to the CPUs of this machine divided by ``budget.cpus_per_trial``. A trial that raises
     ends FAIL (its error recorded), a pruned one PRUNED, and one whose objective is not finite FAIL; the
@@ -147,11 +154,9 @@ class OptunaBackend(Backend):
 
     @staticmethod
     def _study(job: ArmJob) -> optuna.Study:
-        folder = job.output / "optuna"
-        folder.mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(
             study_name=job.name,
-            storage=_OneProcessStorage(f"sqlite:///{folder / 'optuna.db'}"),
+            storage=study_storage(job.output / "optuna"),
             direction=job.arm.direction,
             pruner=job.arm.optuna_pruner(job.budget),
             sampler=optuna.samplers.RandomSampler(seed=job.spec.seed),
@@ -196,4 +201,4 @@ class OptunaBackend(Backend):
         return objective
 
 
-__all__ = ["OptunaBackend"]
+__all__ = ["JOURNAL_FILE", "OptunaBackend", "study_storage"]

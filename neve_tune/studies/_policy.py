@@ -7,8 +7,8 @@ arm's :class:`TrialPolicy` at fixed points of it, the way Ray Tune calls a ``Tri
   the first epoch (a policy that measures velocity takes its baseline snapshot here);
 * :meth:`TrialPolicy.load_state_dict`: only when the trial resumes from a checkpoint, after the backend
   restored the model, the optimizer and :attr:`TrialPolicy.neve`;
-* :meth:`TrialPolicy.after_epoch`: after each epoch's training and before its evaluation; it may change
-  the learning rate and say the trial should stop;
+* :meth:`TrialPolicy.after_epoch`: after each epoch's training (with that epoch's mean training loss)
+  and before its evaluation; it may change the learning rate and say the trial should stop;
 * :meth:`TrialPolicy.state_dict`: after an epoch whose report saves a checkpoint;
 * :meth:`TrialPolicy.close`: always, once, when the trial ends (removes hooks).
 """
@@ -68,8 +68,9 @@ class TrialPolicy(ABC):
         """Set the policy up for a fresh trial (before the first epoch)."""
 
     @abstractmethod
-    def after_epoch(self) -> EpochDecision:
-        """Act after one epoch's training: measure, step the LR, and say whether to stop."""
+    def after_epoch(self, train_loss: float | None = None) -> EpochDecision:
+        """Act after one epoch's training (``train_loss``: its mean training loss): measure, step the LR,
+        and say whether to stop."""
 
     def state_dict(self) -> dict[str, Any]:
         """Extra checkpoint entries (merged into the trial's checkpoint ``extra`` state)."""
@@ -83,7 +84,8 @@ class TrialPolicy(ABC):
 
 
 class NeVePolicy(TrialPolicy):
-    """NeVe decays the learning rate (plateau on the velocity change) and stops the trial (low velocity).
+    """NeVe decays the learning rate (plateau on the velocity change) and stops the trial: converged,
+    stalled, collapsed or diverged, judged with the epoch's mean training loss (``neve.step(train_loss)``).
 
     Built from ``budget.neve``; :attr:`neve` takes its baseline snapshot here. Its state is the NeVe
     state, which the backend checkpoints with the model.
@@ -96,9 +98,9 @@ class NeVePolicy(TrialPolicy):
             stop_threshold=s.stop_threshold,
         )  # fmt: skip
 
-    def after_epoch(self) -> EpochDecision:
+    def after_epoch(self, train_loss: float | None = None) -> EpochDecision:
         assert self.neve is not None
-        step = self.neve.step()
+        step = self.neve.step(train_loss)
         return EpochDecision(
             velocity=step.model_velocity,
             layer_velocity=step.layer_velocity,
@@ -138,7 +140,7 @@ class FixedSchedulePolicy(TrialPolicy):
                 self.monitor.close()
                 raise
 
-    def after_epoch(self) -> EpochDecision:
+    def after_epoch(self, train_loss: float | None = None) -> EpochDecision:
         decision = EpochDecision()
         if self.monitor is not None:
             m = self.monitor.measure()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._keys import CONVERGED, DIVERGED, ERROR, TEST_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+from ._keys import COLLAPSED, CONVERGED, DIVERGED, ERROR, PRUNED, STALLED, TEST_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 
 @dataclass
@@ -28,7 +28,8 @@ class TrialRecord:
             hyperparameters in every arm).
         config: the hyperparameters.
         epochs: epochs trained (its last reported epoch).
-        stop_reason: ``converged``, ``diverged``, ``max_t``, ``pruned``, ``error`` or ``stopped``.
+        stop_reason: ``converged``, ``stalled``, ``collapsed``, ``diverged``, ``max_t``, ``pruned``,
+            ``error`` or ``stopped``.
         final: its last reported metrics (``train/loss``, ``val/acc``, ``test/acc``, ...).
         test_acc_curve: ``(epoch, test accuracy)`` per epoch, for the plots.
         trial_id: the backend's trial id.
@@ -69,19 +70,46 @@ class ArmResult:
     max_epochs: int
 
 
+#: Stop reasons that disqualify a trial from the validation-free pick (it never learned, or was cut).
+NEVER_PICKED = frozenset((STALLED, COLLAPSED, DIVERGED, PRUNED, ERROR))
+
+
+def _train_loss_pools(records: Sequence[TrialRecord]) -> tuple[list[TrialRecord], list[TrialRecord]]:
+    """(converged trials, the others that may still be picked), both with a finite final train loss."""
+    finite = [r for r in records if math.isfinite(r.metric(TRAIN_LOSS))]
+    converged = [r for r in finite if r.stop_reason == CONVERGED]
+    others = [r for r in finite if r.stop_reason != CONVERGED and r.stop_reason not in NEVER_PICKED]
+    return converged, others
+
+
 def pick_lowest_train_loss(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The validation-free rule: among the trials that *converged*, the lowest final training loss.
 
-    If none converged, among all trials that did not diverge. Ties: fewer epochs, then lower config id.
-    Trials that raised, and NaN losses, never qualify. This is a fit criterion, not a generalisation
-    estimate: it is what an arm without validation data can honestly use.
+    If none converged, among the trials that ran to the epoch cap (``max_t``) or were stopped from outside
+    (``stopped``). Stalled, collapsed, diverged, pruned and failed trials are never picked: they did not
+    learn. Ties: fewer epochs, then lower config id. NaN losses never qualify. This is a fit criterion,
+    not a generalisation estimate: it is what an arm without validation data can honestly use.
+    :func:`describe_train_loss_pick` says which case happened.
     """
-    ok = [r for r in records if r.stop_reason != ERROR]
-    converged = [r for r in ok if r.stop_reason == CONVERGED and math.isfinite(r.metric(TRAIN_LOSS))]
-    pool = converged or [r for r in ok if r.stop_reason != DIVERGED and math.isfinite(r.metric(TRAIN_LOSS))]
+    converged, others = _train_loss_pools(records)
+    pool = converged or others
     if not pool:
         return None
     return min(pool, key=lambda r: (r.metric(TRAIN_LOSS), r.epochs, r.config_id))
+
+
+def describe_train_loss_pick(records: Sequence[TrialRecord]) -> str:
+    """The pick-rule line of :func:`pick_lowest_train_loss` for these records: what actually happened."""
+    converged, others = _train_loss_pools(records)
+    if converged:
+        return f"lowest final train loss among the {len(converged)} converged trials (validation-free)"
+    reasons = sorted({r.stop_reason for r in others})
+    if others:
+        return (
+            f"no trial converged: picked the lowest final train loss among the {len(others)} trials that"
+            f" ended {'/'.join(reasons)} (validation-free)"
+        )
+    return "no trial converged, and none ran to its cap (all stalled, collapsed, diverged or failed): no pick"
 
 
 def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
@@ -101,4 +129,7 @@ def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
     return min(pool, key=key)
 
 
-__all__ = ["ArmResult", "TrialRecord", "pick_highest_val_acc", "pick_lowest_train_loss"]
+__all__ = [
+    "NEVER_PICKED", "ArmResult", "TrialRecord", "describe_train_loss_pick", "pick_highest_val_acc",
+    "pick_lowest_train_loss",
+]  # fmt: skip

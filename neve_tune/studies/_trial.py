@@ -189,9 +189,9 @@ def run_trial(
 ) -> TrialOutcome:
     """Train one configuration under one arm's protocol (see the module docstring) and report each epoch.
 
-    The trial ends by itself when its policy says so (NeVe: converged or diverged), when the training
-    loss is not finite (any arm: ``diverged``), or at the epoch cap (``max_t``). The backend may stop it
-    earlier (ASHA) by raising from ``reporter.report``.
+    The trial ends by itself when its policy says so (NeVe: converged, stalled, collapsed or diverged),
+    when the training loss is not finite (any arm: ``diverged``), or at the epoch cap (``max_t``). The
+    backend may stop it earlier (ASHA) by raising from ``reporter.report``.
 
     NaN policy: a non-finite training loss ends the trial as ``diverged`` in every arm (a NaN velocity does
     in the NeVe arm, through NeVe); NaN metrics are reported and logged as they are.
@@ -327,7 +327,7 @@ class _TrialLoop:
             self.model, self.optimizer, self.data.train_batches(self.generator), self.device
         )
         metrics: dict[str, Any] = {EPOCH: epoch, TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}
-        decision = policy.after_epoch()
+        decision = policy.after_epoch(train_loss)
         metrics.update(decision.reported)
         lr = float(self.optimizer.param_groups[0]["lr"])
         metrics[LR] = lr
