@@ -9,7 +9,8 @@ The core (this package's top level) depends on torch only:
   integrations (Ray Tune scheduler, Optuna pruner and ``report_epoch``) act on;
 * :class:`NeVe` combines both for a plain PyTorch loop; ``NeVe.metrics()`` (and ``StepResult.metrics()``)
   is the one flat metrics dict every integration reports;
-* :func:`noise_aux`, :func:`subset_aux`, :func:`image_folder_aux` build aux sets;
+* :func:`noise_aux`, :func:`subset_aux`, :func:`image_folder_aux`, :func:`token_aux` and
+  :func:`token_subset_aux` build aux sets;
 * :mod:`neve_tune.keys` names the metrics NeVe reports, and :class:`StopReason` spells why a trial stopped.
 
 Integrations live in ``neve_tune.ray``, ``neve_tune.optuna`` and ``neve_tune.mlflow``.
@@ -20,8 +21,10 @@ from __future__ import annotations
 from . import keys
 from ._aux import image_folder_aux, noise_aux, subset_aux
 from ._controller import NeVe, StepResult
+from ._layertable import register_layer_rule
 from ._rule import Decision, NeVeRule, decide, settings_disagreement
 from ._stopping import StopCriteria
+from ._tokens import token_aux, token_subset_aux
 from ._velocity import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
 from .keys import StopReason
 
@@ -43,6 +46,9 @@ __all__ = [
     "image_folder_aux",
     "keys",
     "noise_aux",
+    "register_layer_rule",
     "settings_disagreement",
     "subset_aux",
+    "token_aux",
+    "token_subset_aux",
 ]

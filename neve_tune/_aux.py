@@ -30,7 +30,11 @@ def noise_aux(
         n: number of samples (the paper uses 100).
         distribution: ``"normal"`` (standard normal, default) or ``"uniform"`` (on [0, 1)).
         seed: seed of the generator; the same seed always gives the same set.
-        dtype: floating dtype of the result.
+        dtype: floating dtype of the result (for integer token ids use :func:`neve_tune.token_aux`).
+
+    Raises:
+        TypeError: an integer or bool ``dtype``.
+        ValueError: ``n < 1``, a non-positive size, or an unknown ``distribution``.
 
     Returns:
         A CPU tensor of shape ``(n, *sample_shape)``.
@@ -39,6 +43,12 @@ def noise_aux(
         >>> noise_aux((3, 32, 32), n=4).shape
         torch.Size([4, 3, 32, 32])
     """
+    if dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(
+            f"noise_aux draws floating noise, but got {dtype=}, an integer dtype. For token ids (embedding or"
+            " language models) use neve_tune.token_aux(vocab_size, seq_len, n) instead, or"
+            " neve_tune.token_subset_aux(tokenized_dataset, n) for a subset of your tokenized data."
+        )
     shape = tuple(int(s) for s in sample_shape)
     if n < 1 or not shape or any(s < 1 for s in shape):
         raise ValueError(

@@ -1,6 +1,7 @@
 """The forward hooks of a measurement, and the pass that runs the aux set under them.
 
-This is the seam between the monitor and its mechanisms. Each hooked output goes through position
+This is the seam between the monitor and its mechanisms. Each hooked output (for a tuple output, the item
+the layer table names: ``Layer.output``) goes through position
 subsampling (``_subsample.py``), then:
 
 * on the baseline's first pass (:meth:`Passes.record`): BatchNorm pairing (``_bnfuse.py``), and the slot
@@ -102,7 +103,7 @@ class Passes:
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not isinstance(output, Tensor):
-                raise _not_a_tensor(layer, module, output)
+                output = _select_output(layer, module, output)
             call = layer.calls
             layer.calls += 1
             batch = self.batch_index
@@ -131,7 +132,7 @@ class Passes:
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not isinstance(output, Tensor):
-                raise _not_a_tensor(layer, module, output)
+                output = _select_output(layer, module, output)
             call = layer.calls
             layer.calls += 1
             out = output.detach() if sampler is None else sampler.select(layer, call, output.detach())
@@ -160,8 +161,15 @@ class Passes:
         return hook
 
 
-def _not_a_tensor(layer: Layer, module: nn.Module, output: Any) -> TypeError:
-    return TypeError(
-        f"Module '{layer.name}' ({type(module).__name__}) returns {type(output).__name__}, not a"
-        " tensor, so NeVe cannot read its neurons. Exclude it with `layers=`."
+def _select_output(layer: Layer, module: nn.Module, output: Any) -> Tensor:
+    """The tensor of a tuple/list output that the layer table names (``Layer.output``)."""
+    if layer.output is not None and isinstance(output, (tuple, list)) and -len(output) <= layer.output < len(output):
+        picked = output[layer.output]
+        if isinstance(picked, Tensor):
+            return picked
+    what = type(output).__name__ if layer.output is None else f"{type(output).__name__} (item {layer.output})"
+    raise TypeError(
+        f"Module '{layer.name}' ({type(module).__name__}) returns {what}, not a tensor, so NeVe cannot read"
+        f" its neurons. Exclude it with `layers=`, or say which output holds them with"
+        f" `neve_tune.register_layer_rule({type(module).__name__}, output=0, dim=-1)`."
     )

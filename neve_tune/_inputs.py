@@ -3,9 +3,10 @@
 Also which module of a wrapped model really computes (:func:`unwrap_model`) and where it lives
 (:func:`model_device`).
 
-A batch is a tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a dict (``model(**batch)``).
-A model that fails on an aux batch gets a ``ValueError`` that shows the batch's shape and, when it can be
-told, the input shape the model's first layer expects.
+A batch is a tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a dict (``model(**batch)``);
+a dict of tensors as the whole aux set is split into dict batches. A model that fails on an aux batch
+gets a ``ValueError`` that shows the batch's shape and, when it can be told, the input shape the model's
+first layer expects.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def as_batches(aux: AuxInput, batch_size: int | None = None) -> list[Any]:
     """A fixed list of aux batches: a tensor split along dim 0, or an iterable's batches, materialised.
 
     A batch is a tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a dict
-    (``model(**batch)``). Tensor batches are views, not copies.
+    (``model(**batch)``). A dict of tensors (e.g. ``{"input_ids": ..., "attention_mask": ...}`` from
+    :func:`neve_tune.token_aux`) is one dict batch, or, with ``batch_size``, dict batches that split every
+    tensor along dim 0 alike (other values go to every batch). Tensor batches are views, not copies.
     """
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, but got {batch_size=}.")
@@ -37,6 +40,8 @@ def as_batches(aux: AuxInput, batch_size: int | None = None) -> list[Any]:
                 " neve_tune.noise_aux(input_shape, n=100)."
             )
         return list(aux.split(batch_size or aux.shape[0]))
+    if isinstance(aux, Mapping):
+        return _split_mapping(aux, batch_size)
     if isinstance(aux, (str, bytes)) or not isinstance(aux, Iterable):
         raise TypeError(
             f"aux must be a tensor or an iterable of batches, got {type(aux).__name__}. Build one with"
@@ -54,6 +59,30 @@ def as_batches(aux: AuxInput, batch_size: int | None = None) -> list[Any]:
             " neve_tune.noise_aux(input_shape, n=100)."
         )
     return batches
+
+
+def _split_mapping(aux: Mapping[Any, Any], batch_size: int | None) -> list[Any]:
+    """A dict aux set as dict batches: every tensor value split along dim 0 alike."""
+    sizes = {k: v.shape[0] if v.ndim else None for k, v in aux.items() if isinstance(v, Tensor)}
+    if not sizes:
+        raise ValueError(
+            f"A dict aux set needs tensor values (dim 0 indexes samples), but got keys {list(aux)} with no"
+            " tensor. Build one with neve_tune.token_aux or token_subset_aux."
+        )
+    if None in sizes.values() or len(set(sizes.values())) > 1:
+        shapes = {k: tuple(v.shape) for k, v in aux.items() if isinstance(v, Tensor)}
+        raise ValueError(
+            f"The tensors of a dict aux set must share their size along dim 0 (the samples), but got {shapes}."
+        )
+    total = next(iter(sizes.values()))
+    assert total is not None
+    if total == 0:
+        raise ValueError(f"The aux set is empty (a dict of tensors with 0 samples: keys {list(aux)}).")
+    step = batch_size or total
+    return [
+        {k: v[start : start + step] if isinstance(v, Tensor) else v for k, v in aux.items()}
+        for start in range(0, total, step)
+    ]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

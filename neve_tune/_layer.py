@@ -3,7 +3,7 @@
 :class:`Layer` is one plain record per hooked module. The monitor's hooks read it; each mechanism owns
 its own fields and is the only one that writes them:
 
-* the monitor (``_velocity.py``): ``name``, ``module``, ``dim``, ``segment``, ``calls``;
+* the monitor (``_velocity.py``): ``name``, ``module``, ``dim``, ``output``, ``segment``, ``calls``;
 * the snapshot (``_snapshot.py``): ``layout``, ``snapshots``;
 * BatchNorm fusion (``_bnfuse.py``): ``fed_by``, ``feeds``, ``affine``, ``expect``;
 * the accumulators (``_accumulate.py``): ``views``, ``scale``, ``first_stale``;
@@ -49,6 +49,7 @@ class Layer:
         "layout",
         "module",
         "name",
+        "output",
         "sample_index",
         "scale",
         "segment",
@@ -56,10 +57,11 @@ class Layer:
         "views",
     )
 
-    def __init__(self, name: str, module: nn.Module, dim: int) -> None:
+    def __init__(self, name: str, module: nn.Module, dim: int, output: int | None = None) -> None:
         self.name = name
         self.module = module
         self.dim = dim  # the output dim that indexes neurons (may be negative)
+        self.output = output  # index into a tuple/list output holding the responses; None: the tensor itself
         self.segment: slice | None = None  # slice of the flat per-neuron buffers; None until the first output
         self.calls = 0  # invocations so far on the current aux batch
         # layout[call][batch]: (shape, dtype, device, memory order) of that slice, recorded by the
@@ -87,5 +89,6 @@ class Layer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.snapshots, self.views, self.affine, self.expect = [], None, None, None
+        self.output = None  # states saved before tuple outputs were read
         for key, value in state.items():
             setattr(self, key, value)

@@ -14,22 +14,11 @@ from typing import Any, cast
 
 from torch import nn
 
-#: Modules whose neurons lie on dim 1 of their output ``(N, C, ...)``.
-CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-)
-#: Modules whose neurons lie on the last dim of their output ``(N, ..., C)``.
-CHANNELS_LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
-#: The layer types hooked by default.
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = CHANNELS_FIRST + CHANNELS_LAST
+from ._layertable import CHANNELS_FIRST, CHANNELS_LAST, SEQUENCE_OUTPUT, layer_rule
+
+#: The module types hooked by default (the built-in rows of the layer table, ``_layertable.py``); classes
+#: registered with :func:`register_layer_rule` and HF ``Conv1D`` (matched by name) are added to them.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = CHANNELS_FIRST + CHANNELS_LAST + SEQUENCE_OUTPUT
 
 #: One selector: a module type, a name glob, or a predicate ``(name, module) -> bool``.
 LayerSelector = type[nn.Module] | str | Callable[[str, nn.Module], bool]
@@ -43,8 +32,13 @@ _HOW = (
 
 
 def neuron_dim(module: nn.Module) -> int:
-    """The output dim that indexes neurons: last for Linear/LayerNorm, 1 for everything else."""
-    return -1 if isinstance(module, CHANNELS_LAST) else 1
+    """The output dim that indexes neurons, from the layer table (1 for a class it does not know)."""
+    return layer_rule(module).dim
+
+
+def is_default_layer(module: nn.Module) -> bool:
+    """Whether ``layers=None`` hooks this module (its class has a default rule in the layer table)."""
+    return layer_rule(module).default
 
 
 def _matcher(item: Any, layers: Any) -> Callable[[str, nn.Module], bool]:
@@ -62,22 +56,24 @@ def _matcher(item: Any, layers: Any) -> Callable[[str, nn.Module], bool]:
 def select_layers(model: nn.Module, layers: LayerSelection = None) -> dict[str, nn.Module]:
     """The modules to hook, by name as in ``model.named_modules()``.
 
-    ``layers`` is ``None`` (the default types: Conv/ConvTranspose 1-3d, Linear, BatchNorm 1-3d,
-    LayerNorm), or one selector, or a sequence of selectors: a module type, a name glob (``"head"``,
-    ``"features.*"``), a predicate ``(name, module) -> bool``. A module is selected when any selector
-    matches it.
+    ``layers`` is ``None`` (the default rows of the layer table: Conv/ConvTranspose 1-3d, BatchNorm 1-3d,
+    Linear, LayerNorm, RMSNorm, Embedding, HF Conv1D, RNN/LSTM/GRU, MultiheadAttention, and the classes
+    registered with ``register_layer_rule``), or one selector, or a sequence of selectors: a module type,
+    a name glob (``"head"``, ``"features.*"``), a predicate ``(name, module) -> bool``. A module is
+    selected when any selector matches it.
 
     Raises:
         TypeError: a selector is none of these.
         ValueError: the selection is empty or matches no module.
     """
     if layers is None:
-        chosen = {n: m for n, m in model.named_modules() if isinstance(m, DEFAULT_LAYER_TYPES)}
+        chosen = {n: m for n, m in model.named_modules() if is_default_layer(m)}
         if not chosen:
             raise ValueError(
                 f"{type(model).__name__} has no layer NeVe hooks by default (Conv1d/2d/3d, ConvTranspose1d/2d/3d,"
-                " Linear, BatchNorm1d/2d/3d, LayerNorm). Choose the layers to measure with `layers=`: module"
-                " types, name globs, or a predicate (name, module) -> bool."
+                " BatchNorm1d/2d/3d, Linear, LayerNorm, Embedding, HF Conv1D, RNN/LSTM/GRU, MultiheadAttention)."
+                " Choose the layers to measure with `layers=`: module types, name globs, or a predicate"
+                " (name, module) -> bool; say how to read a new type with `neve_tune.register_layer_rule`."
             )
         return chosen
     if isinstance(layers, (str, type)) or callable(layers):

@@ -42,16 +42,17 @@ from torch import Tensor, nn
 from . import _state
 from ._accumulate import Accumulator, CopyOnly, NeuronSums, accumulator_for, reset_scales
 from ._bnfuse import BatchNormFusion
+from ._coverage import CoverageWatch, parameter_coverage, unmeasured_modules
 from ._hooks import Passes
 from ._inputs import AuxBatches, AuxInput, model_device, unwrap_model
 from ._inputs import as_batches as as_batches  # re-exported, as are the names below
 from ._layer import Layer
 from ._layer import MeasurementError as MeasurementError
+from ._layertable import layer_rule
 from ._select import CHANNELS_FIRST as CHANNELS_FIRST
 from ._select import CHANNELS_LAST as CHANNELS_LAST
 from ._select import DEFAULT_LAYER_TYPES as DEFAULT_LAYER_TYPES
 from ._select import LayerSelection as LayerSelection
-from ._select import neuron_dim
 from ._select import select_layers as select_layers
 from ._snapshot import Snapshot, slot
 from ._state import STATE_FORMAT as STATE_FORMAT
@@ -122,7 +123,8 @@ class VelocityMonitor:
         aux: the auxiliary inputs: a tensor (dim 0 indexes samples) or an iterable of batches. See
             :func:`neve_tune.noise_aux`.
         momentum: ``mu`` in ``v^t = (1 - rho^t) - mu * v^{t-1}``.
-        layers: which modules to hook; see :func:`select_layers`.
+        layers: which modules to hook; see :func:`select_layers` (how each is read: the layer table,
+            :func:`neve_tune.register_layer_rule`). Warns once when they hold under half the parameters.
         batch_size: split a tensor aux set into batches of this size (None: one batch).
         max_positions: opt-in bounded memory: keep at most this many positions per neuron and sample.
         seed: seed of the monitor's own generator for ``max_positions`` (the global RNG is untouched).
@@ -171,7 +173,10 @@ class VelocityMonitor:
         self._seed = seed
         self._inner = unwrap_model(model)
         self._aux = AuxBatches(aux, batch_size)
-        self._layers = [Layer(n, m, neuron_dim(m)) for n, m in select_layers(self._inner, layers).items()]
+        rules = {n: (m, layer_rule(m)) for n, m in select_layers(self._inner, layers).items()}
+        self._layers = [Layer(n, m, rule.dim, rule.output) for n, (m, rule) in rules.items()]
+        self._coverage = CoverageWatch()
+        self._coverage.check(self._inner, [layer.module for layer in self._layers])
         self._sums: NeuronSums | None = None  # flat per-neuron state, allocated at the baseline
         self._snapshot = Snapshot()
         self._fusion = BatchNormFusion()
@@ -185,6 +190,16 @@ class VelocityMonitor:
     def layer_names(self) -> list[str]:
         """Names of the hooked modules, in ``named_modules()`` order."""
         return [layer.name for layer in self._layers]
+
+    @property
+    def coverage(self) -> float:
+        """Share (0..1) of the model's parameters in hooked modules or their descendants (after the baseline,
+        only modules that ran on the aux set count). The monitor warns once when it is below 0.5."""
+        return parameter_coverage(self._inner, [layer.module for layer in self._layers])
+
+    def unmeasured_modules(self, top: int = 5) -> list[tuple[str, str, int]]:
+        """The ``top`` modules holding the most unmeasured parameters: ``(name, class name, elements)``."""
+        return unmeasured_modules(self._inner, [layer.module for layer in self._layers], top)
 
     @property
     def num_measurements(self) -> int:
@@ -340,6 +355,7 @@ class VelocityMonitor:
         self._passes.record(self._layers, batches, self._sampler())
         self._fusion.end_pass()
         self._layers = self._passes.ran(self._layers)
+        self._coverage.check(self._inner, [layer.module for layer in self._layers], stacklevel=4)
         self._fusion.allocate(self._layers)
         self._allocate_snapshot()
         self._passes.measure(self._layers, batches, self._sampler(), CopyOnly().compare)

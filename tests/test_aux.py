@@ -87,3 +87,11 @@ def test_iterables_of_tensor_tuple_and_dict_batches():
     assert values[0] > 0 and values[0] == values[1] == values[2]
     with pytest.raises(ValueError, match="batch_size= only splits a tensor"):
         VelocityMonitor(model, tuples, batch_size=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.uint8, torch.bool])
+def test_noise_aux_with_an_integer_dtype_points_to_token_aux(dtype):
+    pointer = r"noise_aux draws floating noise.*neve_tune\.token_aux\(vocab_size, seq_len, n\)"
+    with pytest.raises(TypeError, match=pointer):
+        noise_aux((8,), n=4, dtype=dtype)
+    assert noise_aux((2,), n=3, dtype=torch.float64).dtype == torch.float64
