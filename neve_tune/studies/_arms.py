@@ -16,7 +16,7 @@ Built-in arms:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ._keys import PRUNED, STOPPED, TRAIN_LOSS, VAL_ACC
@@ -226,19 +226,16 @@ ASHA = Arm(
     describe=describe_asha,
     external_stop_reason=PRUNED,
 )
-FIFO = Arm(
+# FIFO is ASHA's validation arm without the pruning: the same hold-out, objective and pick rule.
+FIFO = replace(
+    ASHA,
     name="fifo",
     display_name="fifo",
     color="C2",
-    policy=FixedSchedulePolicy,
-    holds_out_validation=True,
-    objective=VAL_ACC,
-    direction="maximize",
-    pick_rule=_VALIDATION_PICK_RULE,
-    pick=pick_highest_val_acc,
     ray_scheduler=fifo_ray_scheduler,
     optuna_pruner=fifo_optuna_pruner,
     describe=describe_fifo,
+    external_stop_reason=STOPPED,
     compute_reference=True,
 )
 
