@@ -8,6 +8,10 @@
 * bounded-memory mode (``max_positions``): its memory ratio and its error against exact velocities.
 * compact states (``state_dict(snapshot="half" | "none")``): their bytes, and the error of the first
   measurement after resuming from a float16 snapshot, at several sizes of the epoch's weight change.
+* a transformer case: a 6-layer, 256-wide ``nn.TransformerEncoder`` (batch_first, Embedding front) over 100
+  random token sequences of length 128. Target <= 1.3. The bare forward takes PyTorch's fused
+  encoder-layer fast path; hooks make each layer take its plain path, so the ratio is also given against a
+  forward with no-op hooks on the same modules. ``--transformer-repeats 0`` skips it.
 
 glibc's malloc hands big freed blocks back to the kernel and faults them in again, which makes even the
 bare forward pay thousands of page faults per call in a fresh process; by how much depends on what the
@@ -15,7 +19,7 @@ process allocated before. So that neither side of the ratio is timed in that sta
 itself with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised (``--system-malloc`` keeps the
 defaults), and prints the page faults per call of each side.
 
-Run: ``python benchmarks/velocity_overhead.py [--threads 2] [--repeats 21]``
+Run: ``python benchmarks/velocity_overhead.py [--threads 2] [--repeats 21] [--transformer-repeats 7]``
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from neve_tune import VelocityMonitor, _kernel, noise_aux
+from neve_tune import VelocityMonitor, _kernel, noise_aux, token_aux
 from neve_tune.studies.builtin.cifar import resnet20
 from neve_tune.testing import compute_path
 
@@ -64,6 +68,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     parser.add_argument("--channels-last", action="store_true", help="model and aux in channels_last memory format")
+    parser.add_argument(
+        "--transformer-repeats", type=int, default=7, help="runs timed in the transformer case (0: skip)"
+    )
     args = parser.parse_args()
     if sys.platform.startswith("linux") and not args.system_malloc and any(k not in os.environ for k in MALLOC_ENV):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
@@ -162,6 +169,7 @@ def main() -> None:
         )
 
     compact_states(model, aux, gen)
+    transformer_case(args.n, args.transformer_repeats)
 
 
 def compact_states(model: torch.nn.Module, aux: torch.Tensor, gen: torch.Generator) -> None:
@@ -198,6 +206,97 @@ def compact_states(model: torch.nn.Module, aux: torch.Tensor, gen: torch.Generat
             f"half state, weight change {scale:g}: V {e.model_velocity:.3g}, V rel. error max {max(errors_v):.2e},"
             f" abs. {max(abs_v):.1e}, D rel. error max {max(errors_d):.2e}"
         )
+
+
+class TokenEncoder(torch.nn.Module):
+    """Embedding -> 6-layer, 256-wide nn.TransformerEncoder (batch_first) -> mean over positions -> Linear."""
+
+    def __init__(self, vocab: int = 1000, width: int = 256, layers: int = 6, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        layer = torch.nn.TransformerEncoderLayer(width, 8, 4 * width, dropout=0.1, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
+
+
+def transformer_case(n: int, repeats: int) -> None:
+    """measure/forward and state/snapshot for TokenEncoder on ``n`` random token sequences of length 128
+    (``repeats`` adjacent runs of each; none at all for 0)."""
+    if repeats <= 0:
+        return
+    torch.manual_seed(0)
+    model = TokenEncoder().eval()
+    aux = token_aux(1000, 128, n=n)
+    assert isinstance(aux, torch.Tensor)
+    monitor = VelocityMonitor(model, aux)
+    monitor.measure()
+
+    def bare() -> None:
+        with torch.no_grad():
+            model(aux)
+
+    modules = dict(model.named_modules())
+
+    def bare_hooked() -> None:
+        """The forward a measurement runs: no-op hooks on the same modules send each encoder layer down its
+        plain path (attention keeps its native kernel)."""
+        handles = [modules[name].register_forward_hook(lambda m, i, o: None) for name in monitor.layer_names]
+        try:
+            bare()
+        finally:
+            for h in handles:
+                h.remove()
+
+    runs: dict[str, Callable[[], object]] = {"bare": bare, "bare_hooked": bare_hooked, "measure": monitor.measure}
+    for fn in runs.values():  # warm up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}  # process CPU time: less sensitive to a shared machine
+    ratios: dict[str, list[float]] = {"bare": [], "bare_hooked": []}
+    for _ in range(repeats):
+        for key in runs:
+            c0 = time.process_time()
+            times[key] += timed(runs[key], 1)
+            cpu[key].append(time.process_time() - c0)
+        for key in ratios:
+            ratios[key].append(times["measure"][-1] / times[key][-1])
+    sizes: list[int] = []
+    handles = [
+        modules[name].register_forward_hook(lambda m, i, o: sizes.append((o[0] if isinstance(o, tuple) else o).numel()))
+        for name in monitor.layer_names
+    ]
+    bare()
+    for h in handles:
+        h.remove()
+    fp32_snapshot = 4 * sum(sizes)
+    state = {}
+    for encoding in ("full", "half", "none"):
+        buffer = io.BytesIO()
+        torch.save(monitor.state_dict(snapshot=encoding), buffer)
+        state[encoding] = buffer.tell()
+    print(
+        f"transformer: 6-layer 256-wide nn.TransformerEncoder (batch_first), aux: {n} random token sequences of"
+        f" length 128, threads: {torch.get_num_threads()}, hooked modules: {len(monitor.layer_names)},"
+        f" coverage {monitor.coverage:.3f}, one fp32 snapshot: {fp32_snapshot / 4 / 1e6:.1f}M floats"
+    )
+    for name in runs:
+        print(f"transformer {name:10s}: {statistics.median(times[name]) * 1e3:8.1f} ms median of {repeats}")
+    for key, label in (("bare", "forward"), ("bare_hooked", "hooked forward")):
+        q = statistics.quantiles(ratios[key], n=4) if repeats > 1 else [ratios[key][0]] * 3
+        print(
+            f"transformer time ratio measure/{label} = {statistics.median(ratios[key]):.3f}   (median of {repeats}"
+            f" adjacent runs, IQR {q[0]:.3f}-{q[2]:.3f}){'   (target <= 1.3)' if key == 'bare' else ''}"
+        )
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    print(
+        f"transformer CPU-time ratio measure/forward = {cpu_med['measure'] / cpu_med['bare']:.3f},"
+        f" measure/hooked forward = {cpu_med['measure'] / cpu_med['bare_hooked']:.3f}   (medians of {repeats})"
+    )
+    print(f"transformer memory ratio all state kept / snapshot = {monitor.state_bytes() / fp32_snapshot:.4f}")
+    print("transformer state bytes (torch.save): " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in state.items()))
 
 
 if __name__ == "__main__":

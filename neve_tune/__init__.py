@@ -7,18 +7,23 @@ The core (this package's top level) depends on torch only:
   diverged, with the thresholds of :class:`StopCriteria`), a pure state machine;
 * :func:`decide` reads the trial's own decision from one epoch's reported metrics, the one decision the
   integrations (Ray Tune scheduler, Optuna pruner and ``report_epoch``) act on;
+* :class:`Anneal`: opt-in anneal on convergence (``NeVe(anneal=Anneal())``): the first convergence starts a
+  short LR cooldown instead of a stop;
 * :class:`NeVe` combines both for a plain PyTorch loop; ``NeVe.metrics()`` (and ``StepResult.metrics()``)
   is the one flat metrics dict every integration reports;
 * :func:`noise_aux`, :func:`subset_aux`, :func:`image_folder_aux`, :func:`token_aux` and
   :func:`token_subset_aux` build aux sets;
 * :mod:`neve_tune.keys` names the metrics NeVe reports, and :class:`StopReason` spells why a trial stopped.
 
-Integrations live in ``neve_tune.ray``, ``neve_tune.optuna`` and ``neve_tune.mlflow``.
+Integrations live in ``neve_tune.ray``, ``neve_tune.optuna``, ``neve_tune.mlflow``, ``neve_tune.lightning``
+(``NeVeCallback`` for a Lightning ``Trainer``) and ``neve_tune.transformers`` (``NeVeCallback`` for the
+Hugging Face ``Trainer``).
 """
 
 from __future__ import annotations
 
 from . import keys
+from ._anneal import Anneal
 from ._aux import image_folder_aux, noise_aux, subset_aux
 from ._controller import NeVe, StepResult
 from ._layertable import register_layer_rule
@@ -32,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
+    "Anneal",
     "Decision",
     "Measurement",
     "MeasurementError",

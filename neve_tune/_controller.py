@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from . import keys
+from ._anneal import Anneal
 from ._rule import NeVeRule, PlateauOn, StopFlags
 from ._state import SnapshotInState
 from ._stopping import StopCriteria
@@ -38,6 +39,7 @@ class StepResult(StopFlags):
         detail: why, in words, for a stalled/collapsed/diverged decision ("" otherwise).
         stop_threshold: the controller's ``stop_threshold`` (reported in the metrics).
         min_epochs: the controller's warm-up (reported in the metrics).
+        annealing: whether an anneal-on-convergence cooldown (``NeVe(anneal=...)``) is under way.
     """
 
     epoch: int
@@ -52,6 +54,7 @@ class StepResult(StopFlags):
     detail: str = ""
     stop_threshold: float = 1e-3
     min_epochs: int = 0
+    annealing: bool = False
 
     def metrics(self) -> dict[str, float]:
         """This step as a flat dict of plain floats: what :meth:`NeVe.metrics` returned right after it."""
@@ -79,6 +82,8 @@ class StepResult(StopFlags):
             return f"{head}: stalled ({self.detail}); stop training: it is not learning (check the learning rate)."
         if self.collapsed:
             return f"{head}: collapsed ({self.detail}); stop training: lower the learning rate."
+        if self.annealing:
+            return f"{head}: annealing after convergence; learning rate {self.lrs}."
         if self.lr_decayed:
             return f"{head}: velocity change plateaued; learning rate decayed to {self.lrs}."
         return head
@@ -134,6 +139,9 @@ class NeVe(LRScheduler):
             reference (a trial that blew up in its first epoch then looks like it learned; pass
             ``num_classes``).
         criteria: the thresholds of the stalled/collapsed tests (:class:`~neve_tune.StopCriteria`).
+        anneal: opt-in anneal on convergence (:class:`~neve_tune.Anneal`): the first convergence starts
+            a short LR cooldown instead of ending the trial, which then ends as converged. ``None``
+            (default): the paper's rule, which stops at the first convergence.
         layers, batch_size, max_positions, state_snapshot: passed to :class:`VelocityMonitor`
             (``state_snapshot="half"`` halves the checkpoint size; ``"none"`` re-baselines on resume).
 
@@ -167,6 +175,7 @@ class NeVe(LRScheduler):
         num_classes: int | None = None,
         criteria: StopCriteria | None = None,
         state_snapshot: SnapshotInState = "full",
+        anneal: Anneal | None = None,
     ) -> None:
         # Deliberately no super().__init__(): LRScheduler's would take a step and wrap optimizer.step.
         if not isinstance(optimizer, Optimizer):
@@ -177,7 +186,7 @@ class NeVe(LRScheduler):
             num_classes = _infer_num_classes(model)
         self.rule = NeVeRule(
             factor=factor, patience=patience, stop_threshold=stop_threshold, min_lr=min_lr, plateau_on=plateau_on,
-            min_epochs=min_epochs, num_classes=num_classes, criteria=criteria,
+            min_epochs=min_epochs, num_classes=num_classes, criteria=criteria, anneal=anneal,
         )  # fmt: skip
         self.rule.check_num_groups(len(optimizer.param_groups))
         self.optimizer = optimizer
@@ -267,6 +276,7 @@ class NeVe(LRScheduler):
                 detail=decision.detail,
                 stop_threshold=rule.stop_threshold,
                 min_epochs=rule.min_epochs,
+                annealing=rule.annealer is not None and rule.annealer.cooling and decision.stop_reason is None,
             )
         self._lrs = list(result.lrs)
         self._last = result

@@ -15,8 +15,9 @@ output shapes, on every aux batch and every measurement; otherwise :class:`Measu
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -30,6 +31,28 @@ from ._subsample import PositionSampler
 #: An accumulator's compare: (layer, call, aux batch, output, snapshot slice, neuron dim) -> None.
 Accumulate = Callable[[Layer, int, int, Tensor, Tensor, int], None]
 Hook = Callable[[nn.Module, Any, Any], None]
+
+
+@contextlib.contextmanager
+def _without_nested_tensors(model: nn.Module) -> Iterator[None]:
+    """Keep ``nn.TransformerEncoder`` from packing padded batches into nested tensors during one pass.
+
+    In eval mode under ``no_grad``, an ``nn.TransformerEncoder`` given a ``src_key_padding_mask`` turns its
+    input into a nested tensor, and every hooked Linear/LayerNorm inside then outputs one, which has no
+    shape NeVe can read. With ``use_nested_tensor`` off for the pass it runs on ordinary (padded) tensors;
+    the encoder layers, whose submodules carry hooks, already take their plain path, and attention keeps
+    its native kernel.
+    """
+    packing = [
+        m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)
+    ]
+    for module in packing:
+        module.use_nested_tensor = False
+    try:
+        yield
+    finally:
+        for module in packing:
+            module.use_nested_tensor = True
 
 
 class Passes:
@@ -79,6 +102,10 @@ class Passes:
         self._handles = []
 
     def _run(self, layers: Sequence[Layer], batches: list[Any], make_hook: Callable[[Layer], Hook]) -> None:
+        with _without_nested_tensors(self.model):
+            self._run_batches(layers, batches, make_hook)
+
+    def _run_batches(self, layers: Sequence[Layer], batches: list[Any], make_hook: Callable[[Layer], Hook]) -> None:
         self._handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
         try:
             for index, batch in enumerate(batches):

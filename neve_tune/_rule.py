@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import keys
-from ._stopping import StopCriteria, StopDetector, settings_disagreement
+from ._anneal import Anneal, Annealer
+from ._stopping import StopCriteria, StopDetector, StopFlags, settings_disagreement
 from .keys import StopReason
 
 PlateauOn = Literal["velocity_change", "model_velocity"]
@@ -26,39 +27,9 @@ PlateauOn = Literal["velocity_change", "model_velocity"]
 _LR_EPS = 1e-8
 
 __all__ = [
-    "Decision", "NeVeRule", "PlateauOn", "StopCriteria", "StopFlags", "StopReason", "decide", "settings_disagreement",
+    "Anneal", "Decision", "NeVeRule", "PlateauOn", "StopCriteria", "StopFlags", "StopReason", "decide",
+    "settings_disagreement",
 ]  # fmt: skip
-
-
-class StopFlags:
-    """``converged`` / ``stalled`` / ``collapsed`` / ``diverged`` / ``should_stop``, from ``stop_reason``."""
-
-    stop_reason: StopReason | None
-
-    @property
-    def converged(self) -> bool:
-        """True when the network moved, learned and stopped moving (a success)."""
-        return self.stop_reason is StopReason.CONVERGED
-
-    @property
-    def stalled(self) -> bool:
-        """True when it stopped moving (or thrashes at chance) without having learned."""
-        return self.stop_reason is StopReason.STALLED
-
-    @property
-    def collapsed(self) -> bool:
-        """True when its aux responses froze abruptly (dead units)."""
-        return self.stop_reason is StopReason.COLLAPSED
-
-    @property
-    def diverged(self) -> bool:
-        """True when V, D or the training loss was not finite."""
-        return self.stop_reason is StopReason.DIVERGED
-
-    @property
-    def should_stop(self) -> bool:
-        """True when training should end here (converged, stalled, collapsed or diverged)."""
-        return self.stop_reason is not None
 
 
 @dataclass(frozen=True)
@@ -229,6 +200,10 @@ class NeVeRule:
       peak V reached ``peak_ratio * stop_threshold``) and, with a loss, learned (``p >= learned``);
       otherwise **stalled**. An abrupt freeze of ``u`` is **collapsed**. With a loss, a trial stuck at
       chance for ``chance_epochs`` epochs is stalled even while V stays high. See :class:`StopCriteria`.
+    * **Anneal on convergence** (opt-in, ``anneal=Anneal(...)``): the first convergence starts a cooldown
+      instead of a stop: the LRs fall over the next ``L`` epochs (:class:`~neve_tune.Anneal`), during which
+      only divergence stops the trial and no plateau decay fires; the trial then ends as converged. A
+      cooldown started by the cap coming (``Anneal.max_epochs``) ends with no decision (the loop's cap).
 
     NaN policy: a NaN or infinite V, D or training loss means the trial **diverged**, at any epoch. Such
     an epoch is never counted as a quiet bad epoch and never decays the LR; the decision carries
@@ -248,6 +223,8 @@ class NeVeRule:
         num_classes: the number of classes of a cross-entropy training loss (``L_ref = log C``); ``None``
             or ``0``: unknown, the first reported loss is the reference.
         criteria: the thresholds of the stalled/collapsed tests (:class:`StopCriteria` defaults).
+        anneal: anneal on convergence (:class:`~neve_tune.Anneal`); ``None`` (default): the paper's rule,
+            stop at the first convergence.
 
     Example:
         >>> rule = NeVeRule(patience=0, factor=0.5)
@@ -268,6 +245,7 @@ class NeVeRule:
         min_epochs: int = 5,
         num_classes: int | None = None,
         criteria: StopCriteria | None = None,
+        anneal: Anneal | None = None,
     ) -> None:
         if not 0.0 < factor < 1.0:
             raise ValueError(f"factor must be between 0 and 1 exclusive (factor < 1.0), but got {factor=}.")
@@ -280,11 +258,11 @@ class NeVeRule:
         ):
             raise ValueError(f"num_classes must be None, 0 (unknown) or an integer >= 2, but got {num_classes=}.")
         if plateau_on not in ("velocity_change", "model_velocity"):
-            raise ValueError(
-                f"plateau_on must be 'velocity_change' or 'model_velocity', but got {plateau_on=}."
-            )
+            raise ValueError(f"plateau_on must be 'velocity_change' or 'model_velocity', but got {plateau_on=}.")
         if criteria is not None and not isinstance(criteria, StopCriteria):
             raise TypeError(f"criteria must be a neve_tune.StopCriteria, but got {type(criteria).__name__}.")
+        if anneal is not None and not isinstance(anneal, Anneal):
+            raise TypeError(f"anneal must be a neve_tune.Anneal or None, but got {type(anneal).__name__}.")
         min_lrs = [float(min_lr)] if isinstance(min_lr, (int, float)) else [float(m) for m in min_lr]
         if not min_lrs or any(not (math.isfinite(m) and m >= 0.0) for m in min_lrs):
             raise ValueError(f"min_lr must be a number >= 0 or a non-empty list of them, but got {min_lr=}.")
@@ -305,6 +283,12 @@ class NeVeRule:
             num_classes=num_classes or None,
             criteria=criteria or StopCriteria(),
         )
+        self.annealer = None if anneal is None else Annealer(anneal)
+
+    @property
+    def anneal(self) -> Anneal | None:
+        """The anneal-on-convergence settings, ``None`` for the paper's rule."""
+        return None if self.annealer is None else self.annealer.settings
 
     @property
     def criteria(self) -> StopCriteria:
@@ -353,8 +337,13 @@ class NeVeRule:
         reason = self.detector.step(self.num_steps, model_velocity, velocity_change, raw_change, train_loss)
         detail = self.detector.detail
         value = velocity_change if self.plateau_on == "velocity_change" else model_velocity
+        annealer = self.annealer
+        if annealer is not None and annealer.cooling and reason is not StopReason.DIVERGED:
+            if annealer.done(self.num_steps):
+                return Decision(lrs, False, None if annealer.by_cap else StopReason.CONVERGED, "")
+            return self._cool(lrs)
         if reason is StopReason.DIVERGED or value is None or not math.isfinite(value):
-            return Decision(lrs, False, reason, detail)
+            return self._maybe_anneal(Decision(lrs, False, reason, detail))
         if value < self.best:
             self.best = float(value)
             self.bad_epochs = 0
@@ -365,7 +354,23 @@ class NeVeRule:
             lrs, decayed = self._decay(lrs)
             self.best = math.inf
             self.bad_epochs = 0
-        return Decision(lrs, decayed, reason, detail)
+        return self._maybe_anneal(Decision(lrs, decayed, reason, detail))
+
+    def _maybe_anneal(self, decision: Decision) -> Decision:
+        """A convergence (or the coming cap) starts the cooldown instead of stopping, with an annealer."""
+        a = self.annealer
+        if a is None or decision.stop_reason not in (None, StopReason.CONVERGED):
+            return decision
+        converged = decision.stop_reason is StopReason.CONVERGED
+        if not a.should_start(self.num_steps, converged) or not a.begin(self.num_steps, decision.lrs, converged):
+            return decision
+        return self._cool(decision.lrs)
+
+    def _cool(self, lrs: tuple[float, ...]) -> Decision:
+        assert self.annealer is not None
+        floors = [self.min_lrs[0]] * len(lrs) if self._min_lr_scalar else self.min_lrs
+        new = self.annealer.lrs(self.num_steps, floors)
+        return Decision(new, any(old - lr > _LR_EPS for old, lr in zip(lrs, new, strict=True)), None, "")
 
     def _decay(self, lrs: tuple[float, ...]) -> tuple[tuple[float, ...], bool]:
         new_lrs = []
@@ -396,6 +401,7 @@ class NeVeRule:
             "num_decays": self.num_decays,
             "num_steps": self.num_steps,
             "detector": self.detector.state_dict(),
+            "anneal": None if self.annealer is None else self.annealer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -403,7 +409,9 @@ class NeVeRule:
 
         A state saved before the stalled/collapsed tests existed (no ``detector`` entry) restores with
         ``min_epochs=0`` and a peak velocity of +inf: it keeps deciding as before (V under the threshold
-        is converged) until a training loss or the raw change sharpen the decision.
+        is converged) until a training loss or the raw change sharpen the decision. A state without an
+        ``anneal`` entry (saved before anneal-on-convergence existed) keeps this rule's ``anneal`` setting,
+        with no cooldown under way.
         """
         fresh = NeVeRule(
             factor=state["factor"],
@@ -412,6 +420,7 @@ class NeVeRule:
             min_lr=state["min_lr"],
             plateau_on=state["plateau_on"],
             min_epochs=int(state.get("min_epochs", 0)),
+            anneal=self.anneal,
         )
         fresh.best = float(state["best"])
         fresh.bad_epochs = int(state["bad_epochs"])
@@ -421,11 +430,18 @@ class NeVeRule:
             fresh.detector.load_state_dict(state["detector"])
         else:
             fresh.detector.peak_velocity = math.inf
+        if state.get("anneal") is not None:
+            fresh.annealer = Annealer(Anneal())
+            fresh.annealer.load_state_dict(state["anneal"])
+        elif "anneal" in state:
+            fresh.annealer = None
         self.__dict__.update(fresh.__dict__)
 
     def __repr__(self) -> str:
         return (
             f"NeVeRule(factor={self.factor}, patience={self.patience}, stop_threshold={self.stop_threshold},"
             f" min_lr={self.state_dict()['min_lr']}, plateau_on={self.plateau_on!r},"
-            f" min_epochs={self.min_epochs}, num_classes={self.num_classes})"
+            f" min_epochs={self.min_epochs}, num_classes={self.num_classes}"
+            + ("" if self.anneal is None else f", anneal={self.anneal!r}")
+            + ")"
         )

@@ -23,7 +23,38 @@ from typing import Any
 from . import keys
 from .keys import StopReason
 
-__all__ = ["StopCriteria", "StopDetector", "settings_disagreement"]
+__all__ = ["StopCriteria", "StopDetector", "StopFlags", "settings_disagreement"]
+
+
+class StopFlags:
+    """``converged`` / ``stalled`` / ``collapsed`` / ``diverged`` / ``should_stop``, from ``stop_reason``."""
+
+    stop_reason: StopReason | None
+
+    @property
+    def converged(self) -> bool:
+        """True when the network moved, learned and stopped moving (a success)."""
+        return self.stop_reason is StopReason.CONVERGED
+
+    @property
+    def stalled(self) -> bool:
+        """True when it stopped moving (or thrashes at chance) without having learned."""
+        return self.stop_reason is StopReason.STALLED
+
+    @property
+    def collapsed(self) -> bool:
+        """True when its aux responses froze abruptly (dead units)."""
+        return self.stop_reason is StopReason.COLLAPSED
+
+    @property
+    def diverged(self) -> bool:
+        """True when V, D or the training loss was not finite."""
+        return self.stop_reason is StopReason.DIVERGED
+
+    @property
+    def should_stop(self) -> bool:
+        """True when training should end here (converged, stalled, collapsed or diverged)."""
+        return self.stop_reason is not None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,14 @@ def _arms(text: str) -> list[str]:
     return [a for a in (x.strip() for x in text.split(",")) if a]
 
 
+def _seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` (argparse reports a ValueError as an invalid value)."""
+    seeds = [int(x) for x in (x.strip() for x in text.split(",")) if x]
+    if not seeds:
+        raise ValueError(text)
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neve-tune",
@@ -47,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"neve-tune {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    study = commands.add_parser("study", help="run and compare studies (NeVe vs ASHA vs FIFO)")
+    study = commands.add_parser(
+        "study",
+        help="run and compare studies (NeVe vs ASHA vs FIFO)",
+        description="Run a study's arms on the same configurations (`study run`), rebuild its table from MLflow "
+        "(`study compare`), or list the studies (`study list`).",
+    )
+    study.set_defaults(print_command_help=study.print_help)  # `neve-tune study` alone: this help
     study_commands = study.add_subparsers(dest="study_command", metavar="SUBCOMMAND")
 
     run = study_commands.add_parser(
@@ -61,11 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--arms",
         type=_arms,
         default=None,
-        help="comma-separated arms among neve, asha, fifo and any registered ones (default: neve,asha,fifo)",
+        help="comma-separated arms among neve, asha, fifo, the optional schedulefree and any registered ones "
+        "(default: neve,asha,fifo)",
     )
     run.add_argument("--trials", type=int, default=None, help="configurations per arm (default: the study's)")
     run.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every trial (default: the study's)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the configurations, splits and inits (default 0)")
+    seeds = run.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="seed of the configurations, splits and inits (default 0)")
+    seeds.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=None,
+        metavar="S1,S2,...",
+        help="repeat the study once per seed (e.g. 0,1,2); the table reports each arm's mean and spread over them",
+    )
     run.add_argument(
         "--tracking-uri",
         default=None,
@@ -165,6 +188,7 @@ def study_options(args: argparse.Namespace, console: Any = None) -> StudyOptions
         trials=args.trials,
         max_epochs=args.max_epochs,
         seed=args.seed,
+        seeds=args.seeds,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
         track=not args.no_mlflow,
@@ -189,9 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = run_study(args.study, study_options(args, console))
     console.print()
-    console.print(result.table())
-    for summary in result.summaries:
-        console.print(f"  pick rule, [bold]{summary.arm}[/bold]: {summary.pick_rule}")
+    _print_tables(console, result.runs, result.seed_title, result.title)
     console.print(
         "  test accuracy is reported only; no arm sees it. 'train data': fraction of the labelled "
         "(non-test) data the arm trains on."
@@ -218,24 +240,36 @@ def _ui_link(tracking_uri: str, experiment_id: str | None) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from neve_tune.studies import comparison_table, summarize_arm
     from neve_tune.studies._from_mlflow import load_study
-    from neve_tune.studies._runner import write_outputs
+    from neve_tune.studies._runner import write_study_outputs
 
     console = _console()
     experiment = args.experiment or f"neve-tune-{args.study}"
     stored = load_study(args.tracking_uri, experiment, study_run_id=args.run_id)
     if not stored.arms:
         raise CLIError(f"The study run {stored.study_run_id} of {experiment!r} has no arm runs.")
-    summaries = [summarize_arm(arm) for arm in stored.arms]
+    runs = stored.runs
     folder = Path(args.output_dir) / f"compare-{stored.study_run_name}"
-    files = write_outputs(folder, stored.arms, summaries)
+    files = write_study_outputs(folder, runs)
     title = f"{stored.study} - study run {stored.study_run_name} ({stored.status})"
-    console.print(comparison_table(summaries, title=title))
-    for summary in summaries:
-        console.print(f"  pick rule, [bold]{summary.arm}[/bold]: {summary.pick_rule}")
-    console.print(f"\nTables and plots: {folder.resolve()} ({', '.join(sorted(files))})")
+    _print_tables(console, runs, lambda run: f"{title}, seed {run.seed}", title)
+    shown = sorted(name for name in files if "/" not in name)
+    console.print(f"\nTables and plots: {folder.resolve()} ({', '.join(shown)})")
     return 0
+
+
+def _print_tables(console: Any, runs: Sequence[Any], seed_title: Any, title: str) -> None:
+    """Each seed's table with its pick rules, then (several seeds) the table over seeds."""
+    from neve_tune.studies import comparison_table
+    from neve_tune.studies._seeds import seeds_table
+
+    for run in runs:
+        console.print(comparison_table(run.summaries, title=title if len(runs) == 1 else seed_title(run)))
+        for summary in run.summaries:
+            console.print(f"  pick rule, [bold]{summary.arm}[/bold]: {summary.pick_rule}")
+    if len(runs) > 1:
+        console.print()
+        console.print(seeds_table(runs, title=f"{title}: mean ± std over the seeds"))
 
 
 def cmd_mlflow_replay(args: argparse.Namespace) -> int:
@@ -260,8 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "mlflow":
         return cmd_mlflow_replay(args)
     if args.command != "study" or getattr(args, "study_command", None) is None:
-        parser.print_help()
-        return EXIT_USAGE if args.command is None or args.command == "study" else 0
+        # No command: the top-level help; `neve-tune study` alone: the study command's help (usage status).
+        getattr(args, "print_command_help", parser.print_help)()
+        return EXIT_USAGE
     _quiet_libraries()
     from neve_tune.mlflow import TrackingUnavailableError
     from neve_tune.studies import StudyError, UnknownStudyError

@@ -51,6 +51,15 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "study" in capsys.readouterr().out
 
 
+def test_study_alone_prints_the_study_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study"]) == EXIT_USAGE  # as `neve-tune` alone: the help, usage status
+    out = capsys.readouterr().out
+    assert out.startswith("usage: neve-tune study [-h] SUBCOMMAND")
+    for sub in ("run", "compare", "list"):
+        assert f"\n    {sub} " in out
+    assert "mlflow" not in out  # not the top-level help
+
+
 def test_study_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "list"]) == 0
     out = capsys.readouterr().out
@@ -86,7 +95,8 @@ def test_bad_tracking_uri_fails_before_any_training(in_tmp: Path, capsys: pytest
 
 def test_bad_options_are_clear(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "run", "digits", "--arms", "neve,hyperband"]) == EXIT_USAGE
-    assert "Unknown arm 'hyperband'. The arms are: neve, asha, fifo." in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Unknown arm 'hyperband'. The arms are: neve, asha, fifo" in err and "schedulefree" in err
     assert main(["study", "run", "digits", "--cpus-per-trial", "0"]) == EXIT_USAGE
     assert "cpus_per_trial must be > 0" in capsys.readouterr().err
     assert main(["study", "compare"]) == EXIT_USAGE
@@ -120,8 +130,15 @@ def test_demo_command_with_the_default_sqlite_store_then_compare(tmp_path: Path)
     out = run.stdout
     assert "digits: 2 trials x <= 3 epochs per arm, seed 0" in out
     assert "│ neve │" in out and "│ fifo │" in out
-    # 3 epochs: inside NeVe's warm-up nothing converges, and the pick-rule line says so (issue 12).
-    assert "pick rule, neve: no trial converged: picked the lowest final train loss among the 2 trials" in out
+    # 3 epochs: inside NeVe's warm-up nothing converges; the pick-rule line says what the rule did with the
+    # records (issue 12), the same line as the arm's own rule gives on the records MLflow holds.
+    from neve_tune.studies import summarize_arm
+    from neve_tune.studies._from_mlflow import load_study
+
+    stored = {a.arm: a for a in load_study(f"sqlite:///{tmp_path / 'mlflow.db'}", "neve-tune-digits").arms}
+    assert "converged" not in {r.stop_reason for r in stored["neve"].records}
+    line = f"pick rule, neve: {summarize_arm(stored['neve']).pick_rule}"
+    assert " ".join(line.split()) in " ".join(out.split())  # (rich may wrap a long line)
     assert f"MLflow: sqlite:///{tmp_path / 'mlflow.db'}" in out  # the embedded default, in the working directory
 
     from mlflow import MlflowClient
@@ -150,6 +167,60 @@ def test_demo_command_with_the_default_sqlite_store_then_compare(tmp_path: Path)
     assert (rebuilt.parent / "test_acc_vs_epochs.png").stat().st_size > 5000
 
 
+def test_a_gpu_trial_on_a_machine_without_one_is_refused_first(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    ray = pytest.importorskip("ray")
+    ray_was_up = ray.is_initialized()
+    for backend in ("ray", "optuna"):
+        t0 = time.monotonic()
+        assert main(["study", "run", "digits", "--gpus-per-trial", "1", "--backend", backend]) == EXIT_USAGE
+        assert time.monotonic() - t0 < 5
+        err = capsys.readouterr().err
+        assert "Each trial asks for 1 GPU(s), but this machine has 0" in err
+        assert "Pass --gpus-per-trial 0 to train on CPUs" in err
+    assert list(in_tmp.iterdir()) == []  # no mlflow.db, no results folder
+    assert ray.is_initialized() == ray_was_up  # no Ray was started
+
+
+def test_an_unknown_tracking_scheme_is_refused_in_plain_words(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["study", "run", "digits"], ["study", "compare"]):
+        assert main([*argv, "--tracking-uri", "ftp://x"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "Cannot track in 'ftp://x': MLflow has no tracking store for the scheme 'ftp'" in err
+        assert "--tracking-uri sqlite:///mlflow.db" in err and "registry" not in err
+    assert list(in_tmp.iterdir()) == []
+    from neve_tune.studies._options import check_tracking_scheme
+
+    for uri in ("sqlite:///a.db", "mysql+pymysql://u@h/db", "postgresql://h/db", "https://h", "file:///x", "mlruns"):
+        check_tracking_scheme(uri)  # what MLflow itself accepts passes
+
+
+def test_compare_with_an_unknown_run_id_says_what_exists(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("neve-tune-digits")
+    study = client.create_run(exp, tags={"role": "study", "study": "digits"}, run_name="digits-20260101-000000")
+    other = client.create_run(exp, tags={"role": "arm"}, run_name="neve")
+    assert main(["study", "compare", "digits", "--run-id", "deadbeef", "--tracking-uri", uri]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"No MLflow run has the id 'deadbeef' at {uri}." in err
+    assert f"The latest study runs of 'neve-tune-digits': {study.info.run_id} (digits-20260101-000000, RUNNING)" in err
+    assert "Leave out --run-id for the latest one" in err
+    assert main(["study", "compare", "--run-id", other.info.run_id, "--tracking-uri", uri]) == EXIT_USAGE
+    assert (
+        f"The run '{other.info.run_id}' is not a study run of the experiment 'neve-tune-digits' (it is an arm run)"
+        in capsys.readouterr().err
+    )
+
+
 def test_study_run_options_map_the_command_line() -> None:
     from neve_tune.cli import build_parser, study_options
 
@@ -161,12 +232,28 @@ def test_study_run_options_map_the_command_line() -> None:
     assert options.mlflow_drain_timeout_s == 5.0
     default = study_options(build_parser().parse_args(["study", "run", "digits"]))
     assert default.mlflow_drain_timeout_s == 60.0 and default.track and default.trials is None
+    assert default.seed_list == (0,)
+    seeds = study_options(build_parser().parse_args(["study", "run", "digits", "--seeds", "0, 1,2"]))
+    assert seeds.seed_list == (0, 1, 2)
+    assert study_options(build_parser().parse_args(["study", "run", "digits", "--seed", "7"])).seed_list == (7,)
+
+
+def test_seed_and_seeds_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "run", "digits", "--seed", "1", "--seeds", "0,1"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "argument --seeds: not allowed with argument --seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["study", "run", "digits", "--seeds", "0,x"])
+    assert "argument --seeds: invalid _seeds value: '0,x'" in capsys.readouterr().err
 
 
 def test_the_printed_mlflow_link_opens_the_runs_view() -> None:
     from neve_tune.cli import _ui_link
 
-    assert _ui_link("http://127.0.0.1:5005/", "7") == "http://127.0.0.1:5005/#/experiments/7?workflowType=machine_learning"
+    assert (
+        _ui_link("http://127.0.0.1:5005/", "7") == "http://127.0.0.1:5005/#/experiments/7?workflowType=machine_learning"
+    )
     local = _ui_link("sqlite:///mlflow.db", "3")
     assert local.startswith("`mlflow ui --backend-store-uri sqlite:///mlflow.db`")
     assert local.endswith("/#/experiments/3?workflowType=machine_learning")

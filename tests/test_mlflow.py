@@ -366,14 +366,14 @@ def test_study_operations_replay_in_a_fresh_process_through_their_registered_han
     log.detach()  # stopped from outside: its run stays open for the driver
     path = _finalize_file(tracker, tmp_path)
     entry = json.loads(path.read_text().splitlines()[1])
-    assert entry["kind"] == "children" and entry["module"] == "neve_tune.studies._tracking"
+    assert entry["kind"] == "children" and entry["module"] == "neve_tune.studies._children"
     # The mlflow package knows nothing of studies: the saved file names the handler's module.
     script = (
         "import sys\n"
         "from neve_tune.mlflow import replay_unsent\n"
         "assert not [m for m in sys.modules if m.startswith('neve_tune.studies')]\n"
         f"replay_unsent({str(path)!r}, remove=True)\n"
-        "assert 'neve_tune.studies._tracking' in sys.modules\n"
+        "assert 'neve_tune.studies._children' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     assert not path.exists()

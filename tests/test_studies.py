@@ -43,6 +43,7 @@ from neve_tune.studies import (
     sample_configs,
     summarize_arm,
 )
+from neve_tune.studies._policy import AnnealingNeVePolicy
 from tests.test_mlflow import MlflowServer
 
 # ---------------------------------------------------------------------------- protocol pieces (fast)
@@ -82,17 +83,27 @@ def test_registry_lists_and_rejects() -> None:
 
 def test_pick_rules_never_look_at_test_accuracy() -> None:
     # The highest test accuracy is always the trial the rule must NOT pick.
+    pure = [
+        _record("neve-pure", 0, reason="converged", epochs=9, test=0.99, **{"train/loss": 0.30}),
+        _record("neve-pure", 1, reason="converged", epochs=12, test=0.90, **{"train/loss": 0.05}),
+        _record("neve-pure", 2, reason="max_t", epochs=40, test=0.995, **{"train/loss": 0.01}),  # not converged
+        _record("neve-pure", 3, reason="diverged", epochs=3, test=0.999, **{"train/loss": math.nan}),
+    ]
+    assert pick_trial("neve-pure", pure).config_id == 1
+    # Nothing converged: the lowest train loss among the trials that did not diverge.
+    slow = _record("neve-pure", 4, reason="max_t", epochs=40, test=0.999, **{"train/loss": 0.2})
+    assert pick_trial("neve-pure", [slow, pure[2], pure[3]]).config_id == 2
+    assert pick_trial("neve-pure", [pure[3]]) is None
+    # neve: the lowest TSE-EMA among converged and max_t trials alike; pruned/stalled/diverged never.
     neve = [
-        _record("neve", 0, reason="converged", epochs=9, test=0.99, **{"train/loss": 0.30}),
-        _record("neve", 1, reason="converged", epochs=12, test=0.90, **{"train/loss": 0.05}),
-        _record("neve", 2, reason="max_t", epochs=40, test=0.995, **{"train/loss": 0.01}),  # not converged
-        _record("neve", 3, reason="diverged", epochs=3, test=0.999, **{"train/loss": math.nan}),
+        _record("neve", 0, reason="converged", epochs=20, test=0.90, **{"train/tse_ema": 0.9, "train/loss": 0.01}),
+        _record("neve", 1, reason="max_t", epochs=50, test=0.80, **{"train/tse_ema": 0.5, "train/loss": 0.05}),
+        _record("neve", 2, reason="pruned", epochs=4, test=0.999, **{"train/tse_ema": 0.1}),
+        _record("neve", 3, reason="stalled", epochs=9, test=0.999, **{"train/tse_ema": 0.2}),
+        _record("neve", 4, reason="diverged", epochs=3, test=0.999, **{"train/tse_ema": math.nan}),
     ]
     assert pick_trial("neve", neve).config_id == 1
-    # Nothing converged: the lowest train loss among the trials that did not diverge.
-    slow = _record("neve", 4, reason="max_t", epochs=40, test=0.999, **{"train/loss": 0.2})
-    assert pick_trial("neve", [slow, neve[2], neve[3]]).config_id == 2
-    assert pick_trial("neve", [neve[3]]) is None
+    assert pick_trial("neve", neve[2:]) is None
     asha = [
         _record("asha", 0, reason="max_t", epochs=40, test=0.99, **{"val/acc": 0.95, "val/loss": 0.2}),
         _record("asha", 1, reason="pruned", epochs=4, test=0.999, **{"val/acc": 0.97, "val/loss": 0.3}),
@@ -147,16 +158,34 @@ def test_each_arm_is_one_definition() -> None:
         get_arm("hyperband")
     assert (neve.val_fraction(budget), asha.val_fraction(budget), fifo.val_fraction(budget)) == (0.0, 0.1, 0.1)
     assert neve.train_fraction(budget) == 1.0 and asha.train_fraction(budget) == pytest.approx(0.9)
-    assert (neve.objective, neve.direction, neve.mode) == ("train/loss", "minimize", "min")
+    assert (neve.objective, neve.direction, neve.mode) == ("train/tse_ema", "minimize", "min")
     assert (asha.objective, asha.direction, asha.mode) == ("val/acc", "maximize", "max")
-    assert neve.policy is NeVePolicy and asha.policy is fifo.policy is FixedSchedulePolicy
+    assert neve.policy is AnnealingNeVePolicy and asha.policy is fifo.policy is FixedSchedulePolicy
+    assert get_arm("neve-pure").policy is NeVePolicy and "neve-pure" not in ARMS
     assert neve.uses_neve and not asha.uses_neve
-    assert [a.external_stop_reason for a in (neve, asha, fifo)] == ["stopped", "pruned", "stopped"]
+    assert [a.external_stop_reason for a in (neve, asha, fifo)] == ["pruned", "pruned", "stopped"]
     assert [a.compute_reference for a in (neve, asha, fifo)] == [False, False, True]
     assert len({a.color for a in (neve, asha, fifo)}) == 3
     assert {name: get_arm(name).pick_rule for name in ARMS} == {name: PICK_RULES[name] for name in ARMS}
-    assert neve.params(budget)["scheduler"] == "NeVeScheduler" and neve.params(budget)["train_fraction"] == 1.0
+    assert neve.params(budget)["scheduler"] == "NeVeScheduler + ASHAScheduler"
+    assert neve.params(budget)["metric"] == "train/tse_ema" and neve.params(budget)["train_fraction"] == 1.0
+    assert get_arm("neve-pure").params(budget)["scheduler"] == "NeVeScheduler"
     assert asha.params(budget)["metric"] == "val/acc" and fifo.params(budget)["scheduler"] == "FIFOScheduler"
+
+
+def test_neve_arm_prunes_on_tse_ema_with_the_ecosystems_successive_halving() -> None:
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+
+    budget = get_study("mnist1d").budget
+    scheduler = get_arm("neve").ray_scheduler(budget)
+    base = scheduler.base_scheduler
+    assert isinstance(base, ASHAScheduler) and (base.metric, base._mode) == ("train/tse_ema", "min")
+    assert base._max_t == 60 and [r for r, _ in base._brackets[0]._rungs] == [36, 12, 4]  # grace 4, factor 3
+    pruner = get_arm("neve").optuna_pruner(budget)
+    assert isinstance(pruner.base_pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert get_arm("neve-pure").ray_scheduler(budget).base_scheduler is None
+    assert get_arm("neve-pure").optuna_pruner(budget).base_pruner is None
 
 
 @pytest.fixture
@@ -223,10 +252,14 @@ def test_run_trial_follows_its_arms_policy(arm: str) -> None:
     if arm == "neve":  # no validation data; NeVe's metrics come with the backend's report, and are recorded
         assert not any(k.startswith(("val/", "monitor/", "neve/")) for k in last)
         assert "neve/model_velocity" in outcome.final and "neve/model_velocity" in seen[-1][1]
-        assert extra == ["generator", "history"]  # the NeVe state is the backend's to checkpoint
+        assert extra == ["generator", "history", "speed"]  # the NeVe state is the backend's to checkpoint
     else:
         assert {"val/loss", "val/acc", "monitor/model_velocity"} <= set(last)
-        assert extra == ["generator", "history", "monitor", "schedule"]
+        assert extra == ["generator", "history", "monitor", "schedule", "speed"]
+    # the training-speed signals: TSE and TSE-EMA of the epochs' mean training losses
+    losses = [m["train/loss"] for _, m in seen]
+    assert last["train/tse"] == pytest.approx(sum(losses))
+    assert last["train/tse_ema"] == pytest.approx(sum(0.9 ** (len(losses) - 1 - i) * x for i, x in enumerate(losses)))
 
 
 def test_both_backends_share_one_interface() -> None:
@@ -335,7 +368,7 @@ def test_digits_study_end_to_end_against_a_real_mlflow_server(local_ray: Any, tm
                 reason = tags["neve/stop_reason"]
                 assert 1 <= stop_epoch <= 4
                 allowed = {
-                    "neve": {"converged", "stalled", "collapsed", "diverged", "max_t"},
+                    "neve": {"converged", "stalled", "collapsed", "diverged", "max_t", "pruned"},
                     "asha": {"pruned", "diverged", "max_t"},
                 }
                 assert reason in allowed.get(arm, {"max_t", "diverged"})
@@ -499,12 +532,14 @@ def test_optuna_backend_runs_the_same_protocol(tmp_path: Path) -> None:
     studies = {s.study_name.split("-")[1]: s for s in optuna.get_all_study_summaries(storage)}
     assert set(studies) == set(ARMS)
     neve = optuna.load_study(study_name=studies["neve"].study_name, storage=storage)
-    # NeVe's converged (or capped) trials COMPLETE with their stop reason; only divergence is PRUNED.
+    # NeVe's converged (or capped) trials COMPLETE with their stop reason; diverged, stalled, collapsed and
+    # those the successive-halving base pruner cut (on TSE-EMA, the reported value) are PRUNED.
     for trial in neve.trials:
         reason = trial.user_attrs["neve_stop_reason"]
-        assert trial.state == (
-            optuna.trial.TrialState.PRUNED if reason == "diverged" else optuna.trial.TrialState.COMPLETE
-        )
+        failed = reason in ("diverged", "stalled", "collapsed", "pruned")
+        assert trial.state == (optuna.trial.TrialState.PRUNED if failed else optuna.trial.TrialState.COMPLETE)
+        if trial.state == optuna.trial.TrialState.COMPLETE:  # its value is its final TSE-EMA
+            assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
     fifo = optuna.load_study(study_name=studies["fifo"].study_name, storage=storage)
     assert [t.state.name for t in fifo.trials] == ["COMPLETE"] * 3
     # The same enqueued configurations in every arm.
@@ -577,27 +612,27 @@ def test_a_crashed_trial_resumes_from_its_checkpoint_with_identical_numbers(loca
 # --- issue 12: stalled and collapsed trials are never picked, and the pick-rule line says what happened ----
 
 
-def test_neve_arm_never_picks_stalled_or_collapsed_trials_and_says_what_happened() -> None:
-    from neve_tune.studies._arms import NEVE
+def test_neve_pure_arm_never_picks_stalled_or_collapsed_trials_and_says_what_happened() -> None:
+    from neve_tune.studies._arms import NEVE_PURE
 
-    stalled = _record("neve", 0, reason="stalled", epochs=6, test=0.12, **{"train/loss": 0.01})
-    collapsed = _record("neve", 1, reason="collapsed", epochs=5, test=0.10, **{"train/loss": 0.001})
-    capped = _record("neve", 2, reason="max_t", epochs=50, test=0.90, **{"train/loss": 0.2})
-    converged = _record("neve", 3, reason="converged", epochs=12, test=0.95, **{"train/loss": 0.3})
+    stalled = _record("neve-pure", 0, reason="stalled", epochs=6, test=0.12, **{"train/loss": 0.01})
+    collapsed = _record("neve-pure", 1, reason="collapsed", epochs=5, test=0.10, **{"train/loss": 0.001})
+    capped = _record("neve-pure", 2, reason="max_t", epochs=50, test=0.90, **{"train/loss": 0.2})
+    converged = _record("neve-pure", 3, reason="converged", epochs=12, test=0.95, **{"train/loss": 0.3})
     # The lowest train losses belong to the stalled and collapsed trials: never picked.
-    assert pick_trial("neve", [stalled, collapsed, converged, capped]).config_id == 3
-    assert pick_trial("neve", [stalled, collapsed, capped]).config_id == 2
-    assert pick_trial("neve", [stalled, collapsed]) is None
+    assert pick_trial("neve-pure", [stalled, collapsed, converged, capped]).config_id == 3
+    assert pick_trial("neve-pure", [stalled, collapsed, capped]).config_id == 2
+    assert pick_trial("neve-pure", [stalled, collapsed]) is None
 
     def line(records: list[TrialRecord]) -> str:
-        return summarize_arm(ArmResult("neve", records, 1.0, 1.0, 50), NEVE).pick_rule
+        return summarize_arm(ArmResult("neve-pure", records, 1.0, 1.0, 50), NEVE_PURE).pick_rule
 
     assert line([stalled, converged]) == "lowest final train loss among the 1 converged trials (validation-free)"
     assert line([stalled, collapsed, capped]) == (
         "no trial converged: picked the lowest final train loss among the 1 trials that ended max_t (validation-free)"
     )
     assert line([stalled, collapsed]).startswith("no trial converged, and none ran to its cap")
-    summary = summarize_arm(ArmResult("neve", [stalled, collapsed, capped], 1.0, 1.0, 50), NEVE)
+    summary = summarize_arm(ArmResult("neve-pure", [stalled, collapsed, capped], 1.0, 1.0, 50), NEVE_PURE)
     assert summary.stop_reasons == {"stalled": 1, "collapsed": 1, "max_t": 1}
     md = comparison_markdown([summary])
-    assert "pick rule, neve: no trial converged: picked" in md and "among converged trials" not in md
+    assert "pick rule, neve-pure: no trial converged: picked" in md and "among converged trials" not in md

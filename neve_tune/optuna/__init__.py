@@ -1,6 +1,8 @@
 """NeVe for Optuna: a pruner where converged trials COMPLETE and diverged, stalled, collapsed ones are PRUNED.
 
-* :class:`NeVePruner` — an ``optuna.pruners.BasePruner``; optionally wraps a validation-based pruner.
+* :class:`NeVePruner` — an ``optuna.pruners.BasePruner``; optionally wraps another pruner, e.g. Optuna's
+  ``SuccessiveHalvingPruner`` or ``HyperbandPruner`` ranking a validation-free signal (the training loss
+  the objective reports), whose cuts end ``PRUNED`` with ``neve_stop_reason="pruned"``.
 * :func:`report_epoch` — the one call per epoch in the objective: reports, stores NeVe's metrics in the
   trial's user attributes, and says whether to stop (raising ``optuna.TrialPruned`` when the trial's NeVe
   says diverged, stalled or collapsed, or on a pruner's rejection); ``train_loss=`` steps NeVe with the
@@ -15,6 +17,8 @@ Example:
     >>> import optuna
     >>> from neve_tune.optuna import NeVePruner
     >>> study = optuna.create_study(direction="maximize", pruner=NeVePruner())
+    >>> halving = NeVePruner(base_pruner=optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3))
+    >>> study = optuna.create_study(direction="minimize", pruner=halving)  # report the training loss
 """
 
 from __future__ import annotations

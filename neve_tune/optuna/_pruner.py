@@ -4,7 +4,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from optuna.pruners import BasePruner
+from optuna.pruners import BasePruner, HyperbandPruner
 
 from neve_tune import StopReason, decide, keys, settings_disagreement
 from neve_tune.optuna._attrs import NEVE_ATTR, STEP_KEY
@@ -54,7 +54,27 @@ class NeVePruner(BasePruner):
       ``StopReason.CONVERGED``, the objective returns its value, and the trial ends ``COMPLETE``
       (counted for ``best_trial``) with ``neve_stop_reason="converged"`` and ``neve_stop_epoch``;
     * otherwise the optional ``base_pruner`` decides on the intermediate values, as it would alone
-      (``report_epoch`` records ``neve_stop_reason="pruned"`` when it prunes).
+      (``report_epoch`` records ``neve_stop_reason="pruned"`` when it prunes). It is consulted at every
+      check, also where NeVe decides, so that it keeps its own records (successive halving stores each
+      trial's value at every rung it reaches).
+
+    **Cross-trial pruning without validation data**: give it Optuna's own multi-fidelity pruner,
+    :class:`~optuna.pruners.SuccessiveHalvingPruner` or :class:`~optuna.pruners.HyperbandPruner`, and
+    report a validation-free signal as the intermediate value, in the study's direction: e.g. the
+    epoch's training loss with ``direction="minimize"`` (``report_epoch(trial, neve, train_loss)``).
+    The base ranks the trials on it, rung by rung, and a trial it cuts ends ``PRUNED`` with
+    ``neve_stop_reason="pruned"``; a trial whose NeVe says converged first ends ``COMPLETE``. Both are
+    used as they are: ``HyperbandPruner`` builds its bracket of the study itself. Two things differ from
+    using them alone: give ``HyperbandPruner`` an explicit ``max_resource`` (the epoch cap; ``"auto"``
+    would read it off the first COMPLETE trial, which NeVe may have ended early), and Optuna's samplers
+    see the whole study rather than one Hyperband bracket (they filter by bracket only when the
+    study's pruner *is* a ``HyperbandPruner``).
+
+    For example, with the objective reporting each epoch's training loss
+    (``report_epoch(trial, neve, train_loss)``) and returning the last one::
+
+        pruner = NeVePruner(base_pruner=optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3))
+        study = optuna.create_study(direction="minimize", pruner=pruner)
 
     ``BasePruner.prune`` can only answer "prune or not", so stopping on convergence is
     :func:`~neve_tune.optuna.report_epoch`'s job; a hand-written ``if trial.should_prune(): raise``
@@ -122,8 +142,10 @@ class NeVePruner(BasePruner):
 
     Args:
         base_pruner:
-            An Optuna pruner (e.g. :class:`~optuna.pruners.MedianPruner`) that may also prune on the
-            objective's intermediate values. :obj:`None` (default): only divergence prunes.
+            An Optuna pruner that may also prune on the objective's intermediate values: a
+            multi-fidelity one (:class:`~optuna.pruners.SuccessiveHalvingPruner`,
+            :class:`~optuna.pruners.HyperbandPruner`) ranking a validation-free signal, or any other
+            (e.g. :class:`~optuna.pruners.MedianPruner`). :obj:`None` (default): only NeVe prunes.
         stop_threshold:
             :obj:`None` (default): follow the trial; its ``NeVe(stop_threshold=...)`` decides. A value
             given here that differs from the trial's reported ``neve/stop_threshold`` has no effect and
@@ -160,6 +182,14 @@ class NeVePruner(BasePruner):
             raise ValueError(f"Pruning interval steps must be at least 1, but got {interval_steps=}.")
         if stop_threshold is not None:
             decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
+        if isinstance(base_pruner, HyperbandPruner) and getattr(base_pruner, "_max_resource", None) == "auto":
+            warnings.warn(
+                "NeVePruner(base_pruner=HyperbandPruner(max_resource='auto')): Hyperband reads its max_resource"
+                " off the first COMPLETE trial, which NeVe may have stopped early (converged); pass"
+                " max_resource= the epoch cap instead.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._stop_threshold = None if stop_threshold is None else float(stop_threshold)
         self._warned: set[int] = set()  # trial numbers already warned about (a warning, not a decision)
         self._base_pruner = base_pruner
@@ -177,13 +207,12 @@ class NeVePruner(BasePruner):
 
     def prune(self, study: optuna.study.Study, trial: optuna.trial.FrozenTrial) -> bool:
         reason = self.neve_decision(trial)
-        if reason is not None and reason.is_failure:
-            return True
-        if reason is StopReason.CONVERGED:
-            return False
-        if self._base_pruner is None:
-            return False
-        return bool(self._base_pruner.prune(study, trial))  # some pruners return numpy bools
+        # The base pruner sees every check, also those NeVe decides: successive halving records the
+        # trial's value at each rung it reaches inside prune(), and the other trials are ranked on it.
+        pruned = False if self._base_pruner is None else bool(self._base_pruner.prune(study, trial))
+        if reason is not None:
+            return reason.is_failure  # NeVe's decision comes first: converged is never pruned
+        return pruned  # some pruners return numpy bools
 
     def neve_decision(self, trial: optuna.trial.FrozenTrial) -> StopReason | None:
         """The trial's NeVe decision at its latest reported step (``CONVERGED``, ``STALLED``, ``COLLAPSED``,

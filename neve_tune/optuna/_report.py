@@ -138,6 +138,8 @@ def report_epoch(
     if isinstance(pruner, NeVePruner):
         checked = pruner.is_check_step(step, [e[STEP_KEY] for e in history])
         reason = pruner.decide(trial.number, metrics) if checked else None
+        if reason is not None and pruner.base_pruner is not None:
+            trial.should_prune()  # NeVe decided; the base pruner still records this step (its rungs)
     else:
         reason = decide(metrics)  # the trial's own NeVe flags (and any non-finite velocity)
     if reason is None and trial.should_prune():

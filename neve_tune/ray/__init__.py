@@ -2,7 +2,8 @@
 
 * :class:`NeVeScheduler` stops each trial on the decision its NeVe reports (``"converged"``,
   ``"stalled"``, ``"collapsed"``, ``"diverged"``), or at ``"max_t"``, and records why in the trial's last
-  result;
+  result; with ``base_scheduler=`` (Tune's own ``ASHAScheduler``/``HyperBandScheduler``, ranking a
+  validation-free signal such as the training loss) the trials that base cuts stop as ``"pruned"``;
 * :func:`report_epoch` / :func:`restore_from_checkpoint` report NeVe's metrics (``train_loss=`` steps NeVe
   with the epoch's training loss first) with a checkpoint of the
   model, optimizer and NeVe state, and resume from it with identical velocities and learning rates;
@@ -14,6 +15,11 @@ Example:
     >>> tuner = tune.Tuner(  # doctest: +SKIP
     ...     train_fn,
     ...     tune_config=tune.TuneConfig(scheduler=NeVeScheduler(max_t=100), metric="loss", mode="min"),
+    ... )
+    >>> from ray.tune.schedulers import ASHAScheduler
+    >>> scheduler = NeVeScheduler(  # NeVe inside each trial, ASHA across trials on the training loss
+    ...     max_t=100, grace_period=3,
+    ...     base_scheduler=ASHAScheduler(metric="train_loss", mode="min", max_t=100, grace_period=3),
     ... )
 """
 

@@ -7,7 +7,11 @@ the plots (its colour). A new arm is one :func:`register_arm` call.
 
 Built-in arms:
 
-* ``neve``: trains on 100% of the training split; NeVe decays its LR and stops it (validation-free);
+* ``neve``: trains on 100% of the training split (validation-free): NeVe decays its LR, anneals it on
+  convergence and stops it, ASHA (Ray) / successive halving (Optuna) prunes trials on their TSE-EMA
+  (training-speed estimate, ``train/tse_ema``), and it picks the lowest TSE-EMA;
+* ``neve-pure`` (optional, not in the default ``--arms``): the paper's rule alone: NeVe decays the LR
+  and stops each trial at its first convergence, no cross-trial pruning, picks the lowest final train loss;
 * ``asha``: holds out ``budget.val_fraction`` for validation, a fixed LR schedule, ASHA prunes on
   validation accuracy;
 * ``fifo``: ``asha`` without pruning, the compute reference of the table's "vs fifo" column.
@@ -19,9 +23,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ._keys import PRUNED, STOPPED, TRAIN_LOSS, VAL_ACC
-from ._policy import FixedSchedulePolicy, NeVePolicy, TrialPolicy
-from ._records import TrialRecord, describe_train_loss_pick, pick_highest_val_acc, pick_lowest_train_loss
+from ._keys import PRUNED, STOPPED, TRAIN_LOSS, TRAIN_TSE_EMA, VAL_ACC
+from ._policy import AnnealingNeVePolicy, FixedSchedulePolicy, NeVePolicy, TrialPolicy
+from ._records import (
+    TrialRecord,
+    describe_train_loss_pick,
+    describe_tse_ema_pick,
+    pick_highest_val_acc,
+    pick_lowest_train_loss,
+    pick_lowest_tse_ema,
+)  # fmt: skip
 from ._spec import Budget, StudyError
 
 Direction = Literal["minimize", "maximize"]
@@ -114,11 +125,31 @@ class Arm:
 # ---------------------------------------------------------------------------- the built-in arms' pieces
 
 
-def neve_ray_scheduler(budget: Budget) -> Any:
+def neve_pure_ray_scheduler(budget: Budget) -> Any:
     """:class:`neve_tune.ray.NeVeScheduler` with the budget's cap and stop threshold."""
     from neve_tune.ray import NeVeScheduler
 
     return NeVeScheduler(max_t=budget.max_epochs, grace_period=1, stop_threshold=budget.neve.stop_threshold)
+
+
+def neve_ray_scheduler(budget: Budget) -> Any:
+    """:class:`neve_tune.ray.NeVeScheduler` composed with Ray's ``ASHAScheduler`` ranking TSE-EMA (lower is
+    better), with the budget's cap, grace period and reduction factor (ASHA's, on a validation-free signal)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from neve_tune.ray import NeVeScheduler
+
+    base = ASHAScheduler(
+        time_attr="training_iteration",
+        metric=TRAIN_TSE_EMA,
+        mode="min",
+        max_t=budget.max_epochs,
+        grace_period=min(budget.grace_period, budget.max_epochs),
+        reduction_factor=budget.reduction_factor,
+    )
+    return NeVeScheduler(
+        max_t=budget.max_epochs, grace_period=1, stop_threshold=budget.neve.stop_threshold, base_scheduler=base
+    )
 
 
 def asha_ray_scheduler(budget: Budget) -> Any:
@@ -142,11 +173,24 @@ def fifo_ray_scheduler(budget: Budget) -> Any:
     return FIFOScheduler()
 
 
-def neve_optuna_pruner(budget: Budget) -> Any:
+def neve_pure_optuna_pruner(budget: Budget) -> Any:
     """:class:`neve_tune.optuna.NeVePruner`, following each trial's own NeVe (converged trials COMPLETE)."""
     from neve_tune.optuna import NeVePruner
 
     return NeVePruner(stop_threshold=budget.neve.stop_threshold)  # the trials' own value: warns on a mismatch
+
+
+def neve_optuna_pruner(budget: Budget) -> Any:
+    """:class:`neve_tune.optuna.NeVePruner` over Optuna's ``SuccessiveHalvingPruner`` on the reported value
+    (the arm's objective, TSE-EMA), with the budget's grace period and reduction factor."""
+    import optuna
+
+    from neve_tune.optuna import NeVePruner
+
+    base = optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=budget.grace_period, reduction_factor=budget.reduction_factor
+    )
+    return NeVePruner(stop_threshold=budget.neve.stop_threshold, base_pruner=base)
 
 
 def asha_optuna_pruner(budget: Budget) -> Any:
@@ -165,7 +209,7 @@ def fifo_optuna_pruner(budget: Budget) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def describe_neve(budget: Budget) -> dict[str, Any]:
+def describe_neve_pure(budget: Budget) -> dict[str, Any]:
     n = budget.neve
     return {
         "scheduler": "NeVeScheduler",
@@ -194,22 +238,50 @@ def describe_fifo(budget: Budget) -> dict[str, Any]:
     return {"scheduler": "FIFOScheduler", "lr_schedule": budget.lr_schedule, "val_fraction": budget.val_fraction}
 
 
+def describe_neve(budget: Budget) -> dict[str, Any]:
+    return {
+        **describe_neve_pure(budget),
+        "scheduler": "NeVeScheduler + ASHAScheduler",
+        "lr_schedule": "NeVe (plateau on velocity change), anneal on convergence (linear, max(3, t/4) epochs)",
+        "metric": TRAIN_TSE_EMA,
+        "grace_period": budget.grace_period,
+        "reduction_factor": budget.reduction_factor,
+    }
+
+
 _VALIDATION_PICK_RULE = "highest validation accuracy at the trial's last epoch"
 
 NEVE = Arm(
     name="neve",
     display_name="neve",
     color="C0",
-    policy=NeVePolicy,
+    policy=AnnealingNeVePolicy,
     holds_out_validation=False,
-    objective=TRAIN_LOSS,
+    objective=TRAIN_TSE_EMA,
     direction="minimize",
-    pick_rule="lowest final train loss among converged trials (validation-free)",
-    pick=pick_lowest_train_loss,
-    describe_pick=describe_train_loss_pick,
+    pick_rule="lowest final TSE-EMA of the training loss among converged / max_t trials (validation-free)",
+    pick=pick_lowest_tse_ema,
+    describe_pick=describe_tse_ema_pick,
     ray_scheduler=neve_ray_scheduler,
     optuna_pruner=neve_optuna_pruner,
     describe=describe_neve,
+    external_stop_reason=PRUNED,
+)
+# The paper's rule alone (the neve arm before issue 14): no anneal, no cross-trial pruning, lowest train loss.
+NEVE_PURE = replace(
+    NEVE,
+    name="neve-pure",
+    display_name="neve-pure",
+    color="C4",
+    policy=NeVePolicy,
+    objective=TRAIN_LOSS,
+    pick_rule="lowest final train loss among converged trials (validation-free)",
+    pick=pick_lowest_train_loss,
+    describe_pick=describe_train_loss_pick,
+    ray_scheduler=neve_pure_ray_scheduler,
+    optuna_pruner=neve_pure_optuna_pruner,
+    describe=describe_neve_pure,
+    external_stop_reason=STOPPED,
 )
 ASHA = Arm(
     name="asha",
@@ -241,7 +313,7 @@ FIFO = replace(
 
 #: The built-in arms' names, in their default order (``neve-tune study run --arms``).
 ARMS: tuple[str, ...] = (NEVE.name, ASHA.name, FIFO.name)
-_BUILTIN: dict[str, Arm] = {arm.name: arm for arm in (NEVE, ASHA, FIFO)}
+_BUILTIN: dict[str, Arm] = {arm.name: arm for arm in (NEVE, ASHA, FIFO, NEVE_PURE)}
 _REGISTERED: dict[str, Arm] = dict(_BUILTIN)
 
 #: Arm name -> its pick rule in words (kept in step with the registry).
@@ -297,6 +369,7 @@ __all__ = [
     "ASHA",
     "FIFO",
     "NEVE",
+    "NEVE_PURE",
     "PICK_RULES",
     "Arm",
     "UnknownArmError",
@@ -306,3 +379,8 @@ __all__ = [
     "list_arms",
     "register_arm",
 ]
+
+# The optional arms (not in ARMS, the default --arms): defined on the pieces above, registered by name.
+from ._schedulefree import SCHEDULEFREE  # noqa: E402 - needs Arm and the FIFO schedulers defined above
+
+register_arm(SCHEDULEFREE)

@@ -19,6 +19,8 @@ from ._keys import (
     TEST_LOSS,
     TRAIN_ACC,
     TRAIN_LOSS,
+    TRAIN_TSE,
+    TRAIN_TSE_EMA,
     TRAINING_ITERATION,
     VAL_ACC,
     VAL_LOSS,
@@ -38,6 +40,8 @@ KEEP = (
     TRAINING_ITERATION,
     TRAIN_LOSS,
     TRAIN_ACC,
+    TRAIN_TSE,
+    TRAIN_TSE_EMA,
     VAL_LOSS,
     VAL_ACC,
     TEST_LOSS,
@@ -109,12 +113,14 @@ class Collector:
         arm_run: ArmRun | None,
         progress: Progress,
         trials: int,
+        *,
+        label: str | None = None,
     ) -> None:
         self.arm = arm
         self.budget = budget
         self.arm_run = arm_run
         self.progress = progress
-        self.task = progress.add(arm.display_name, trials, budget.max_epochs)
+        self.task = progress.add(label or arm.display_name, trials, budget.max_epochs)
         self.trials = trials
         self.configs: dict[str, dict[str, Any]] = {}
         self.results: dict[str, list[dict[str, Any]]] = {}

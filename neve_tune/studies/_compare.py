@@ -184,7 +184,11 @@ def comparison_markdown(summaries: Sequence[ArmSummary]) -> str:
 
 def comparison_csv(summaries: Sequence[ArmSummary]) -> str:
     """The table as CSV (every column, including the pick rule)."""
-    rows = comparison_rows(summaries)
+    return rows_csv(comparison_rows(summaries))
+
+
+def rows_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Table rows (dicts with the same keys) as CSV text with a header; empty text for no rows."""
     out = io.StringIO()
     if rows:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")

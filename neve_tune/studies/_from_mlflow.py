@@ -3,7 +3,8 @@
 It reads the run tree :func:`run_study` writes: the study run (tag ``role=study``), its arm runs (params
 ``train_fraction``, ``max_epochs``; metric ``wall_time_s``) and their trial runs (params = config, tags
 ``neve/stop_reason``/``neve/stop_epoch``, metric histories). The table is computed by the same code as
-at the end of ``study run``.
+at the end of ``study run``. With several seeds the arm runs are grouped by their ``seed`` tag, in the
+order of the study run's ``seeds`` param.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._keys import EPOCH, ERROR, STOPPED, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+from ._keys import EPOCH, ERROR, STOPPED, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, TRAIN_TSE_EMA, VAL_ACC, VAL_LOSS
+from ._options import check_tracking_scheme
 from ._records import ArmResult, TrialRecord
+from ._seeds import SeedRun
 from ._spec import StudyError
 
-_PICK_KEYS = (TEST_ACC, TEST_LOSS, TRAIN_LOSS, TRAIN_ACC, VAL_ACC, VAL_LOSS)
+_PICK_KEYS = (TEST_ACC, TEST_LOSS, TRAIN_LOSS, TRAIN_ACC, TRAIN_TSE_EMA, VAL_ACC, VAL_LOSS)
 
 
 @dataclass
@@ -33,6 +36,17 @@ class StoredStudy:
     status: str
     arms: list[ArmResult]
     seed: str | None = None
+    by_seed: dict[int, list[ArmResult]] | None = None
+
+    @property
+    def runs(self) -> list[SeedRun]:
+        """Each seed's records and comparison rows (:func:`summarize_arm`), in the study's seed order."""
+        from ._compare import summarize_arm
+
+        groups = self.by_seed or {int(self.seed or 0): self.arms}
+        return [
+            SeedRun(seed, {a.arm: a for a in arms}, [summarize_arm(a) for a in arms]) for seed, arms in groups.items()
+        ]
 
 
 def _number(text: str) -> Any:
@@ -65,6 +79,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
         resolve_tracking_uri,
     )
 
+    check_tracking_scheme(tracking_uri)
     resolved = resolve_tracking_uri(tracking_uri)
     if resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///") :]).exists():
         raise StudyError(
@@ -81,7 +96,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
             "Pass --experiment (and --tracking-uri) of a study you ran."
         )
     if study_run_id is not None:
-        study_run = client.get_run(study_run_id)
+        study_run = _study_run(client, exp, study_run_id, uri)
     else:
         runs = client.search_runs(
             [exp.experiment_id],
@@ -108,6 +123,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
 
     arm_runs.sort(key=position)
     arms: list[ArmResult] = []
+    seeds_of: dict[int, int] = {}
     for arm_run in arm_runs:
         arm = arm_run.data.tags.get(TAG_ARM, arm_run.info.run_name)
         trial_runs = client.search_runs(
@@ -148,6 +164,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
                 )
             )
         params = arm_run.data.params
+        seeds_of[id(arm_run)] = int(arm_run.data.tags.get("seed", study_run.data.params.get("seed", 0)))
         arms.append(
             ArmResult(
                 arm=arm,
@@ -157,6 +174,14 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
                 max_epochs=int(params.get("max_epochs", max((r.epochs for r in records), default=0))),
             )
         )
+    by_seed: dict[int, list[ArmResult]] = {}
+    order_seeds = [int(x) for x in (study_run.data.params.get("seeds") or "").split(",") if x.strip()]
+    for seed in order_seeds:
+        by_seed[seed] = []
+    for arm_run, result in zip(arm_runs, arms, strict=True):
+        by_seed.setdefault(seeds_of[id(arm_run)], []).append(result)
+    by_seed = {seed: results for seed, results in by_seed.items() if results}
+    first = next(iter(by_seed.values()), [])
     return StoredStudy(
         tracking_uri=uri,
         experiment_id=exp.experiment_id,
@@ -165,6 +190,39 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
         study_run_name=study_run.info.run_name,
         study=study_run.data.tags.get(TAG_STUDY, "?"),
         status=study_run.info.status,
-        arms=arms,
+        arms=first,
         seed=study_run.data.params.get("seed"),
+        by_seed=by_seed,
+    )
+
+
+def _study_run(client: Any, exp: Any, run_id: str, uri: str) -> Any:
+    """The study run ``run_id`` of ``exp``; ``StudyError`` listing the latest study runs when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    from neve_tune.mlflow import TAG_ROLE
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is not None and run.info.experiment_id == exp.experiment_id and run.data.tags.get(TAG_ROLE) == "study":
+        return run
+    latest = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.{TAG_ROLE} = 'study'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+    listed = "; ".join(f"{r.info.run_id} ({r.info.run_name}, {r.info.status})" for r in latest) or "none"
+    if run is None:
+        what = f"No MLflow run has the id {run_id!r} at {uri}."
+    else:
+        role = run.data.tags.get(TAG_ROLE)
+        role = f"an {role}" if role == "arm" else f"a {role}" if role else "not a neve-tune"
+        where = "" if run.info.experiment_id == exp.experiment_id else f" of experiment id {run.info.experiment_id}"
+        what = f"The run {run_id!r} is not a study run of the experiment {exp.name!r} (it is {role} run{where})."
+    raise StudyError(
+        f"{what} The latest study runs of {exp.name!r}: {listed}. Leave out --run-id for the latest one, or "
+        "pass one of these ids (--experiment and --tracking-uri choose where to look)."
     )

@@ -15,6 +15,12 @@ EPOCH = "epoch"
 TRAINING_ITERATION = "training_iteration"
 #: Mean loss and accuracy over the epoch's training minibatches.
 TRAIN_LOSS, TRAIN_ACC = "train/loss", "train/acc"
+#: Training-speed estimates of the trial so far, from the epochs' mean training losses ``L_1..L_t``
+#: (validation-free; ``benchmarks/ranking_signals.md`` measures how they rank trials): TSE, the sum of
+#: the losses (Lyle et al. 2020), and TSE-EMA, ``sum_s TSE_EMA_GAMMA^(t-s) L_s`` (Ru et al. 2021), which
+#: weights the latest epochs most. The ``neve`` arm prunes and picks on TSE-EMA.
+TRAIN_TSE, TRAIN_TSE_EMA = "train/tse", "train/tse_ema"
+TSE_EMA_GAMMA = 0.9
 #: Loss and accuracy on the held-out validation split (baseline arms only).
 VAL_LOSS, VAL_ACC = "val/loss", "val/acc"
 #: Loss and accuracy on the test split (reported only, never used for a decision).
@@ -64,6 +70,9 @@ __all__ = [
     "TRAINING_ITERATION",
     "TRAIN_ACC",
     "TRAIN_LOSS",
+    "TRAIN_TSE",
+    "TRAIN_TSE_EMA",
+    "TSE_EMA_GAMMA",
     "VAL_ACC",
     "VAL_LOSS",
 ]

@@ -1,4 +1,5 @@
-"""Study-level figures: test accuracy per epoch for each arm, and the compute each arm used."""
+"""Study-level figures: test accuracy per epoch for each arm, the compute each arm used, and (several seeds)
+each arm's mean and spread over the seeds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 from ._arms import find_arm
 from ._compare import ArmSummary, pick_trial
 from ._records import ArmResult
+from ._seeds import ArmOverSeeds
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -81,5 +83,42 @@ def plot_compute(summaries: Sequence[ArmSummary]) -> Figure:
     ax2.set_title("wall time")
     for ax in (ax1, ax2):
         ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_over_seeds(over: Sequence[ArmOverSeeds]) -> Figure:
+    """Per arm, the mean over seeds (bar) with a sample-std error bar and each seed's value (dots): picked
+    test accuracy, trial-epochs and wall time."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6), dpi=100)
+    axes = fig.subplots(1, 3)
+    styles = [_style(a.arm) for a in over]
+    labels = [label for label, _ in styles]
+    colors = [color for _, color in styles]
+    panels = (
+        ("picked_test_acc", "test accuracy of the picked trial", "picked trial (reported only)"),
+        ("trial_epochs", "total trial-epochs", "compute (epochs trained)"),
+        ("wall_time_s", "wall time (s)", "wall time"),
+    )
+    seeds = max((len(a.seeds) for a in over), default=0)
+    for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
+        stats = [getattr(a, key) for a in over]
+        means = [s.mean if math.isfinite(s.mean) else 0.0 for s in stats]
+        errors = [s.std if math.isfinite(s.std) else 0.0 for s in stats]
+        x = list(range(len(over)))
+        ax.bar(x, means, yerr=errors, color=colors, alpha=0.75, capsize=6)
+        for i, s in enumerate(stats):
+            values = [v for v in s.values if math.isfinite(v)]
+            ax.plot([i] * len(values), values, "o", color="black", ms=3, alpha=0.7)
+        ax.set_xticks(x, labels)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\nmean ± std over {seeds} seeds", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if key == "picked_test_acc":  # zoom on the accuracies (seeds and error bars), not on 0-1
+            lows = [v for s in stats for v in (*s.values, s.mean - s.std) if math.isfinite(v)]
+            if lows:
+                ax.set_ylim(bottom=max(0.0, min(lows) - 0.02))
     fig.tight_layout()
     return fig

@@ -16,14 +16,14 @@ arm's :class:`TrialPolicy` at fixed points of it, the way Ray Tune calls a ``Tri
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from neve_tune import NeVe, VelocityMonitor
+from neve_tune import Anneal, NeVe, VelocityMonitor
 
 from ._keys import MONITOR_CHANGE, MONITOR_VELOCITY
 from ._spec import Budget
@@ -82,20 +82,53 @@ class TrialPolicy(ABC):
     def close(self) -> None:  # noqa: B027 - a hook, empty by default
         """Release hooks and buffers (called once, however the trial ended)."""
 
+    # -- optimizer hooks: a policy that brings its own optimizer (e.g. Schedule-Free) overrides these ----------
+
+    @classmethod  # noqa: B027 - a hook, empty by default
+    def check_available(cls) -> None:
+        """Raise ``StudyError`` (saying what to install) when a package the policy needs is missing; the
+        runner calls it before anything starts."""
+
+    @classmethod
+    def build_optimizer(
+        cls, model: nn.Module, hp: Mapping[str, Any], budget: Budget, steps_per_epoch: int
+    ) -> torch.optim.Optimizer:
+        """The trial's optimizer, built before the policy (default: SGD with the budget's momentum and the
+        trial's ``lr`` and ``weight_decay``). ``steps_per_epoch``: optimizer steps in one epoch."""
+        return torch.optim.SGD(
+            model.parameters(), lr=float(hp["lr"]), momentum=budget.momentum,
+            weight_decay=float(hp.get("weight_decay", 0)),
+        )  # fmt: skip
+
+    def before_train(self) -> None:  # noqa: B027 - a hook, empty by default
+        """Called before each epoch's training (e.g. put a schedule-free optimizer in train mode)."""
+
+    def before_eval(self, train_batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> None:  # noqa: B027
+        """Called after each epoch's training, before :meth:`after_epoch` and the evaluation (e.g. put a
+        schedule-free optimizer in eval mode). ``train_batches``: a fresh pass over the training split, in
+        an order of its own (the trial's data order is not touched), drawn only if iterated."""
+
 
 class NeVePolicy(TrialPolicy):
     """NeVe decays the learning rate (plateau on the velocity change) and stops the trial: converged,
     stalled, collapsed or diverged, judged with the epoch's mean training loss (``neve.step(train_loss)``).
+    The paper's rule (the ``neve-pure`` arm): the trial ends at its first convergence.
 
     Built from ``budget.neve``; :attr:`neve` takes its baseline snapshot here. Its state is the NeVe
     state, which the backend checkpoints with the model.
     """
 
+    #: Anneal on convergence (``NeVe(anneal=Anneal(fraction=..., max_epochs=budget.max_epochs))``), or
+    #: ``None``: the paper's rule.
+    anneal_fraction: float | None = None
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
         s = budget.neve
+        fraction = self.anneal_fraction
+        anneal = None if fraction is None else Anneal(fraction=fraction, max_epochs=budget.max_epochs)
         self.neve = NeVe(
             model, optimizer, aux, momentum=s.momentum, factor=s.factor, patience=s.patience,
-            stop_threshold=s.stop_threshold,
+            stop_threshold=s.stop_threshold, anneal=anneal,
         )  # fmt: skip
 
     def after_epoch(self, train_loss: float | None = None) -> EpochDecision:
@@ -112,6 +145,29 @@ class NeVePolicy(TrialPolicy):
     def close(self) -> None:
         if self.neve is not None:
             self.neve.close()
+
+
+class AnnealingNeVePolicy(NeVePolicy):
+    """:class:`NeVePolicy` with anneal on convergence (the ``neve`` arm): the first convergence starts a
+    linear LR cooldown of ``max(3, ceil(t / 4))`` epochs instead of ending the trial at its high LR, and a
+    trial that has not converged is annealed into the epoch cap (see :class:`neve_tune.Anneal`; measured
+    against the paper's rule and the cosine schedule in ``benchmarks/ranking_signals.md``).
+    """
+
+    anneal_fraction = 0.25
+
+
+def monitored_epoch(monitor: VelocityMonitor | None) -> EpochDecision:
+    """The decision of an arm that only *watches* its velocity: measured (for plots), never acted on."""
+    decision = EpochDecision()
+    if monitor is not None:
+        m = monitor.measure()
+        if m is not None:
+            decision.velocity, decision.layer_velocity = m.model_velocity, m.layer_velocity
+            decision.reported[MONITOR_VELOCITY] = m.model_velocity
+            if m.velocity_change is not None:
+                decision.reported[MONITOR_CHANGE] = m.velocity_change
+    return decision
 
 
 def fixed_lr_schedule(budget: Budget, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -141,14 +197,7 @@ class FixedSchedulePolicy(TrialPolicy):
                 raise
 
     def after_epoch(self, train_loss: float | None = None) -> EpochDecision:
-        decision = EpochDecision()
-        if self.monitor is not None:
-            m = self.monitor.measure()
-            if m is not None:
-                decision.velocity, decision.layer_velocity = m.model_velocity, m.layer_velocity
-                decision.reported[MONITOR_VELOCITY] = m.model_velocity
-                if m.velocity_change is not None:
-                    decision.reported[MONITOR_CHANGE] = m.velocity_change
+        decision = monitored_epoch(self.monitor)
         self.schedule.step()
         return decision
 
@@ -170,4 +219,6 @@ class FixedSchedulePolicy(TrialPolicy):
             self.monitor.close()
 
 
-__all__ = ["EpochDecision", "FixedSchedulePolicy", "NeVePolicy", "TrialPolicy", "fixed_lr_schedule"]
+__all__ = [
+    "AnnealingNeVePolicy", "EpochDecision", "FixedSchedulePolicy", "NeVePolicy", "TrialPolicy", "fixed_lr_schedule",
+]  # fmt: skip

@@ -2,7 +2,23 @@
 
 A pick rule chooses the trial an arm would deploy, using only what that arm is allowed to see; the test
 accuracy is only reported, it never picks a trial or stops one. Each :class:`~neve_tune.studies.Arm`
-names its rule; the two built-in rules are here.
+names its rule; the built-in rules are here.
+
+The validation-free rules rank trials on a signal of their training run alone (no validation data). The
+candidates measured in ``benchmarks/ranking_signals.md`` (Spearman rank correlation with test accuracy over
+every trial of the digits and MNIST-1D studies, with and without label noise, and the regret of the pick):
+
+* the final training loss (:func:`pick_lowest_train_loss`, the ``neve-pure`` arm): a fit criterion; under
+  label noise it prefers the trials that memorise the noisy labels;
+* TSE, the sum of the epochs' training losses (Lyle et al. 2020): a training-speed estimate of the marginal
+  likelihood, but it grows with the number of epochs, so it only compares trials of the same length (an
+  ASHA rung);
+* TSE-EMA, ``sum_s 0.9^(t-s) L_s`` (Ru et al. 2021, the study key ``train/tse_ema``): the training speed
+  of the latest ~10 epochs, comparable across trials of different lengths. The ``neve`` arm prunes and
+  picks on it (:func:`pick_lowest_tse_ema`);
+* the final training accuracy, and velocity-based signals (the final model velocity, its sum, the epoch of
+  convergence): the velocity ones rank trials poorly (they say when a trial stopped moving, not how good
+  it is).
 """
 
 from __future__ import annotations
@@ -12,7 +28,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._keys import COLLAPSED, CONVERGED, DIVERGED, ERROR, PRUNED, STALLED, TEST_ACC, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+from ._keys import (
+    COLLAPSED,
+    CONVERGED,
+    DIVERGED,
+    ERROR,
+    PRUNED,
+    STALLED,
+    TEST_ACC,
+    TRAIN_LOSS,
+    TRAIN_TSE_EMA,
+    VAL_ACC,
+    VAL_LOSS,
+)  # fmt: skip
 
 
 @dataclass
@@ -112,6 +140,33 @@ def describe_train_loss_pick(records: Sequence[TrialRecord]) -> str:
     return "no trial converged, and none ran to its cap (all stalled, collapsed, diverged or failed): no pick"
 
 
+def _speed_pool(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    return [r for r in records if r.stop_reason not in NEVER_PICKED and math.isfinite(r.metric(TRAIN_TSE_EMA))]
+
+
+def pick_lowest_tse_ema(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The ``neve`` arm's rule: the lowest final TSE-EMA (``train/tse_ema``) among the trials that learned.
+
+    Trials that converged, ran to the epoch cap (``max_t``) or were stopped from outside qualify alike
+    (with anneal-on-convergence, a trial that reaches the cap has been annealed into it); stalled,
+    collapsed, diverged, pruned and failed trials never do, nor a NaN signal. Ties: fewer epochs, then
+    lower config id. Validation-free: TSE-EMA is a training-speed estimate from the training losses.
+    """
+    pool = _speed_pool(records)
+    if not pool:
+        return None
+    return min(pool, key=lambda r: (r.metric(TRAIN_TSE_EMA), r.epochs, r.config_id))
+
+
+def describe_tse_ema_pick(records: Sequence[TrialRecord]) -> str:
+    """The pick-rule line of :func:`pick_lowest_tse_ema` for these records."""
+    pool = _speed_pool(records)
+    if not pool:
+        return "no trial converged or ran to its cap (all stalled, collapsed, diverged, pruned or failed): no pick"
+    reasons = "/".join(sorted({r.stop_reason for r in pool}))
+    return f"lowest final TSE-EMA of the training loss among the {len(pool)} {reasons} trials (validation-free)"
+
+
 def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The validation rule: the highest validation accuracy at the trial's last epoch.
 
@@ -130,6 +185,6 @@ def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
 
 
 __all__ = [
-    "NEVER_PICKED", "ArmResult", "TrialRecord", "describe_train_loss_pick", "pick_highest_val_acc",
-    "pick_lowest_train_loss",
+    "NEVER_PICKED", "ArmResult", "TrialRecord", "describe_train_loss_pick", "describe_tse_ema_pick",
+    "pick_highest_val_acc", "pick_lowest_train_loss", "pick_lowest_tse_ema",
 ]  # fmt: skip

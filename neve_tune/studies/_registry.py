@@ -12,6 +12,7 @@ from ._spec import StudyDefinition
 #: Built-in studies: name -> "module:attribute". Imported on first use, so ``digits`` never imports torchvision.
 BUILTIN_STUDIES: dict[str, str] = {
     "digits": "neve_tune.studies.builtin.digits:STUDY",
+    "mnist1d": "neve_tune.studies.builtin.mnist1d:STUDY",
     "cifar10": "neve_tune.studies.builtin.cifar:CIFAR10_STUDY",
     "cifar100": "neve_tune.studies.builtin.cifar:CIFAR100_STUDY",
     "imagenet100": "neve_tune.studies.builtin.imagenet100:STUDY",

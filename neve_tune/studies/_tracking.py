@@ -1,9 +1,12 @@
-"""The MLflow run tree of a study: study run -> one parent run per arm -> one child run per trial.
+"""The MLflow run tree of a study: study run -> one parent run per arm (per seed) -> one child run per trial.
+
+With several seeds, each arm has one parent run per seed (named ``<arm>-seed<S>``); every arm run is
+tagged ``seed``, and the study run's params ``seeds`` lists them in order.
 
 The driver creates the study and arm runs (:class:`StudyTracker`) before any training starts; each trial
 opens its own child run from its arm's link (:class:`neve_tune.mlflow.TrialLogger`). The arm runs act on
 their trial runs with ``children`` operations (end a trial stopped from outside, tag the picked trial,
-close what is left open), queued like any other write and registered here for replay.
+close what is left open), queued like any other write and registered for replay (:mod:`._children`).
 
 The driver outlives its trials. When the study ends, it sends what trials could not (their
 ``mlflow-unsent-*.jsonl`` files) once MLflow answers again, within a bounded wait; what is still unsent
@@ -13,7 +16,6 @@ then is named, with the command that sends it later (``neve-tune mlflow replay F
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,19 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neve_tune.mlflow import (
-    LAYER_HEATMAP_ARTIFACT,
-    LAYER_PREFIX,
-    PLOT_LOCK,
     TAG_ARM,
-    TAG_ERROR,
     TAG_PARENT,
     TAG_ROLE,
-    TAG_STOP_EPOCH,
-    TAG_STOP_REASON,
     TAG_STUDY,
-    TAG_TRIAL_ID,
-    VELOCITY_CURVE_ARTIFACT,
-    VELOCITY_KEYS,
     ArtifactFiles,
     MlflowLink,
     MlflowUnavailableWarning,
@@ -41,7 +34,6 @@ from neve_tune.mlflow import (
     RunOutbox,
     RunWriter,
     TrackingUnavailableError,
-    VelocityHistory,
     artifact_location,
     check_status,
     chunk_batch,
@@ -51,9 +43,6 @@ from neve_tune.mlflow import (
     flatten_params,
     get_or_create_experiment,
     millis,
-    plot_layer_heatmap,
-    plot_velocity_curve,
-    register_op,
     replay_command,
     replay_files,
     require_mlflow,
@@ -62,10 +51,14 @@ from neve_tune.mlflow import (
     unsent_files,
 )
 
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
+from ._children import run_children_op  # registers the ``children`` operation of the arm runs
 
+if TYPE_CHECKING:
     from neve_tune.mlflow import UnsentFile
+
+
+#: The tag of an arm run that names the seed it ran with.
+TAG_SEED = "seed"
 
 #: Replay order of saved files (trial runs first: the arm runs' operations act on them).
 _ARM_ORDER, _STUDY_ORDER = 1, 2
@@ -79,14 +72,15 @@ class ArmRun(RunWriter):
     runs are remembered, so that they can be sent again after trial records that arrive late (replayed).
     """
 
-    def __init__(self, tracker: StudyTracker, name: str, run_id: str) -> None:
+    def __init__(self, tracker: StudyTracker, name: str, run_id: str, *, run_name: str | None = None) -> None:
         self.name = name
+        self.run_name = run_name or name
         self._files = tracker._files
         self._outbox = RunOutbox(
             tracker.tracking_uri,
             tracker.experiment_id,
             run_id=run_id,
-            label=f"arm run '{name}'",
+            label=f"arm run '{self.run_name}'",
             retry_interval_s=tracker.retry_interval_s,
             order=_ARM_ORDER,
         )
@@ -152,87 +146,6 @@ class ArmRun(RunWriter):
             self._outbox.put(Op("terminate", {"status": status, "end_time": millis()}))
 
 
-def run_children_op(client: MlflowClient, experiment_id: str, parent_run_id: str, data: Mapping[str, Any]) -> None:
-    """Execute an arm run's ``children`` operation (see :meth:`ArmRun.finalize_trial` and friends)."""
-    action = data["action"]
-    if action == "close":
-        runs = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-            max_results=10_000,
-        )
-        for run in runs:
-            client.set_terminated(run.info.run_id, data["status"])
-        return
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.{TAG_TRIAL_ID} = '{data['trial_id']}' and tags.`{TAG_PARENT}` = '{parent_run_id}'",
-        max_results=1,
-    )
-    if not runs:
-        return
-    run = runs[0]
-    if action == "tag":
-        for key, value in data["tags"].items():
-            client.set_tag(run.info.run_id, key, value)
-    elif action == "finalize":
-        _finalize(client, run, data)
-    else:
-        raise ValueError(f"unknown children action {action!r}")
-
-
-def _finalize(client: MlflowClient, run: Any, data: Mapping[str, Any]) -> None:
-    if run.info.status != "RUNNING":
-        return
-    child = run.info.run_id
-    tags = {}
-    if data.get("stop_reason") is not None and TAG_STOP_REASON not in run.data.tags:
-        tags[TAG_STOP_REASON] = str(data["stop_reason"])
-    if data.get("stop_epoch") is not None and TAG_STOP_EPOCH not in run.data.tags:
-        tags[TAG_STOP_EPOCH] = str(int(data["stop_epoch"]))
-    if data.get("error") is not None:
-        tags[TAG_ERROR] = str(data["error"])[:5000]
-    for key, value in tags.items():
-        client.set_tag(child, key, value)
-    uploaded = {a.path for a in client.list_artifacts(child, "plots")}
-    if VELOCITY_CURVE_ARTIFACT not in uploaded:
-        _plots_from_history(client, run, data.get("stop_reason"), data.get("stop_epoch"), data.get("stop_threshold"))
-    client.set_terminated(child, data["status"])
-
-
-def _children(outbox: RunOutbox, data: dict[str, Any]) -> None:
-    run_children_op(outbox.client, outbox.require_experiment(), outbox.require_run(), data)
-
-
-register_op("children", _children)
-
-
-def _plots_from_history(
-    client: MlflowClient, run: Any, stop_reason: str | None, stop_epoch: int | None, stop_threshold: float | None
-) -> None:
-    """Draw a trial's velocity plots from the metric history it logged, and upload them to its run."""
-    run_id = run.info.run_id
-    wanted = [k for k in run.data.metrics if k.startswith(LAYER_PREFIX)]
-    wanted += [k for k in (*VELOCITY_KEYS, "lr", "neve/lr_decayed") if k in run.data.metrics]
-    if not wanted:
-        return
-    history = VelocityHistory.from_metrics(
-        {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in wanted}
-    )
-    title = run.data.tags.get("mlflow.runName", run_id)
-    if TAG_ARM in run.data.tags:
-        title += f" ({run.data.tags[TAG_ARM]})"
-    with tempfile.TemporaryDirectory(prefix="neve_mlflow_") as tmp, PLOT_LOCK:
-        curve = plot_velocity_curve(
-            history, stop_epoch=stop_epoch, stop_reason=stop_reason, stop_threshold=stop_threshold, title=title
-        )
-        heatmap = plot_layer_heatmap(history, title=title)
-        for fig, artifact in ((curve, VELOCITY_CURVE_ARTIFACT), (heatmap, LAYER_HEATMAP_ARTIFACT)):
-            path = Path(tmp) / Path(artifact).name
-            fig.savefig(path)
-            client.log_artifact(run_id, str(path), os.path.dirname(artifact))
-
-
 class StudyTracker(RunWriter):
     """The study run and its arm runs, created up front by the driver (before any training).
 
@@ -252,7 +165,9 @@ class StudyTracker(RunWriter):
         tracking_uri: the store (``None``: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
         experiment: the experiment name (created when missing, tagged as model training).
         study: the study name (tagged ``study``).
-        arms: the arm names; one parent run each.
+        arms: the arm names; one parent run each (per seed).
+        seeds: the study's seeds (default one, ``0``): with several, one parent run per arm and seed, named
+            ``<arm>-seed<S>``; every arm run is tagged ``seed``.
         params: study-level params (budget, seed, ...).
         arm_params: per-arm params (e.g. the scheduler settings).
         run_name: the study run's name (default ``<study>-<YYYYmmdd-HHMMSS>``).
@@ -269,6 +184,7 @@ class StudyTracker(RunWriter):
         *,
         study: str,
         arms: Sequence[str],
+        seeds: Sequence[int] = (0,),
         params: Mapping[str, Any] | None = None,
         arm_params: Mapping[str, Mapping[str, Any]] | None = None,
         run_name: str | None = None,
@@ -302,13 +218,17 @@ class StudyTracker(RunWriter):
             if flat:
                 client.log_batch(study_id, params=[Param(k, v) for k, v in flat.items()])
             self._arms: dict[str, ArmRun] = {}
-            for arm in arms:
-                arm_tags = {TAG_ROLE: "arm", TAG_ARM: arm, TAG_STUDY: study, TAG_PARENT: study_id}
-                arm_run = client.create_run(self.experiment_id, tags=arm_tags, run_name=arm)
-                flat = flatten_params((arm_params or {}).get(arm, {}))
-                if flat:
-                    client.log_batch(arm_run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
-                self._arms[arm] = ArmRun(self, arm, arm_run.info.run_id)
+            self._seeds = [int(seed) for seed in seeds]
+            for seed in self._seeds:
+                for arm in arms:
+                    label = self._label(arm, seed)
+                    arm_tags = {TAG_ROLE: "arm", TAG_ARM: arm, TAG_STUDY: study, TAG_PARENT: study_id}
+                    arm_tags[TAG_SEED] = str(seed)
+                    arm_run = client.create_run(self.experiment_id, tags=arm_tags, run_name=label)
+                    flat = flatten_params((arm_params or {}).get(arm, {}))
+                    if flat:
+                        client.log_batch(arm_run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
+                    self._arms[label] = ArmRun(self, arm, arm_run.info.run_id, run_name=label)
             client.log_batch(study_id, tags=[RunTag("arms", ",".join(arms))])
         except TrackingUnavailableError:
             raise
@@ -335,15 +255,18 @@ class StudyTracker(RunWriter):
 
     @property
     def arms(self) -> dict[str, ArmRun]:
-        """The arm runs by name."""
+        """The arm runs by run name (the arm's name; ``<arm>-seed<S>`` with several seeds)."""
         return dict(self._arms)
 
-    def arm(self, name: str) -> ArmRun:
-        """The parent run of arm ``name``."""
+    def _label(self, arm: str, seed: int | None) -> str:
+        return arm if len(self._seeds) == 1 else f"{arm}-seed{seed}"
+
+    def arm(self, name: str, seed: int | None = None) -> ArmRun:
+        """The parent run of arm ``name`` (of ``seed``, with several seeds)."""
         try:
-            return self._arms[name]
+            return self._arms[self._label(name, seed)]
         except KeyError:
-            raise KeyError(f"No arm {name!r} in this study; arms: {sorted(self._arms)}.") from None
+            raise KeyError(f"No arm {name!r} (seed {seed}) in this study; arm runs: {sorted(self._arms)}.") from None
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
         """Log study-level metrics (``None`` values skipped)."""
@@ -443,3 +366,6 @@ class StudyTracker(RunWriter):
         finally:
             self._files.cleanup()
         return saved
+
+
+__all__ = ["TAG_SEED", "ArmRun", "StudyTracker", "run_children_op"]

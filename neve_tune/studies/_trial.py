@@ -37,6 +37,9 @@ from ._keys import (
     TEST_LOSS,
     TRAIN_ACC,
     TRAIN_LOSS,
+    TRAIN_TSE,
+    TRAIN_TSE_EMA,
+    TSE_EMA_GAMMA,
     VAL_ACC,
     VAL_LOSS,
 )
@@ -166,6 +169,12 @@ def train_epoch(
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
+def training_speed(speed: tuple[float, float], train_loss: float) -> tuple[float, float]:
+    """``(TSE, TSE-EMA)`` after one more epoch of mean training loss ``train_loss`` (see ``train/tse``)."""
+    tse, ema = speed
+    return tse + train_loss, TSE_EMA_GAMMA * ema + train_loss
+
+
 def hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
     """The trial config without the MLflow link and private keys."""
     return {k: v for k, v in config.items() if k != MlflowLink.CONFIG_KEY and not str(k).startswith("_")}
@@ -254,6 +263,7 @@ class _TrialLoop:
         self.reporter, self.device, self.logger, self.on_epoch = reporter, device, logger, on_epoch
         self.outcome = TrialOutcome()
         self.history = VelocityHistory()
+        self.speed = (0.0, 0.0)  # (TSE, TSE-EMA) of the epochs so far
         self.policy: TrialPolicy | None = None
 
     def run(self) -> TrialOutcome:
@@ -299,12 +309,8 @@ class _TrialLoop:
         with _SEED_LOCK:  # trials in threads of one process (Optuna backend) share the global RNG
             torch.manual_seed(seed)
             self.model = definition.build_model(hp).to(self.device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=float(hp["lr"]),
-            momentum=budget.momentum,
-            weight_decay=float(hp.get("weight_decay", 0)),
-        )
+        steps_per_epoch = max(1, math.ceil(self.data.num_train / budget.batch_size))
+        self.optimizer = self.arm.policy.build_optimizer(self.model, hp, budget, steps_per_epoch)
         aux = noise_aux(definition.input_shape, n=budget.neve.aux_samples, seed=spec.seed).to(self.device)
         self.policy = policy = self.arm.policy(self.model, self.optimizer, aux, budget)
         self.generator = torch.Generator().manual_seed(seed)
@@ -314,6 +320,8 @@ class _TrialLoop:
             policy.load_state_dict(extra)
             if "generator" in extra:
                 self.generator.set_state(extra["generator"])
+            if "speed" in extra:
+                self.speed = tuple(extra["speed"])
             if "history" in extra:
                 self.history = VelocityHistory(**extra["history"])
         return start
@@ -323,10 +331,15 @@ class _TrialLoop:
         policy = self.policy
         assert policy is not None
         t0 = time.perf_counter()
+        policy.before_train()
         train_loss, train_acc = train_epoch(
             self.model, self.optimizer, self.data.train_batches(self.generator), self.device
         )
+        own_order = torch.Generator().manual_seed(self.generator.initial_seed() * 1_000 + epoch)  # not the trial's
+        policy.before_eval(self.data.train_batches(own_order), self.device)
         metrics: dict[str, Any] = {EPOCH: epoch, TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}
+        self.speed = training_speed(self.speed, train_loss)
+        metrics[TRAIN_TSE], metrics[TRAIN_TSE_EMA] = self.speed
         decision = policy.after_epoch(train_loss)
         metrics.update(decision.reported)
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -349,7 +362,10 @@ class _TrialLoop:
             self.on_epoch(epoch, {**metrics, **decision.logged})
         extra: dict[str, Any] = {}
         if self.reporter.needs_state(epoch):  # only when checkpointing: a monitor's state holds its snapshot
-            extra = {"generator": self.generator.get_state(), "history": self.history.__dict__, **policy.state_dict()}
+            extra = {
+                "generator": self.generator.get_state(), "history": self.history.__dict__, "speed": list(self.speed),
+                **policy.state_dict(),
+            }  # fmt: skip
         self.reporter.report(
             metrics, neve=policy.neve, model=self.model, optimizer=self.optimizer, epoch=epoch, extra=extra, final=final
         )

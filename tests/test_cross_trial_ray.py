@@ -1,0 +1,311 @@
+"""NeVeScheduler composed with Ray Tune's own ASHA and HyperBand, ranking a validation-free signal.
+
+Real ``Tuner`` runs (local Ray, 2 CPUs) of tiny function trials. Each trial plays a scripted training
+curve: its ``train_loss`` per epoch (the ranking signal, which differs by configuration) and the NeVe
+metrics its own ``NeVe`` would report (the converged/diverged flags, ``neve.metrics()``'s keys). The
+trials checkpoint every epoch, so HyperBand can pause and resume them and ``Tuner.restore`` can continue
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import pytest
+import ray
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
+
+from neve_tune import StopReason, keys
+from neve_tune.ray import STOP_EPOCH, STOP_REASON, NeVeScheduler, StopInfo
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def scripted_trainable(config: dict) -> None:
+    """Report ``config["losses"]`` epoch by epoch with NeVe-shaped metrics; resume from the checkpoint."""
+    config = {**config.get("cfg", {}), **{k: v for k, v in config.items() if k != "cfg"}}
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        time.sleep(config.get("sleep", 0.0))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder, open(os.path.join(folder, "state.json")) as f:
+            start = json.load(f)["epoch"]
+    for epoch in range(start + 1, len(config["losses"]) + 1):
+        loss = config["losses"][epoch - 1]
+        diverged = epoch >= config.get("diverge_at", math.inf)
+        velocity = math.nan if diverged else 0.5 / epoch
+        converged = float(epoch >= config.get("converge_at", math.inf))
+        metrics = {
+            "train_loss": loss,
+            "score": -loss * config.get("score_sign", -1.0),  # the user's objective, not the ranking signal
+            "start_epoch": start,
+            keys.EPOCH: float(epoch),
+            keys.MODEL_VELOCITY: velocity,
+            keys.VELOCITY_CHANGE: 0.01 / epoch,
+            keys.CONVERGED: converged,
+            keys.DIVERGED: float(diverged),
+            keys.STALLED: 0.0,
+            keys.COLLAPSED: 0.0,
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "state.json"), "w") as f:
+                json.dump({"epoch": epoch}, f)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        marker = config.get("fail_marker")
+        if marker and epoch == config["fail_at"] and not os.path.exists(marker):
+            open(marker, "w").close()  # fail once: the marker survives the restart
+            raise RuntimeError(f"injected failure after epoch {epoch}")
+
+
+def _by_name(results) -> dict:
+    return {r.config["cfg"]["name"]: r for r in results}
+
+
+def _reasons(by_name: dict) -> dict[str, tuple[str, int]]:
+    return {name: (r.metrics[STOP_REASON], r.metrics[STOP_EPOCH]) for name, r in by_name.items()}
+
+
+def _run_config(tmp_path, name: str, **kwargs) -> tune.RunConfig:
+    return tune.RunConfig(storage_path=str(tmp_path), name=name, verbose=0, **kwargs)
+
+
+def _configs(**curves: dict) -> list[dict]:
+    return [{"name": name, **curve} for name, curve in curves.items()]
+
+
+# ----------------------------------------------------------------------------------- construction
+def test_bad_bases_are_refused_with_the_fix():
+    asha = ASHAScheduler(metric="train_loss", mode="min", max_t=8)
+    with pytest.raises(ValueError, match="must not be another NeVeScheduler"):
+        NeVeScheduler(base_scheduler=NeVeScheduler())
+    with pytest.raises(ValueError, match="time_attr='time_total_s'.*time_attr='training_iteration'"):
+        NeVeScheduler(base_scheduler=ASHAScheduler(time_attr="time_total_s", metric="train_loss", mode="min"))
+    with pytest.raises(ValueError, match="metric='train_loss' but no mode"):
+        NeVeScheduler(base_scheduler=ASHAScheduler(metric="train_loss"))
+    with pytest.raises(TypeError, match="TrialScheduler"):
+        NeVeScheduler(base_scheduler="asha")  # type: ignore[arg-type]
+    composite = NeVeScheduler(base_scheduler=asha)
+    assert composite.base_scheduler is asha
+    assert repr(composite).endswith("base_scheduler=<AsyncHyperBandScheduler metric='train_loss' mode='min'>)")
+    assert "Using AsyncHyperBand" in composite.debug_string()
+
+
+def test_the_base_keeps_its_own_metric_and_one_without_adopts_ours():
+    asha = ASHAScheduler(metric="train_loss", mode="min")
+    composite = NeVeScheduler(base_scheduler=asha)
+    assert composite.set_search_properties("score", "max")  # TuneConfig's objective
+    assert (composite.metric, composite.mode) == ("score", "max")
+    assert (asha.metric, asha._mode) == ("train_loss", "min")  # the ranking signal is untouched
+
+    bare = ASHAScheduler()
+    NeVeScheduler(metric="train_loss", mode="min", base_scheduler=bare)
+    assert (bare.metric, bare._mode) == ("train_loss", "min")
+    later = ASHAScheduler()
+    NeVeScheduler(base_scheduler=later).set_search_properties("train_loss", "min")
+    assert (later.metric, later._mode) == ("train_loss", "min")
+    # A conflict on our own metric is refused, as ASHA refuses it.
+    assert not NeVeScheduler(metric="a", base_scheduler=ASHAScheduler()).set_search_properties("b", None)
+
+
+def _result(it: int, loss: float) -> dict:
+    """A flat result as Tune passes it (see tests/test_ray_scheduler.py): NeVe says continue."""
+    return {"training_iteration": it, "train_loss": loss, keys.EPOCH: float(it), keys.MODEL_VELOCITY: 0.5,
+            keys.CONVERGED: 0.0, keys.DIVERGED: 0.0, keys.STALLED: 0.0, keys.COLLAPSED: 0.0}  # fmt: skip
+
+
+def test_a_base_stop_is_pruned_below_the_bases_cap_and_max_t_at_it():
+    asha = ASHAScheduler(metric="train_loss", mode="min", max_t=4, grace_period=1, reduction_factor=2)
+    scheduler = NeVeScheduler(base_scheduler=asha)  # no max_t of its own: the base's cap applies
+    first, second, third = (Trial("train_fn", stub=True) for _ in range(3))
+    for trial in (first, second, third):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, first, _result(1, 0.5)) == CONTINUE  # sets rung 1
+    assert scheduler.on_trial_result(None, second, _result(1, 0.9)) == STOP  # below rung 1's median
+    assert scheduler.stop_info(second.trial_id).reason is StopReason.PRUNED
+    for it in (2, 3):
+        assert scheduler.on_trial_result(None, first, _result(it, 0.5 / it)) == CONTINUE
+    assert scheduler.on_trial_result(None, first, _result(4, 0.1)) == STOP  # ASHA's max_t=4
+    assert scheduler.stop_info(first.trial_id) == StopInfo(StopReason.MAX_T, 4, 4.0, 0.5)
+    # Tune removing a pending trial by itself (not from inside a base hook) records nothing.
+    scheduler.on_trial_remove(None, third)
+    assert scheduler.stop_info(third.trial_id) is None
+
+
+def test_save_and_restore_carry_the_base_and_its_rungs(tmp_path):
+    asha = ASHAScheduler(metric="train_loss", mode="min", max_t=8, grace_period=1, reduction_factor=2)
+    scheduler = NeVeScheduler(base_scheduler=HyperBandScheduler(metric="train_loss", mode="min"))
+    scheduler.save(str(tmp_path / "hyperband.pkl"))  # HyperBand holds lambdas: saved with cloudpickle
+    scheduler = NeVeScheduler(base_scheduler=asha)
+    trial = Trial("train_fn", stub=True)
+    scheduler.on_trial_add(None, trial)
+    scheduler.on_trial_result(None, trial, _result(1, 0.5))
+    scheduler.save(str(tmp_path / "sched.pkl"))
+    other = NeVeScheduler()
+    other.restore(str(tmp_path / "sched.pkl"))
+    assert other.base_scheduler is not asha and other.base_scheduler.metric == "train_loss"
+    assert dict(other.base_scheduler._brackets[0]._rungs)[1] == {trial.trial_id: -0.5}
+    late = Trial("train_fn", stub=True)
+    other.on_trial_add(None, late)
+    assert other.on_trial_result(None, late, _result(1, 0.9)) == STOP  # ranked against the restored rung
+
+
+def test_a_base_without_any_metric_fails_the_run_with_the_fix(tmp_path):
+    tuner = tune.Tuner(
+        scripted_trainable,
+        param_space={"name": "x", "losses": [1.0, 0.9]},
+        tune_config=tune.TuneConfig(scheduler=NeVeScheduler(base_scheduler=ASHAScheduler())),
+        run_config=_run_config(tmp_path, "nometric"),
+    )
+    with pytest.raises(Exception, match="has no metric to rank trials on.*metric='train_loss'"):
+        tuner.fit()
+
+
+def test_a_result_without_the_bases_metric_fails_the_run_with_the_key(tmp_path):
+    scheduler = NeVeScheduler(base_scheduler=ASHAScheduler(metric="trian_loss", mode="min", max_t=4))
+    tuner = tune.Tuner(
+        scripted_trainable,
+        param_space={"name": "x", "losses": [1.0, 0.9]},
+        tune_config=tune.TuneConfig(scheduler=scheduler),
+        run_config=_run_config(tmp_path, "typo"),
+    )
+    with pytest.raises(Exception, match="ranks trials on 'trian_loss'.*could never prune"):
+        tuner.fit()
+
+
+# ----------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_asha_inside_neve_prunes_on_the_training_loss_and_neve_still_decides(tmp_path):
+    """Five trials, one at a time. ASHA (rungs at epochs 1, 2, 4, 8; reduction factor 2: a trial below the
+    median of its rung is cut) ranks ``train_loss``; NeVe's own decisions come first."""
+    asha = ASHAScheduler(metric="train_loss", mode="min", max_t=8, grace_period=1, reduction_factor=2)
+    scheduler = NeVeScheduler(max_t=8, grace_period=1, base_scheduler=asha)
+    configs = _configs(
+        long={"losses": [0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35]},  # sets every rung, runs to the cap
+        converges={"losses": [0.5, 0.4, 0.3, 0.25, 0.2], "converge_at": 3},
+        diverges={"losses": [0.6, 0.5, 0.4], "diverge_at": 2},  # above rung 1's median: NeVe stops it
+        mediocre={"losses": [0.85, 0.8, 0.75]},  # below the median at rung 1
+        bad={"losses": [5.0, 4.0, 3.0]},
+    )
+    tuner = tune.Tuner(
+        scripted_trainable,
+        param_space={"cfg": tune.grid_search(configs)},
+        # The objective (score) ranks the other way round from train_loss: the base must not adopt it.
+        tune_config=tune.TuneConfig(scheduler=scheduler, metric="score", mode="max", max_concurrent_trials=1),
+        run_config=_run_config(tmp_path, "asha"),
+    )
+    results = tuner.fit()
+    assert results.num_errors == 0
+    by_name = _by_name(results)
+    assert _reasons(by_name) == {
+        "long": ("max_t", 8),
+        "converges": ("converged", 3),
+        "diverges": ("diverged", 2),
+        "mediocre": ("pruned", 1),
+        "bad": ("pruned", 1),
+    }
+    assert {n: r.metrics["training_iteration"] for n, r in by_name.items()} == {
+        "long": 8, "converges": 3, "diverges": 2, "mediocre": 1, "bad": 1,
+    }  # fmt: skip
+    recorded = {by_name[n].metrics["trial_id"]: info.reason.value for n, info in _infos(scheduler, by_name)}
+    assert sorted(recorded.values()) == ["converged", "diverged", "max_t", "pruned", "pruned"]
+    assert StopInfo.from_metrics(by_name["bad"].metrics).reason.value == "pruned"
+    # ASHA recorded the rungs it ranked on: rung 1 holds every trial's -train_loss at epoch 1.
+    rung_1 = dict(asha._brackets[0]._rungs)[1]
+    assert sorted(-v for v in rung_1.values()) == [0.5, 0.6, 0.85, 0.9, 5.0]
+    assert "pruned=2" in scheduler.debug_string() and "Using AsyncHyperBand" in scheduler.debug_string()
+
+
+def _infos(scheduler: NeVeScheduler, by_name: dict):
+    ids = {r.metrics["trial_id"]: n for n, r in by_name.items()}
+    return [(ids[tid], info) for tid, info in scheduler.stopped_trials.items()]
+
+
+@pytest.mark.slow
+def test_hyperband_inside_neve_pauses_resumes_and_prunes(tmp_path):
+    """HyperBand (max_t=3, reduction factor 3) fills two brackets in the order trials are added: the first
+    (2 trials) runs both to 3 epochs; the second (3 trials) runs each 1 epoch, pausing it, then keeps the
+    best, which resumes from its checkpoint, and cuts the other two: the one still running (it reached
+    epoch 1 last) with a STOP, the paused one through the controller."""
+    hyperband = HyperBandScheduler(metric="train_loss", mode="min", max_t=3, reduction_factor=3)
+    scheduler = NeVeScheduler(max_t=3, grace_period=1, base_scheduler=hyperband)
+    assert not scheduler.supports_buffered_results  # HyperBand's, so Tune does not buffer results
+    configs = _configs(
+        a={"losses": [0.5, 0.4, 0.3]},
+        b={"losses": [0.6, 0.5, 0.4], "converge_at": 2},
+        c={"losses": [0.55, 0.45, 0.35]},  # the best of the second bracket
+        d={"losses": [3.0, 2.5, 2.0]},
+        e={"losses": [2.0, 1.5, 1.0], "sleep": 3.0},  # reaches epoch 1 last: running at the halving
+    )
+    tuner = tune.Tuner(
+        scripted_trainable,
+        param_space={"cfg": tune.grid_search(configs)},
+        # All trials are added at once (synchronous HyperBand fills its brackets in that order).
+        tune_config=tune.TuneConfig(scheduler=scheduler),
+        run_config=_run_config(tmp_path, "hyperband"),
+    )
+    results = tuner.fit()
+    assert results.num_errors == 0
+    by_name = _by_name(results)
+    assert _reasons(by_name) == {
+        "a": ("max_t", 3),
+        "b": ("converged", 2),  # NeVe's decision comes first, inside a HyperBand bracket too
+        "c": ("max_t", 3),
+        "d": ("pruned", 1),
+        "e": ("pruned", 1),
+    }
+    # c was paused at epoch 1 and resumed from its epoch-1 checkpoint; the others ran in one go.
+    assert list(by_name["c"].metrics_dataframe["start_epoch"]) == [0, 1, 1]
+    assert [int(x) for x in by_name["c"].metrics_dataframe[keys.EPOCH]] == [1, 2, 3]
+    assert all(set(by_name[n].metrics_dataframe["start_epoch"]) == {0} for n in "abde")
+    assert sorted(info.reason.value for info in scheduler.stopped_trials.values()) == [
+        "converged", "max_t", "max_t", "pruned", "pruned",
+    ]  # fmt: skip
+    assert "num_stopped=2" in scheduler.debug_string()
+
+
+@pytest.mark.slow
+def test_tuner_restore_gives_asha_its_rungs_back(tmp_path):
+    """ASHA rungs at epochs 1, 2, 4, 8. Trial ``first`` sets them all; trial ``crashes`` is the best at
+    rung 1, then the run is interrupted (an error after epoch 1, max_failures=0). Restored, it resumes at
+    epoch 2, where its loss is above rung 2's record: only an ASHA that got its rungs back prunes it there
+    (a fresh one has an empty rung 2 and would let it run to the cap)."""
+    marker = str(tmp_path / "crashed")
+    asha = ASHAScheduler(metric="train_loss", mode="min", max_t=8, grace_period=1, reduction_factor=2)
+    scheduler = NeVeScheduler(max_t=8, grace_period=1, base_scheduler=asha)
+    configs = _configs(
+        first={"losses": [1.0, 0.8, 0.6, 0.5, 0.45, 0.4, 0.38, 0.36]},
+        crashes={"losses": [0.9, 0.95, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], "fail_at": 1, "fail_marker": marker},
+    )
+    tuner = tune.Tuner(
+        scripted_trainable,
+        param_space={"cfg": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
+        run_config=_run_config(tmp_path, "restore"),
+    )
+    first = tuner.fit()
+    assert first.num_errors == 1 and os.path.exists(marker)
+    assert _by_name(first)["first"].metrics[STOP_REASON] == "max_t"
+
+    path = str(tmp_path / "restore")
+    restored = tune.Tuner.restore(path, scripted_trainable, resume_errored=True)
+    results = restored.fit()
+    assert results.num_errors == 0
+    by_name = _by_name(results)
+    assert by_name["crashes"].metrics["start_epoch"] == 1  # continued from its epoch-1 checkpoint
+    assert _reasons(by_name) == {"first": ("max_t", 8), "crashes": ("pruned", 2)}
+    # The scheduler object of the first run did not see the restored run.
+    assert sorted(info.reason.value for info in scheduler.stopped_trials.values()) == ["max_t"]
