@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arms",
         type=_arms,
         default=None,
-        help="comma-separated arms among neve, asha, fifo, the optional schedulefree and any registered ones "
-        "(default: neve,asha,fifo)",
+        help="comma-separated arms among neve, asha, fifo, the optional neve-pure and schedulefree and any "
+        "registered ones (default: neve,asha,fifo)",
     )
     run.add_argument("--trials", type=int, default=None, help="configurations per arm (default: the study's)")
     run.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every trial (default: the study's)")

@@ -1,10 +1,12 @@
 """Studies: NeVe versus validation-based ASHA (and a fixed-budget FIFO reference) on the same work.
 
 * :class:`StudyDefinition` / :class:`Budget` / search-space domains: what a study is. The built-in
-  studies (``digits``, ``cifar10``, ``cifar100``, ``imagenet100``) live in :mod:`neve_tune.studies.builtin`;
+  studies (``digits``, ``mnist1d``, ``cifar10``, ``cifar100``, ``imagenet100``) live in
+  :mod:`neve_tune.studies.builtin`;
 * :func:`get_study` / :func:`list_studies` / :func:`register_study`: the registry of studies;
-* :class:`Arm` / :func:`get_arm` / :func:`register_arm`: the arms (``neve``, ``asha``, ``fifo``), each one
-  definition of what it holds out, optimises and picks by, and how each backend runs it;
+* :class:`Arm` / :func:`get_arm` / :func:`register_arm`: the arms (``neve``, ``asha``, ``fifo`` and the
+  optional ``neve-pure`` and ``schedulefree``), each one definition of what it holds out, optimises and
+  picks by, and how each backend runs it;
 * :class:`TrialPolicy` (:class:`NeVePolicy`, :class:`FixedSchedulePolicy`): how an arm's trial adapts its
   training, behind the per-epoch hooks :func:`run_trial` calls;
 * :func:`run_study` with :class:`StudyOptions`: runs the arms on a :class:`Backend` (Ray Tune or Optuna),
@@ -13,9 +15,12 @@
   ``neve-tune study compare`` rebuilds from MLflow).
 
 The protocol (SPEC §4): every arm gets the same sampled configurations, trial count, seed and epoch cap.
-The ``neve`` arm trains on 100% of the training split with a noise aux set, and NeVe decays its LR and
-stops it; ``asha`` holds out 10% for validation, uses a fixed LR schedule and ASHA prunes on validation
-accuracy; ``fifo`` is ``asha`` without pruning (the compute reference). The test split is only reported.
+The ``neve`` arm trains on 100% of the training split with a noise aux set: NeVe decays its LR and anneals
+it at its first convergence, ASHA (Ray) or successive halving (Optuna) prunes on the validation-free
+TSE-EMA of the training loss, and it picks by the lowest TSE-EMA; ``neve-pure`` is the paper's rule alone;
+``asha`` holds out 10% for validation, uses a fixed LR schedule and ASHA prunes on validation accuracy;
+``fifo`` is ``asha`` without pruning (the compute reference); ``schedulefree`` is Schedule-Free SGD at the
+fixed budget. ``StudyOptions(seeds=...)`` repeats a study per seed. The test split is only reported.
 """
 
 from __future__ import annotations

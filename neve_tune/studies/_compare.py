@@ -3,11 +3,15 @@
 Each arm picks the trial it would deploy by its own rule (:attr:`Arm.pick`), using only what that arm is
 allowed to see:
 
-* ``neve``: no validation data exists. Among the trials NeVe stopped as *converged*, the one with the
-  lowest final training loss (mean over its last epoch's minibatches, on the training split); if none
-  converged, among the trials that ran to the epoch cap (stalled, collapsed, diverged and pruned trials
-  are never picked), and the pick-rule line says so. Ties: fewer epochs, then lower config id. This is a
-  fit criterion, not a generalisation estimate: it is what a validation-free arm can honestly use.
+* ``neve``: no validation data exists. Among the trials that converged or ran to the epoch cap (stalled,
+  collapsed, diverged and pruned trials are never picked), the one with the lowest final TSE-EMA of its
+  training loss (``train/tse_ema``: an exponential moving average over epochs of the epoch-mean training
+  loss, a training-speed estimate; ``benchmarks/ranking_signals.md`` measures it against the others). Ties:
+  fewer epochs, then lower config id. The pick-rule line says which trials qualified.
+* ``neve-pure`` (the paper's rule alone): among the *converged* trials, the lowest final training loss; if
+  none converged, among those that ran to the cap, and the pick-rule line says so. A fit criterion, not a
+  generalisation estimate.
+* ``schedulefree``: the lowest final training loss at the fixed budget.
 * ``asha`` and ``fifo``: the highest validation accuracy at the trial's last epoch (ties: lower
   validation loss, fewer epochs, lower config id), i.e. ``ResultGrid.get_best_result(scope="last")``.
 

@@ -112,7 +112,7 @@ def plot_over_seeds(over: Sequence[ArmOverSeeds]) -> Figure:
         for i, s in enumerate(stats):
             values = [v for v in s.values if math.isfinite(v)]
             ax.plot([i] * len(values), values, "o", color="black", ms=3, alpha=0.7)
-        ax.set_xticks(x, labels)
+        ax.set_xticks(x, labels, rotation=30 if len(over) > 3 else 0, ha="right" if len(over) > 3 else "center")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}\nmean ± std over {seeds} seeds", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
