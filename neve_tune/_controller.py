@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from . import keys
 from ._anneal import Anneal
+from ._callers import refuse_per_step_loops
 from ._rule import NeVeRule, PlateauOn, StopFlags
 from ._state import SnapshotInState
 from ._stopping import StopCriteria
@@ -241,6 +242,7 @@ class NeVe(LRScheduler):
                 loss works too), a number or a one-element tensor. Optional: it sharpens the decision
                 (see the class docstring). A NaN/inf loss means the trial diverged.
         """
+        refuse_per_step_loops()  # e.g. Trainer(optimizers=(opt, neve)): a step per batch, not per epoch
         loss = _as_loss(train_loss)
         self.last_epoch += 1  # before measuring: a measurement that raises still counts its epoch
         measurement = self.monitor.measure()

@@ -145,6 +145,20 @@ def test_neve_as_the_trainers_lr_scheduler_is_refused(tmp_path: Path) -> None:
     assert neve.last_epoch == 0
 
 
+def test_neve_as_the_trainers_lr_scheduler_without_the_callback_is_refused_at_its_first_step(tmp_path: Path) -> None:
+    """The usual misuse: no NeVeCallback at all; the core refuses the Trainer's per-batch scheduler step."""
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    neve = neve_tune.NeVe(model, opt, aux())
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=TokenTask(), optimizers=(opt, neve))
+    with pytest.raises(ValueError, match=r"NeVe.step\(\) was called by (transformers|accelerate)\.") as err:
+        trainer.train()
+    assert "optimizers=(optimizer, None)" in str(err.value) and "NeVeCallback" in str(err.value)
+    assert neve.last_epoch == 0 and neve.last_result is None  # refused before it measured or counted
+    # the same NeVe, stepped by the user's own loop, still works
+    assert neve.step().model_velocity is not None and neve.last_epoch == 1
+
+
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1"):
         NeVeCallback(aux(), every_n_steps=0)

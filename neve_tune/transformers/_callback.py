@@ -70,7 +70,8 @@ class NeVeCallback(TrainerCallback):
     and continues with identical velocities; without one it warns and takes a fresh baseline.
 
     Misuse: ``Trainer(optimizers=(optimizer, neve))`` makes the Trainer step NeVe after every batch; with
-    this callback present, training refuses to start with a message that says what to pass instead.
+    this callback present, training refuses to start with a message that says what to pass instead (and
+    without it, ``NeVe.step()`` refuses the Trainer's first per-batch call with the same advice).
 
     NaN policy: NeVe's (a NaN/inf velocity or loss means diverged). Note that the Trainer's
     ``logging_nan_inf_filter=True`` (its default) replaces NaN/inf batch losses in the logged loss, so a
