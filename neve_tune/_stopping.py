@@ -75,11 +75,12 @@ class StopCriteria:
             removed: ``p = 1 - L / L_ref >= learned`` (``L`` the mean of the last ``loss_window`` losses,
             ``L_ref = log(num_classes)``, or the first loss when the number of classes is unknown). A
             trial with ``V < stop_threshold`` and ``p >= learned`` is converged; with ``p < learned`` it is
-            stalled, unless the loss still falls (``min_slope``). Lower it for hard tasks whose final loss
+            stalled; either only once the loss no longer falls (``min_slope``). Lower it for hard tasks whose final loss
             stays high (e.g. many classes, label noise).
         min_slope: "still learning": the smoothed loss fell by at least this share of ``L_ref`` per epoch
             over the last ``loss_window`` epochs; such a trial keeps training even with ``V`` under the
-            threshold.
+            threshold, whether or not it has already learned (``p >= learned``): a network whose loss still
+            falls that fast is not done, however still its aux responses are.
         chance_progress: "stuck at chance": ``p < chance_progress``...
         chance_epochs: ...with no ``min_slope`` progress for this many consecutive epochs after the
             warm-up: **stalled** even though ``V`` never settles (an LR so large the network thrashes at
@@ -121,9 +122,10 @@ class StopDetector:
        happens and reported at the first epoch ``>= min_epochs``; never when the loss says the network
        learned (``p >= learned``);
     3. nothing else before ``min_epochs``;
-    4. with a training loss: ``V < stop_threshold`` is converged when ``p >= learned``, keep training
-       when the loss still falls by ``min_slope`` per epoch, otherwise stalled; with ``V`` above the
-       threshold, ``chance_epochs`` epochs stuck at chance are stalled ("unsettled");
+    4. with a training loss: ``V < stop_threshold`` keeps training while the loss still falls by
+       ``min_slope`` per epoch (the aux responses settled, but the network is still learning), and is
+       then converged when ``p >= learned``, otherwise stalled; with ``V`` above the threshold,
+       ``chance_epochs`` epochs stuck at chance are stalled ("unsettled");
     5. without a loss: ``V < stop_threshold`` is stalled when the peak V stayed under
        ``peak_ratio * stop_threshold``, converged otherwise.
 
@@ -232,10 +234,12 @@ class StopDetector:
         slope = self.slope()
         if model_velocity < self.stop_threshold:
             self.chance_run = 0
+            if slope >= c.min_slope and (math.isfinite(slope) or p < c.learned):
+                # V says "not moving", but the loss still falls (or, not learned yet, may still): keep training.
+                # A learned trial whose slope is not known yet (fewer than two loss windows) is converged.
+                return None
             if p >= c.learned:
                 return StopReason.CONVERGED
-            if slope >= c.min_slope:
-                return None  # V says "not moving", but the loss still falls: keep training
             self.detail = f"only {p:.0%} of the chance-level loss removed, and the loss no longer falls"
             return StopReason.STALLED
         self.chance_run = self.chance_run + 1 if (p < c.chance_progress and slope < c.min_slope) else 0

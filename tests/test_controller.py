@@ -386,6 +386,16 @@ def test_batchnorm_lr_1e5_is_stalled_with_the_training_loss():
     assert test_acc < 0.2
 
 
+@pytest.mark.parametrize(("lr", "epoch", "acc"), [(1e-4, 32, 0.85), (3e-4, 25, 0.92)])
+def test_a_slow_learner_is_not_converged_while_its_loss_still_falls(lr, epoch, acc):
+    """Before: converged at epoch 12 at 74.2% (lr 1e-4, loss 1.68 and falling) and at 8 at 86.9% (lr 3e-4): its
+    aux responses had settled, but it was still learning. Now it trains on until the loss flattens too."""
+    neve, result, test_acc = _readme_loop(lr=lr, epochs=100)
+    assert (result.epoch, result.stop_reason) == (epoch, StopReason.CONVERGED)  # 89.1%, 94.2%
+    assert test_acc >= acc
+    assert neve.rule.detector.slope() < neve.rule.detector.criteria.min_slope  # the loss no longer falls
+
+
 @pytest.mark.parametrize(("lr", "with_loss"), [(0.2, True), (0.5, False), (2.0, True), (5.5, False)])
 def test_collapsed_network_sgd_momentum_batch_16_is_collapsed(lr, with_loss):
     """HEAD: converged at epoch 11 at chance (every ReLU dead). The raw change freezes at epoch 4."""

@@ -292,7 +292,9 @@ def test_mnist1d_model_is_the_papers_cnn(mnist1d: object) -> None:
     assert get_study("mnist1d").build_model({"width": 64})(torch.randn(2, 1, 40)).shape == (2, 10)
 
 
-def test_mnist1d_without_its_package_says_what_to_install(mnist1d: object, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mnist1d_without_its_package_says_what_to_install(
+    mnist1d: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from neve_tune.studies import StudyError
 
     monkeypatch.setitem(sys.modules, "mnist1d", None)  # as if it were not installed
@@ -301,3 +303,9 @@ def test_mnist1d_without_its_package_says_what_to_install(mnist1d: object, monke
         get_study("mnist1d").load_data(DataRequest(val_fraction=0.0, seed=0, batch_size=64))
     with pytest.raises(StudyError, match="needs the mnist1d package"):
         get_study("mnist1d").prepare(None)  # what the driver calls before any trial
+    from neve_tune.studies import run_study
+
+    store = tmp_path / "mlflow.db"
+    with pytest.raises(StudyError, match="needs the mnist1d package"):
+        run_study("mnist1d", tracking_uri=f"sqlite:///{store}", output_dir=str(tmp_path / "out"), progress=False)
+    assert not store.exists() and not (tmp_path / "out").exists()  # refused before the store or Ray was touched

@@ -199,13 +199,13 @@ def run_study(study: str | StudyDefinition, options: StudyOptions | None = None,
         output=Path(options.output_dir).resolve(),
         stamp=time.strftime("%Y%m%d-%H%M%S"),
     )
+    if definition.prepare is not None:  # before the store is touched: a missing package creates no mlflow.db
+        definition.prepare(options.data_root)
     resolved_uri = None
     if options.track:
         from neve_tune.mlflow import check_tracking_uri
 
         resolved_uri = check_tracking_uri(options.tracking_uri)
-    if definition.prepare is not None:
-        definition.prepare(options.data_root)
     backend = create_backend(options)
     backend.open(budget)
     tracker: StudyTracker | None = None
