@@ -100,8 +100,10 @@ def test_a_study_over_two_seeds_and_compare_rebuilds_it_from_mlflow(
     from neve_tune.studies._from_mlflow import load_study
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done: list[tuple[str, int, str, int]] = []
     result = run_study(
         "digits",
+        on_arm_done=lambda res, row: done.append((res.arm, res.seed, row.arm, row.trial_epochs)),
         backend="optuna",
         arms=["neve", "fifo"],
         trials=3,
@@ -113,6 +115,11 @@ def test_a_study_over_two_seeds_and_compare_rebuilds_it_from_mlflow(
     )
     assert result.seeds == (0, 1) and result.title.endswith("seeds 0,1")
     first = result.runs[0]
+    assert done == [  # the hook hears of every arm of every seed, in order, with that seed's row
+        (arm, run.seed, arm, next(s for s in run.summaries if s.arm == arm).trial_epochs)
+        for run in result.runs for arm in ("neve", "fifo")
+    ]  # fmt: skip
+    assert [[res.seed for res in run.arms.values()] for run in result.runs] == [[0, 0], [1, 1]]
     # Each seed samples its own configurations (the same in both arms of that seed).
     lrs = [sorted(r.config["lr"] for r in run.arms["fifo"].records) for run in result.runs]
     assert lrs[0] != lrs[1]
@@ -170,6 +177,7 @@ def test_a_study_over_two_seeds_and_compare_rebuilds_it_from_mlflow(
     # `compare` rebuilds the same numbers from MLflow alone.
     stored = load_study(uri, "neve-tune-digits")
     assert [run.seed for run in stored.runs] == [0, 1]
+    assert [[res.seed for res in run.arms.values()] for run in stored.runs] == [[0, 0], [1, 1]]
     again = {a.arm: a for a in summarize_over_seeds(stored.runs)}
     for arm in ("neve", "fifo"):
         assert again[arm].picked_test_acc.values == pytest.approx(over[arm].picked_test_acc.values)

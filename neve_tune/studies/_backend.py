@@ -68,6 +68,7 @@ class ArmJob:
             wall_time_s=wall_time_s,
             train_fraction=self.arm.train_fraction(self.budget),
             max_epochs=self.budget.max_epochs,
+            seed=self.spec.seed,
         )
 
 

@@ -164,7 +164,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
                 )
             )
         params = arm_run.data.params
-        seeds_of[id(arm_run)] = int(arm_run.data.tags.get("seed", study_run.data.params.get("seed", 0)))
+        seeds_of[id(arm_run)] = seed = int(arm_run.data.tags.get("seed", study_run.data.params.get("seed", 0)))
         arms.append(
             ArmResult(
                 arm=arm,
@@ -172,6 +172,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
                 wall_time_s=float(arm_run.data.metrics.get("wall_time_s", math.nan)),
                 train_fraction=float(params.get("train_fraction", "nan")),
                 max_epochs=int(params.get("max_epochs", max((r.epochs for r in records), default=0))),
+                seed=seed,
             )
         )
     by_seed: dict[int, list[ArmResult]] = {}

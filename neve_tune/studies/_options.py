@@ -51,7 +51,8 @@ class StudyOptions:
         progress: show progress bars.
         console: the rich console of the progress bars (default: rich's).
         callbacks: extra Ray Tune callbacks (Ray backend).
-        on_arm_done: called after each arm with its records and row.
+        on_arm_done: called after each arm of each seed with its records (``ArmResult``, whose ``seed``
+            says which) and its table row (``ArmSummary``).
     """
 
     arms: Sequence[str] = ARMS

@@ -89,13 +89,14 @@ class TrialRecord:
 
 @dataclass
 class ArmResult:
-    """All trials of one arm, plus its wall time and the fraction of labelled data it trained on."""
+    """All trials of one arm in one seed, plus its wall time and the fraction of labelled data it trained on."""
 
     arm: str
     records: list[TrialRecord]
     wall_time_s: float
     train_fraction: float
     max_epochs: int
+    seed: int = 0
 
 
 #: Stop reasons that disqualify a trial from the validation-free pick (it never learned, or was cut).
