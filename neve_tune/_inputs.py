@@ -11,6 +11,7 @@ first layer expects.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -150,7 +151,9 @@ class AuxBatches:
     def run(model: nn.Module, batch: Any) -> None:
         """Run ``model`` on one batch; a model that cannot take it raises a ``ValueError`` that says why.
 
-        Out-of-memory errors and :class:`MeasurementError` pass through unchanged.
+        Out-of-memory errors and :class:`MeasurementError` pass through unchanged; any other error of the
+        model's forward that is not about the batch's dtype or shape keeps its type and message, with a
+        note naming the aux batch it failed on.
         """
         try:
             _call(model, batch)
@@ -160,12 +163,22 @@ class AuxBatches:
             mismatch = _dtype_mismatch(model, batch)
             if mismatch:
                 raise ValueError(f"{mismatch} ({type(model).__name__} failed on it: {exc})") from exc
+            if not _SHAPE_ERROR.search(str(exc)):
+                exc.add_note(
+                    f"(neve_tune: raised by {type(model).__name__}'s forward on an aux batch of shape"
+                    f" {_batch_shape(batch)}, while measuring its velocity.)"
+                )
+                raise
             raise ValueError(
                 f"The aux set does not fit the model: {type(model).__name__} failed on an aux batch"
                 f" of shape {_batch_shape(batch)}: {exc}.{_expected_input(model)} Pass aux inputs"
                 " shaped like one training batch, e.g. neve_tune.noise_aux(sample_shape) with the shape of"
                 " one sample (no batch dim)."
             ) from exc
+
+
+#: What torch says when a batch's shape does not fit a layer (matmul, conv channels, view, broadcasting, rank).
+_SHAPE_ERROR = re.compile(r"shape|size|dimension|channels|expected .*input|must match", re.IGNORECASE)
 
 
 def _tensors(batch: Any) -> list[Tensor]:

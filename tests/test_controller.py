@@ -525,3 +525,20 @@ def test_state_keeps_the_stop_detector_as_json():
     rule = NeVeRule()
     rule.load_state_dict(state)
     assert rule.detector.state_dict() == neve.rule.detector.state_dict()
+
+
+def test_a_model_error_that_is_not_about_the_aux_shape_keeps_its_type_and_message():
+    class Buggy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+
+    model = Buggy()
+    with pytest.raises(RuntimeError, match="CUDNN_STATUS_INTERNAL_ERROR") as info:
+        NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 3))
+    assert not isinstance(info.value, ValueError)
+    assert "aux batch of shape (4, 3)" in " ".join(getattr(info.value, "__notes__", []))
+    assert "does not fit" not in str(info.value)
