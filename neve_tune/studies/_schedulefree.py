@@ -157,12 +157,15 @@ def describe_schedulefree(budget: Budget) -> dict[str, Any]:
     }
 
 
+#: The schedule-free arm's pick rule, in words (the table's footnote).
+SCHEDULEFREE_PICK_RULE = "lowest final train loss at the fixed budget (validation-free)"
+
+
 def describe_schedulefree_pick(records: Sequence[TrialRecord]) -> str:
     """The pick-rule line: every trial ran the fixed budget, so it is the lowest final train loss of those."""
-    picked = pick_lowest_train_loss(records)
-    if picked is None:
+    if pick_lowest_train_loss(records) is None:
         return "lowest final train loss at the fixed budget: no trial qualifies (all diverged or failed)"
-    return "lowest final train loss at the fixed budget (validation-free)"
+    return SCHEDULEFREE_PICK_RULE
 
 
 SCHEDULEFREE = Arm(
@@ -173,7 +176,7 @@ SCHEDULEFREE = Arm(
     holds_out_validation=False,
     objective=TRAIN_LOSS,
     direction="minimize",
-    pick_rule="lowest final train loss at the fixed budget (validation-free)",
+    pick_rule=SCHEDULEFREE_PICK_RULE,
     pick=pick_lowest_train_loss,
     describe_pick=describe_schedulefree_pick,
     ray_scheduler=fifo_ray_scheduler,
