@@ -8,8 +8,8 @@ each policy:
 
 * ``fifo``: the baselines' cosine schedule to the cap (velocity only monitored);
 * ``pure``: ``NeVe`` with the paper's rule (the study's ``budget.neve``), stopped where NeVe says;
-* ``anneal-<shape>-<fraction>``: ``NeVe(anneal=Anneal(shape, fraction, max_epochs=cap))``, the
-  anneal-on-convergence policy (see :class:`neve_tune.Anneal`).
+* ``anneal-<shape>-<fraction>``: ``NeVe(anneal=Anneal(shape, fraction, max_epochs=cap))`` (its default
+  ``cap_fraction``), the anneal-on-convergence policy (see :class:`neve_tune.Anneal`).
 
 It records per epoch: train loss, train acc, V, D, LR and test acc (test accuracy only to score the
 signals, never to decide anything), caching every run as JSON under ``--cache``. Then it reports, per
@@ -22,7 +22,7 @@ rung sees).
 Run (one thread; a few minutes per study and policy)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ranking_signals.py --studies digits,mnist1d,mnist1d-noisy \\
-        --policies fifo,pure,anneal-linear-0.25 --out benchmarks/ranking_signals.md
+        --policies fifo,pure,anneal-linear-0.1 --out benchmarks/ranking_signals.md
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def signal_table(name: str, by_policy: dict[str, list[dict[str, Any]]], grace: i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", default="digits,mnist1d,mnist1d-noisy")
-    p.add_argument("--policies", default="fifo,pure,anneal-linear-0.25")
+    p.add_argument("--policies", default="fifo,pure,anneal-linear-0.1")
     p.add_argument("--cache", default="/tmp/ranking_cache")
     p.add_argument("--out", default=None, help="write the markdown tables here (default: print them)")
     args = p.parse_args()

@@ -58,6 +58,22 @@ def test_cosine_and_step_shapes(shape, expected):
     assert decisions[-1].stop_reason is StopReason.CONVERGED and len(decisions) == 5
 
 
+def test_the_cap_cooldown_is_a_fraction_of_the_cap_and_a_convergence_cooldown_of_its_epoch():
+    # cap 60: the unconverged trial starts ceil(0.2 * 60) = 12 cooldown epochs after epoch 48 ...
+    rule = NeVeRule(min_epochs=0, patience=1000, anneal=Anneal(max_epochs=60))
+    decisions = _drive(rule, [HIGH] * 60)
+    lrs = [d.lrs[0] for d in decisions]
+    assert lrs[:47] == pytest.approx([1.0] * 47) and lrs[47:59] == pytest.approx([1 - j / 13 for j in range(1, 13)])
+    assert rule.annealer is not None and rule.annealer.by_cap and rule.annealer.length == 12
+    # ... while one that converged at epoch 40 cools down for max(3, ceil(0.1 * 40)) = 4 epochs and stops
+    rule = NeVeRule(min_epochs=0, patience=1000, anneal=Anneal(max_epochs=60))
+    decisions = _drive(rule, [HIGH] * 39 + [LOW] * 10)
+    assert len(decisions) == 44 and decisions[-1].stop_reason is StopReason.CONVERGED
+    assert [d.lrs[0] for d in decisions[39:43]] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    with pytest.raises(ValueError, match="cap_fraction"):
+        Anneal(cap_fraction=1.0)
+
+
 def test_a_trial_that_never_converges_is_annealed_into_the_cap():
     rule = NeVeRule(min_epochs=0, patience=100, anneal=Anneal(max_epochs=10))
     decisions = _drive(rule, [HIGH] * 10)
@@ -179,9 +195,9 @@ def test_real_model_anneals_after_its_first_convergence_and_then_converges():
     cooled, cooled_acc = _digits_run(Anneal())
     assert len(pure) == 18 and pure[-1][2] is StopReason.CONVERGED  # the paper's rule stops at epoch 18
     assert [v for v, _, _ in cooled[:18]] == [v for v, _, _ in pure]  # identical up to the convergence
-    # then ceil(18 / 4) = 5 cooldown epochs at 0.1 x (5/6 .. 1/6), and converged
-    assert len(cooled) == 23 and cooled[-1][2] is StopReason.CONVERGED
-    assert [lr for _, lr, _ in cooled[17:22]] == pytest.approx([0.1 * k / 6 for k in (5, 4, 3, 2, 1)])
+    # then max(3, ceil(18 / 10)) = 3 cooldown epochs at 0.1 x (3/4, 2/4, 1/4), and converged
+    assert len(cooled) == 21 and cooled[-1][2] is StopReason.CONVERGED
+    assert [lr for _, lr, _ in cooled[17:20]] == pytest.approx([0.1 * k / 4 for k in (3, 2, 1)])
     assert all(reason is None for _, _, reason in cooled[:-1])
     assert cooled_acc >= pure_acc - 0.005 and cooled_acc >= 0.98
 
@@ -196,7 +212,7 @@ def test_the_neve_arms_policy_anneals_into_the_studys_cap_and_neve_pure_does_not
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         policies.append(cls(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(10, 4), budget))
     annealing, pure = policies
-    assert annealing.neve.rule.anneal == Anneal(fraction=0.25, max_epochs=budget.max_epochs)
+    assert annealing.neve.rule.anneal == Anneal(fraction=0.1, cap_fraction=0.2, max_epochs=budget.max_epochs)
     assert pure.neve.rule.anneal is None
     for p in policies:
         p.close()

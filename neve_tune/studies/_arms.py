@@ -242,7 +242,10 @@ def describe_neve(budget: Budget) -> dict[str, Any]:
     return {
         **describe_neve_pure(budget),
         "scheduler": "NeVeScheduler + ASHAScheduler",
-        "lr_schedule": "NeVe (plateau on velocity change), anneal on convergence (linear, max(3, t/4) epochs)",
+        "lr_schedule": (
+            "NeVe (plateau on velocity change), anneal on convergence (linear, max(3, t/10) epochs;"
+            " into the cap over its last 20%)"
+        ),
         "metric": TRAIN_TSE_EMA,
         "grace_period": budget.grace_period,
         "reduction_factor": budget.reduction_factor,

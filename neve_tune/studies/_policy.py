@@ -149,12 +149,13 @@ class NeVePolicy(TrialPolicy):
 
 class AnnealingNeVePolicy(NeVePolicy):
     """:class:`NeVePolicy` with anneal on convergence (the ``neve`` arm): the first convergence starts a
-    linear LR cooldown of ``max(3, ceil(t / 4))`` epochs instead of ending the trial at its high LR, and a
-    trial that has not converged is annealed into the epoch cap (see :class:`neve_tune.Anneal`; measured
+    linear LR cooldown of ``max(3, ceil(t / 10))`` epochs instead of ending the trial at its high LR, and a
+    trial that has not converged is annealed into the epoch cap over its last 20% (see
+    :class:`neve_tune.Anneal`; measured
     against the paper's rule and the cosine schedule in ``benchmarks/ranking_signals.md``).
     """
 
-    anneal_fraction = 0.25
+    anneal_fraction = 0.1
 
 
 def monitored_epoch(monitor: VelocityMonitor | None) -> EpochDecision:
