@@ -44,6 +44,7 @@ from neve_tune.studies import (
     summarize_arm,
 )
 from neve_tune.studies._policy import AnnealingNeVePolicy
+from neve_tune.studies._records import describe_mean_loss_pick
 from tests.test_mlflow import MlflowServer
 
 # ---------------------------------------------------------------------------- protocol pieces (fast)
@@ -94,16 +95,22 @@ def test_pick_rules_never_look_at_test_accuracy() -> None:
     slow = _record("neve-pure", 4, reason="max_t", epochs=40, test=0.999, **{"train/loss": 0.2})
     assert pick_trial("neve-pure", [slow, pure[2], pure[3]]).config_id == 2
     assert pick_trial("neve-pure", [pure[3]]) is None
-    # neve: the lowest TSE-EMA among converged and max_t trials alike; pruned/stalled/diverged never.
+    # neve: the lowest mean training loss (TSE / epochs) among converged and max_t trials alike, whatever
+    # their TSE-EMA or final loss; pruned/stalled/diverged never.
     neve = [
-        _record("neve", 0, reason="converged", epochs=20, test=0.90, **{"train/tse_ema": 0.9, "train/loss": 0.01}),
-        _record("neve", 1, reason="max_t", epochs=50, test=0.80, **{"train/tse_ema": 0.5, "train/loss": 0.05}),
-        _record("neve", 2, reason="pruned", epochs=4, test=0.999, **{"train/tse_ema": 0.1}),
-        _record("neve", 3, reason="stalled", epochs=9, test=0.999, **{"train/tse_ema": 0.2}),
-        _record("neve", 4, reason="diverged", epochs=3, test=0.999, **{"train/tse_ema": math.nan}),
+        _record("neve", 0, reason="converged", epochs=20, test=0.90, **{"train/tse": 4.0, "train/tse_ema": 0.3}),
+        _record("neve", 1, reason="max_t", epochs=50, test=0.80, **{"train/tse": 5.0, "train/tse_ema": 0.5}),
+        _record("neve", 2, reason="pruned", epochs=4, test=0.999, **{"train/tse": 0.2, "train/tse_ema": 0.1}),
+        _record("neve", 3, reason="stalled", epochs=9, test=0.999, **{"train/tse": 0.1, "train/tse_ema": 0.2}),
+        _record("neve", 4, reason="diverged", epochs=3, test=0.999, **{"train/tse": math.nan}),
+        _record("neve", 5, reason="converged", epochs=10, test=0.999, **{"train/tse": 2.5, "train/tse_ema": 0.9}),
     ]
-    assert pick_trial("neve", neve).config_id == 1
-    assert pick_trial("neve", neve[2:]) is None
+    assert pick_trial("neve", neve).config_id == 1  # 5.0 / 50 = 0.1 beats 4.0 / 20 and 2.5 / 10
+    assert pick_trial("neve", [*neve[2:5], neve[0]]).config_id == 0
+    assert pick_trial("neve", neve[2:5]) is None
+    assert describe_mean_loss_pick(neve) == (
+        "lowest mean training loss over its epochs (TSE / epochs) among the 3 converged/max_t trials (validation-free)"
+    )
     asha = [
         _record("asha", 0, reason="max_t", epochs=40, test=0.99, **{"val/acc": 0.95, "val/loss": 0.2}),
         _record("asha", 1, reason="pruned", epochs=4, test=0.999, **{"val/acc": 0.97, "val/loss": 0.3}),

@@ -17,10 +17,11 @@
 The protocol (SPEC §4): every arm gets the same sampled configurations, trial count, seed and epoch cap.
 The ``neve`` arm trains on 100% of the training split with a noise aux set: NeVe decays its LR and anneals
 it at its first convergence, ASHA (Ray) or successive halving (Optuna) prunes on the validation-free
-TSE-EMA of the training loss, and it picks by the lowest TSE-EMA; ``neve-pure`` is the paper's rule alone;
-``asha`` holds out 10% for validation, uses a fixed LR schedule and ASHA prunes on validation accuracy;
-``fifo`` is ``asha`` without pruning (the compute reference); ``schedulefree`` is Schedule-Free SGD at the
-fixed budget. ``StudyOptions(seeds=...)`` repeats a study per seed. The test split is only reported.
+TSE-EMA of the training loss, and it picks by the lowest mean training loss (TSE / epochs); ``neve-pure``
+is the paper's rule alone; ``asha`` holds out 10% for validation, uses a fixed LR schedule and ASHA prunes
+on validation accuracy; ``fifo`` is ``asha`` without pruning (the compute reference); ``schedulefree`` is
+Schedule-Free SGD at the fixed budget. ``StudyOptions(seeds=...)`` repeats a study per seed. The test split
+is only reported.
 """
 
 from __future__ import annotations

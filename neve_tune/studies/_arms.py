@@ -9,7 +9,7 @@ Built-in arms:
 
 * ``neve``: trains on 100% of the training split (validation-free): NeVe decays its LR, anneals it on
   convergence and stops it, ASHA (Ray) / successive halving (Optuna) prunes trials on their TSE-EMA
-  (training-speed estimate, ``train/tse_ema``), and it picks the lowest TSE-EMA;
+  (training-speed estimate, ``train/tse_ema``), and it picks the lowest mean training loss (TSE / epochs);
 * ``neve-pure`` (optional, not in the default ``--arms``): the paper's rule alone: NeVe decays the LR
   and stops each trial at its first convergence, no cross-trial pruning, picks the lowest final train loss;
 * ``asha``: holds out ``budget.val_fraction`` for validation, a fixed LR schedule, ASHA prunes on
@@ -27,11 +27,11 @@ from ._keys import PRUNED, STOPPED, TRAIN_LOSS, TRAIN_TSE_EMA, VAL_ACC
 from ._policy import AnnealingNeVePolicy, FixedSchedulePolicy, NeVePolicy, TrialPolicy
 from ._records import (
     TrialRecord,
+    describe_mean_loss_pick,
     describe_train_loss_pick,
-    describe_tse_ema_pick,
     pick_highest_val_acc,
+    pick_lowest_mean_loss,
     pick_lowest_train_loss,
-    pick_lowest_tse_ema,
 )  # fmt: skip
 from ._spec import Budget, StudyError
 
@@ -262,9 +262,9 @@ NEVE = Arm(
     holds_out_validation=False,
     objective=TRAIN_TSE_EMA,
     direction="minimize",
-    pick_rule="lowest final TSE-EMA of the training loss among converged / max_t trials (validation-free)",
-    pick=pick_lowest_tse_ema,
-    describe_pick=describe_tse_ema_pick,
+    pick_rule="lowest mean training loss (TSE / epochs) among converged / max_t trials (validation-free)",
+    pick=pick_lowest_mean_loss,
+    describe_pick=describe_mean_loss_pick,
     ray_scheduler=neve_ray_scheduler,
     optuna_pruner=neve_optuna_pruner,
     describe=describe_neve,

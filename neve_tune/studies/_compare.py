@@ -4,9 +4,9 @@ Each arm picks the trial it would deploy by its own rule (:attr:`Arm.pick`), usi
 allowed to see:
 
 * ``neve``: no validation data exists. Among the trials that converged or ran to the epoch cap (stalled,
-  collapsed, diverged and pruned trials are never picked), the one with the lowest final TSE-EMA of its
-  training loss (``train/tse_ema``: an exponential moving average over epochs of the epoch-mean training
-  loss, a training-speed estimate; ``benchmarks/ranking_signals.md`` measures it against the others). Ties:
+  collapsed, diverged and pruned trials are never picked), the one with the lowest mean training loss over
+  its epochs (``train/tse`` / epochs: a training-speed estimate; ``benchmarks/ranking_signals.md`` measures
+  it against the others). Ties:
   fewer epochs, then lower config id. The pick-rule line says which trials qualified.
 * ``neve-pure`` (the paper's rule alone): among the *converged* trials, the lowest final training loss; if
   none converged, among those that ran to the cap, and the pick-rule line says so. A fit criterion, not a

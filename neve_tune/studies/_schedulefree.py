@@ -3,7 +3,7 @@
 Schedule-Free SGD (Defazio et al. 2024, "The Road Less Scheduled"; the ``schedulefree`` package) replaces
 momentum with interpolation and averaging, so no LR schedule is needed. The arm trains every configuration
 for the whole budget (``max_epochs``) on 100% of the training split, with no validation data and no early
-stopping, and picks by the lowest final training loss (the validation-free rule of the ``neve`` arm,
+stopping, and picks by the lowest final training loss (the validation-free rule of the ``neve-pure`` arm,
 :func:`~neve_tune.studies._records.pick_lowest_train_loss`).
 
 Following the package's README: the optimizer is put in train mode before each epoch's training and in
