@@ -19,7 +19,7 @@ every trial of the digits and MNIST-1D studies, with and without label noise, an
   measured, with the same regret as TSE-EMA;
 * TSE-EMA, ``sum_s 0.9^(t-s) L_s`` (Ru et al. 2021, the study key ``train/tse_ema``): the training speed
   of the latest ~10 epochs. The ``neve`` arm's ASHA ranks trials on it at its rungs (where every trial has
-  the same length, it ranks like TSE) (:func:`pick_lowest_tse_ema` picks on it);
+  the same length, it ranks like TSE);
 * the final training accuracy, and velocity-based signals (the final model velocity, its sum, the epoch of
   convergence): the velocity ones rank trials poorly (they say when a trial stopped moving, not how good
   it is).
@@ -42,7 +42,6 @@ from ._keys import (
     TEST_ACC,
     TRAIN_LOSS,
     TRAIN_TSE,
-    TRAIN_TSE_EMA,
     VAL_ACC,
     VAL_LOSS,
 )  # fmt: skip
@@ -146,24 +145,6 @@ def describe_train_loss_pick(records: Sequence[TrialRecord]) -> str:
     return "no trial converged, and none ran to its cap (all stalled, collapsed, diverged or failed): no pick"
 
 
-def _speed_pool(records: Sequence[TrialRecord]) -> list[TrialRecord]:
-    return [r for r in records if r.stop_reason not in NEVER_PICKED and math.isfinite(r.metric(TRAIN_TSE_EMA))]
-
-
-def pick_lowest_tse_ema(records: Sequence[TrialRecord]) -> TrialRecord | None:
-    """The ``neve`` arm's rule: the lowest final TSE-EMA (``train/tse_ema``) among the trials that learned.
-
-    Trials that converged, ran to the epoch cap (``max_t``) or were stopped from outside qualify alike
-    (with anneal-on-convergence, a trial that reaches the cap has been annealed into it); stalled,
-    collapsed, diverged, pruned and failed trials never do, nor a NaN signal. Ties: fewer epochs, then
-    lower config id. Validation-free: TSE-EMA is a training-speed estimate from the training losses.
-    """
-    pool = _speed_pool(records)
-    if not pool:
-        return None
-    return min(pool, key=lambda r: (r.metric(TRAIN_TSE_EMA), r.epochs, r.config_id))
-
-
 def _mean_loss(r: TrialRecord) -> float:
     return r.metric(TRAIN_TSE) / r.epochs if r.epochs > 0 else math.nan
 
@@ -199,15 +180,6 @@ def describe_mean_loss_pick(records: Sequence[TrialRecord]) -> str:
     )
 
 
-def describe_tse_ema_pick(records: Sequence[TrialRecord]) -> str:
-    """The pick-rule line of :func:`pick_lowest_tse_ema` for these records."""
-    pool = _speed_pool(records)
-    if not pool:
-        return "no trial converged or ran to its cap (all stalled, collapsed, diverged, pruned or failed): no pick"
-    reasons = "/".join(sorted({r.stop_reason for r in pool}))
-    return f"lowest final TSE-EMA of the training loss among the {len(pool)} {reasons} trials (validation-free)"
-
-
 def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The validation rule: the highest validation accuracy at the trial's last epoch.
 
@@ -227,6 +199,5 @@ def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
 
 __all__ = [
     "NEVER_PICKED", "ArmResult", "TrialRecord", "describe_mean_loss_pick", "describe_train_loss_pick",
-    "describe_tse_ema_pick", "pick_highest_val_acc", "pick_lowest_mean_loss", "pick_lowest_train_loss",
-    "pick_lowest_tse_ema",
+    "pick_highest_val_acc", "pick_lowest_mean_loss", "pick_lowest_train_loss",
 ]  # fmt: skip
