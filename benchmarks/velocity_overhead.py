@@ -35,7 +35,8 @@ from collections.abc import Callable
 
 import torch
 
-from neve_tune import VelocityMonitor, _kernel, noise_aux, token_aux
+from neve_tune import VelocityMonitor, noise_aux, token_aux
+from neve_tune._measure import kernel as _kernel
 from neve_tune.studies.builtin.cifar import resnet20
 from neve_tune.testing import compute_path
 

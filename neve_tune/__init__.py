@@ -23,14 +23,14 @@ Hugging Face ``Trainer``).
 from __future__ import annotations
 
 from . import keys
-from ._anneal import Anneal
-from ._aux import image_folder_aux, noise_aux, subset_aux
-from ._controller import NeVe, StepResult
-from ._layertable import register_layer_rule
-from ._rule import Decision, NeVeRule, decide, settings_disagreement
-from ._stopping import StopCriteria
-from ._tokens import token_aux, token_subset_aux
-from ._velocity import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
+from ._auxsets.builders import image_folder_aux, noise_aux, subset_aux
+from ._auxsets.tokens import token_aux, token_subset_aux
+from ._control.neve import NeVe, StepResult
+from ._decide.anneal import Anneal
+from ._decide.rule import Decision, NeVeRule, decide, settings_disagreement
+from ._decide.stopping import StopCriteria
+from ._measure.layertable import register_layer_rule
+from ._measure.monitor import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
 from .keys import StopReason
 
 __version__ = "0.1.0"

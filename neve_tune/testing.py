@@ -1,7 +1,7 @@
 """Test support: which way :class:`~neve_tune.VelocityMonitor` computes on CPU, and reloading the kernel.
 
 On CPU the monitor compares float32/float64 outputs with a compiled C kernel where one can be built, and
-with PyTorch ops otherwise (same numbers, slower; see ``neve_tune._kernel``). Tests and benchmarks that
+with PyTorch ops otherwise (same numbers, slower; see ``neve_tune._measure.kernel``). Tests and benchmarks that
 must run one path or the other, or that exercise the kernel's build, use these context managers instead of
 touching the package's internals. They act process-wide (not per thread) and nest.
 
@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Literal
 
-from . import _kernel
+from ._measure import kernel as _kernel
 
 #: The two ways of computing on CPU.
 ComputePath = Literal["kernel", "torch_ops"]
@@ -48,7 +48,7 @@ def compute_path(path: ComputePath) -> Iterator[None]:
         if path == "kernel" and _kernel.get() is None:
             raise RuntimeError(
                 "compute_path('kernel'): neve_tune's C comparison kernel is not available here (no C compiler,"
-                " a failed build, or NEVE_TUNE_KERNEL=0); see the INFO log of neve_tune._kernel."
+                " a failed build, or NEVE_TUNE_KERNEL=0); see the INFO log of neve_tune._measure.kernel."
             )
         yield
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from neve_tune import _kernel
+from neve_tune._measure import kernel as _kernel
 from neve_tune.testing import compute_path as use_compute_path
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from neve_tune import MeasurementError, VelocityMonitor, _kernel, noise_aux
+from neve_tune import MeasurementError, VelocityMonitor, noise_aux
+from neve_tune._measure import kernel as _kernel
 from neve_tune.testing import compute_path, reloaded_kernel
 from tests.test_velocity import ATOL, RTOL, BNConvNet, train_epoch, train_twins
 from tests.velocity_reference import ReferenceVelocity, capture_responses
@@ -118,7 +119,7 @@ def test_without_a_compiler_it_falls_back_to_torch_ops_and_says_so(tmp_path, mon
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find on PATH
     with reloaded_kernel():
-        with caplog.at_level(logging.INFO, logger="neve_tune._kernel"):
+        with caplog.at_level(logging.INFO, logger="neve_tune._measure.kernel"):
             assert _kernel.get() is None
         assert "no C compiler found" in caplog.text and "same numbers, slower" in caplog.text
         assert "Install a C compiler" in caplog.text

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from neve_tune import VelocityMonitor, _layertable, register_layer_rule
+from neve_tune import VelocityMonitor, register_layer_rule
+from neve_tune._measure import layertable as _layertable
 from tests.velocity_reference import ReferenceVelocity
 
 RTOL, ATOL = 1e-4, 1e-7

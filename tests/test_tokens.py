@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from neve_tune import VelocityMonitor, token_aux, token_subset_aux
-from neve_tune._inputs import as_batches
+from neve_tune._measure.inputs import as_batches
 from tests.velocity_reference import ReferenceVelocity, capture_responses
 
 RTOL = 1e-4

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from neve_tune import MeasurementError, VelocityMonitor, noise_aux
-from neve_tune._velocity import STATE_FORMAT
+from neve_tune._measure.monitor import STATE_FORMAT
 from tests.velocity_reference import ReferenceVelocity, capture_responses
 
 RTOL = 1e-4  # relative agreement with float64 required by the issue

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from neve_tune import NeVe, StepResult, StopReason
-from neve_tune._velocity import AuxInput
+from neve_tune._measure.monitor import AuxInput
 
 from ._optimizers import JointOptimizer, carry_decay_into_schedulers, current_lrs
 

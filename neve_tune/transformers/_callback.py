@@ -15,7 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from neve_tune import NeVe, StepResult
-from neve_tune._velocity import AuxInput
+from neve_tune._measure.monitor import AuxInput
 from neve_tune.keys import StopReason
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ computes ``alpha * x + beta`` per channel. On the kernel path its sums then come
 * Affine: one float64 (4, neurons) buffer holds, for every fed BatchNorm, alpha, beta now (rows 0-1,
   written by the kernel) and at the previous measurement (rows 2-3).
 
-The per-layer fields it owns are ``fed_by``, ``feeds``, ``affine`` and ``expect`` (see ``_layer.py``).
+The per-layer fields it owns are ``fed_by``, ``feeds``, ``affine`` and ``expect`` (see ``layer.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _kernel
-from ._layer import Layer, MeasurementError, Signature, signature
-from ._snapshot import StoredLayout, slot
+from . import kernel as _kernel
+from .layer import Layer, MeasurementError, Signature, signature
+from .snapshot import StoredLayout, slot
 
 # The last output that may feed a BatchNorm: (layer, call, signature, dtype).
 _Output = tuple[Layer, int, Signature, torch.dtype]

@@ -3,11 +3,11 @@
 :class:`Layer` is one plain record per hooked module. The monitor's hooks read it; each mechanism owns
 its own fields and is the only one that writes them:
 
-* the monitor (``_velocity.py``): ``name``, ``module``, ``dim``, ``output``, ``segment``, ``calls``;
-* the snapshot (``_snapshot.py``): ``layout``, ``snapshots``;
-* BatchNorm fusion (``_bnfuse.py``): ``fed_by``, ``feeds``, ``affine``, ``expect``;
-* the accumulators (``_accumulate.py``): ``views``, ``scale``, ``first_stale``;
-* position subsampling (``_subsample.py``): ``sample_index``.
+* the monitor (``monitor.py``): ``name``, ``module``, ``dim``, ``output``, ``segment``, ``calls``;
+* the snapshot (``snapshot.py``): ``layout``, ``snapshots``;
+* BatchNorm fusion (``bnfuse.py``): ``fed_by``, ``feeds``, ``affine``, ``expect``;
+* the accumulators (``accumulate.py``): ``views``, ``scale``, ``first_stale``;
+* position subsampling (``subsample.py``): ``sample_index``.
 """
 
 from __future__ import annotations

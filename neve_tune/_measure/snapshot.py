@@ -1,6 +1,6 @@
 """The snapshot: every hooked output of the previous measurement, in one flat buffer per (device, dtype).
 
-The baseline's first pass records each output slice's :data:`~neve_tune._layer.Slot` (shape, dtype,
+The baseline's first pass records each output slice's :data:`~neve_tune._measure.layer.Slot` (shape, dtype,
 device, memory order) in ``layer.layout``; :meth:`Snapshot.allocate` then sizes one flat buffer per
 (device, dtype) and gives every slice a view of it, laid out like the output (a channels_last output gets a
 channels_last view), so the copy into it and the kernel's pass over it walk memory linearly. Nothing is
@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from . import _kernel
-from ._layer import Layer, Slot
+from . import kernel as _kernel
+from .layer import Layer, Slot
 
 #: Per layer, per call, per aux batch: the slot that gets a snapshot view, or None for none.
 StoredLayout = list[list[Slot | None]]

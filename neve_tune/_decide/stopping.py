@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from . import keys
-from .keys import StopReason
+from .. import keys
+from ..keys import StopReason
 
 __all__ = ["StopCriteria", "StopDetector", "StopFlags", "settings_disagreement"]
 

@@ -2,12 +2,12 @@
 
 This is the seam between the monitor and its mechanisms. Each hooked output (for a tuple output, the item
 the layer table names: ``Layer.output``) goes through position
-subsampling (``_subsample.py``), then:
+subsampling (``subsample.py``), then:
 
-* on the baseline's first pass (:meth:`Passes.record`): BatchNorm pairing (``_bnfuse.py``), and the slot
+* on the baseline's first pass (:meth:`Passes.record`): BatchNorm pairing (``bnfuse.py``), and the slot
   of its snapshot slice and its neurons' segment of the flat buffers are recorded;
-* on every later pass (:meth:`Passes.measure`): a fed BatchNorm is only checked (``_bnfuse.py``); any other
-  output goes, with its snapshot slice (``_snapshot.py``), to one accumulator call (``_accumulate.py``).
+* on every later pass (:meth:`Passes.measure`): a fed BatchNorm is only checked (``bnfuse.py``); any other
+  output goes, with its snapshot slice (``snapshot.py``), to one accumulator call (``accumulate.py``).
 
 The hooks hold the model's forward to a fixed shape: the same modules must run as often, with the same
 output shapes, on every aux batch and every measurement; otherwise :class:`MeasurementError`.
@@ -22,11 +22,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._bnfuse import BatchNormFusion
-from ._inputs import AuxBatches
-from ._layer import Layer, MeasurementError, signature
-from ._snapshot import slot
-from ._subsample import PositionSampler
+from .bnfuse import BatchNormFusion
+from .inputs import AuxBatches
+from .layer import Layer, MeasurementError, signature
+from .snapshot import slot
+from .subsample import PositionSampler
 
 #: An accumulator's compare: (layer, call, aux batch, output, snapshot slice, neuron dim) -> None.
 Accumulate = Callable[[Layer, int, int, Tensor, Tensor, int], None]

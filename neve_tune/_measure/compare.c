@@ -15,7 +15,7 @@
  * thread count, and the chunks' partial sums are added in a fixed order: results are reproducible.
  * Non-finite inputs propagate into the sums (the caller reports the neuron as NaN, never zero).
  *
- * Compiled at first use by neve_tune/_kernel.py; when no C compiler is available the same numbers come
+ * Compiled at first use by neve_tune/kernel.py; when no C compiler is available the same numbers come
  * from PyTorch ops instead.
  */
 #include <math.h>

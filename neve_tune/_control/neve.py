@@ -12,14 +12,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from . import keys
-from ._anneal import Anneal
-from ._callers import refuse_per_step_loops
-from ._rule import NeVeRule, PlateauOn, StopFlags
-from ._state import SnapshotInState
-from ._stopping import StopCriteria
-from ._velocity import AuxInput, LayerSelection, Measurement, VelocityMonitor
-from .keys import StopReason
+from .. import keys
+from .._decide.anneal import Anneal
+from .._decide.rule import NeVeRule, PlateauOn, StopFlags
+from .._decide.stopping import StopCriteria
+from .._measure.monitor import AuxInput, LayerSelection, Measurement, VelocityMonitor
+from .._measure.state import SnapshotInState
+from ..keys import StopReason
+from .callers import refuse_per_step_loops
 
 
 @dataclass(frozen=True)

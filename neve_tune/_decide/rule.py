@@ -16,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import keys
-from ._anneal import Anneal, Annealer
-from ._stopping import StopCriteria, StopDetector, StopFlags, settings_disagreement
-from .keys import StopReason
+from .. import keys
+from ..keys import StopReason
+from .anneal import Anneal, Annealer
+from .stopping import StopCriteria, StopDetector, StopFlags, settings_disagreement
 
 PlateauOn = Literal["velocity_change", "model_velocity"]
 
@@ -195,7 +195,7 @@ class NeVeRule:
       best one so far; otherwise it is a bad epoch. When ``bad_epochs > patience`` every learning rate
       is multiplied by ``factor`` (never below ``min_lr``), then ``best`` resets to +inf and
       ``bad_epochs`` to 0. D does not exist at the first epoch; such an epoch does not touch the plateau.
-    * **Stop** (:class:`~neve_tune._stopping.StopDetector`): nothing but divergence is decided before
+    * **Stop** (:class:`~neve_tune._decide.stopping.StopDetector`): nothing but divergence is decided before
       ``min_epochs``; then ``V < stop_threshold`` is **converged** only for a network that moved (its
       peak V reached ``peak_ratio * stop_threshold``) and, with a loss, learned (``p >= learned``);
       otherwise **stalled**. An abrupt freeze of ``u`` is **collapsed**. With a loss, a trial stuck at

@@ -17,7 +17,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from ._layer import Layer
+from .layer import Layer
 
 
 class PositionSampler:

@@ -10,21 +10,21 @@ position) at measurement ``t``::
 
 How it is computed (one pass over memory, at most one snapshot), each mechanism in its own module:
 
-* Every hooked output is compared, batch by batch and inside its forward hook (``_hooks.py``), with the
+* Every hooked output is compared, batch by batch and inside its forward hook (``hooks.py``), with the
   stored slice of the previous snapshot: we accumulate per neuron ``||y^t||^2`` and ``||y^t - s*y^{t-1}||^2``
-  (``_accumulate.py``); then the slice is overwritten with the current output. That single copy is also
+  (``accumulate.py``); then the slice is overwritten with the current output. That single copy is also
   what keeps the measurement correct when a later in-place op (``ReLU(inplace=True)``) rewrites the output.
-* The snapshot is allocated once, as one flat buffer per dtype (``_snapshot.py``): the baseline runs the aux
+* The snapshot is allocated once, as one flat buffer per dtype (``snapshot.py``): the baseline runs the aux
   set twice, first to learn the output shapes, then to fill it. Nothing is allocated per measurement.
 * ``||y^{t-1}||^2`` is kept from the previous measurement, never recomputed.
 * ``1 - rho = (||a - s b||^2 - (|a| - s|b|)^2) / (2 |a| s|b|)``. This form has no catastrophic
   cancellation when ``rho`` is close to 1 (late training, where the stop decision is made), unlike
   ``1 - a.b/|a||b|``.
-* On CPU, float32/float64 outputs go through a compiled C kernel (``_kernel.py``) that reads the output
+* On CPU, float32/float64 outputs go through a compiled C kernel (``kernel.py``) that reads the output
   and the snapshot slice once and sums in double (so s = 1). With PyTorch ops (GPU, AMP dtypes, no C
   compiler), s = |a|/|b| measured on the first slice keeps the form well conditioned in float32.
 * On the kernel path, an eval BatchNorm fed directly by a hooked module (conv -> BN) keeps no snapshot: its
-  sums come from that module's pass (``_bnfuse.py``). ``max_positions`` subsamples (``_subsample.py``).
+  sums come from that module's pass (``bnfuse.py``). ``max_positions`` subsamples (``subsample.py``).
 * All per-neuron state lives in flat buffers on the model's device; a measurement synchronises once.
 """
 
@@ -39,25 +39,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _state
-from ._accumulate import Accumulator, CopyOnly, NeuronSums, accumulator_for, reset_scales
-from ._bnfuse import BatchNormFusion
-from ._coverage import CoverageWatch, parameter_coverage, unmeasured_modules
-from ._hooks import Passes
-from ._inputs import AuxBatches, AuxInput, model_device, unwrap_model
-from ._inputs import as_batches as as_batches  # re-exported, as are the names below
-from ._layer import Layer
-from ._layer import MeasurementError as MeasurementError
-from ._layertable import layer_rule
-from ._select import CHANNELS_FIRST as CHANNELS_FIRST
-from ._select import CHANNELS_LAST as CHANNELS_LAST
-from ._select import DEFAULT_LAYER_TYPES as DEFAULT_LAYER_TYPES
-from ._select import LayerSelection as LayerSelection
-from ._select import select_layers as select_layers
-from ._snapshot import Snapshot, slot
-from ._state import STATE_FORMAT as STATE_FORMAT
-from ._state import SnapshotInState
-from ._subsample import PositionSampler
+from . import state as _state
+from .accumulate import Accumulator, CopyOnly, NeuronSums, accumulator_for, reset_scales
+from .bnfuse import BatchNormFusion
+from .coverage import CoverageWatch, parameter_coverage, unmeasured_modules
+from .hooks import Passes
+from .inputs import AuxBatches, AuxInput, model_device, unwrap_model
+from .inputs import as_batches as as_batches  # re-exported, as are the names below
+from .layer import Layer
+from .layer import MeasurementError as MeasurementError
+from .layertable import layer_rule
+from .selection import CHANNELS_FIRST as CHANNELS_FIRST
+from .selection import CHANNELS_LAST as CHANNELS_LAST
+from .selection import DEFAULT_LAYER_TYPES as DEFAULT_LAYER_TYPES
+from .selection import LayerSelection as LayerSelection
+from .selection import select_layers as select_layers
+from .snapshot import Snapshot, slot
+from .state import STATE_FORMAT as STATE_FORMAT
+from .state import SnapshotInState
+from .subsample import PositionSampler
 
 #: A neuron whose squared response norm exceeds this (NaN, inf, or a norm above 1.8e19) has diverged.
 FLOAT32_MAX = torch.finfo(torch.float32).max

@@ -29,7 +29,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from ._layer import Layer
+from .layer import Layer
 
 #: The format of ``VelocityMonitor.state_dict``, under its ``"format_version"`` key.
 STATE_FORMAT = 3

@@ -14,9 +14,9 @@ from typing import Any, cast
 
 from torch import nn
 
-from ._layertable import CHANNELS_FIRST, CHANNELS_LAST, SEQUENCE_OUTPUT, layer_rule
+from .layertable import CHANNELS_FIRST, CHANNELS_LAST, SEQUENCE_OUTPUT, layer_rule
 
-#: The module types hooked by default (the built-in rows of the layer table, ``_layertable.py``); classes
+#: The module types hooked by default (the built-in rows of the layer table, ``layertable.py``); classes
 #: registered with :func:`register_layer_rule` and HF ``Conv1D`` (matched by name) are added to them.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = CHANNELS_FIRST + CHANNELS_LAST + SEQUENCE_OUTPUT
 

@@ -1,7 +1,7 @@
-"""The fused CPU comparison kernel (``_compare.c``): built once per machine, loaded with ctypes.
+"""The fused CPU comparison kernel (``compare.c``): built once per machine, loaded with ctypes.
 
 VelocityMonitor's CPU hot path reads each hooked output and its stored previous response once and
-accumulates both per-neuron sums in double (see ``_compare.c``). PyTorch has no single op for that, and
+accumulates both per-neuron sums in double (see ``compare.c``). PyTorch has no single op for that, and
 the eager equivalent makes five to seven passes over memory. The C source ships with the package and is
 compiled on first use with the machine's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into a
 per-user cache, ``$NEVE_TUNE_CACHE_DIR`` or ``~/.cache/neve_tune``. It links the OpenMP runtime that
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 ABI_VERSION = 5
-SOURCE = Path(__file__).with_name("_compare.c")
+SOURCE = Path(__file__).with_name("compare.c")
 _lock = threading.Lock()
 _loaded: tuple[bool, Kernel | None] = (False, None)
 _forced: list[bool] = []  # innermost last: see forced()

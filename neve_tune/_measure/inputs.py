@@ -18,8 +18,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ._layer import MeasurementError
-from ._state import aux_fingerprint
+from .layer import MeasurementError
+from .state import aux_fingerprint
 
 AuxInput = Tensor | Iterable[Any]
 

@@ -4,7 +4,7 @@ For each output slice ``a`` and its stored previous slice ``b``, an accumulator 
 ``||a||^2`` to ``cur_sq`` and ``||a - s*b||^2`` to ``diff_sq``, then overwrites ``b`` with ``a``:
 
 * :class:`KernelSums` (CPU, float32/64, dense): the compiled kernel reads ``a`` and ``b`` once and sums in
-  double, so ``s = 1``. It also computes the sums of an eval BatchNorm fed by this output (``_bnfuse.py``).
+  double, so ``s = 1``. It also computes the sums of an eval BatchNorm fed by this output (``bnfuse.py``).
 * :class:`TorchSums` (GPU, AMP dtypes, no C compiler, or a slice the kernel does not take): PyTorch ops,
   with ``s = |a|/|b|`` measured on the first slice (call 0, aux batch 0) so that the finalisation stays
   well conditioned in float32.
@@ -14,7 +14,7 @@ Hand-off between the two compute paths (per layer, decided on its first slice of
 kernel path keeps no first-slice norms and uses ``s = 1``, so when it takes over it resets ``s`` and marks
 ``first_sq`` stale (``layer.first_stale``); when PyTorch ops take over they re-take the first-slice norms
 from the snapshot before measuring ``s``. The per-layer fields this module owns are ``views``, ``scale``
-and ``first_stale`` (see ``_layer.py``).
+and ``first_stale`` (see ``layer.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import _kernel
-from ._layer import Layer, MeasurementError
+from . import kernel as _kernel
+from .layer import Layer, MeasurementError
 
 #: A slice that keeps no snapshot, computed: (layer, call, aux batch, dtype) -> tensor, None if not such.
 FusedOutput = Callable[[Layer, int, int, torch.dtype], Tensor | None]
@@ -184,7 +184,7 @@ class TorchSums(Accumulator):
 
 
 class KernelSums(Accumulator):
-    """The compiled CPU kernel (``_compare.c``): one pass over output and snapshot, sums in double, s = 1.
+    """The compiled CPU kernel (``compare.c``): one pass over output and snapshot, sums in double, s = 1.
 
     Slices the kernel does not take (another dtype, a gapped layout) go through :class:`TorchSums`.
     """
