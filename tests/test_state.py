@@ -245,10 +245,21 @@ def test_a_state_from_a_wider_model_is_refused_at_load_and_says_which_layer():
     unmeasured = VelocityMonitor(Net(8), aux)  # no output seen yet: the parameter shapes tell
     with pytest.raises(ValueError, match=r"layer 'fc1' has parameter shapes .*'weight': \[16, 4\]"):
         unmeasured.load_state_dict(state)
-    old = {k: v for k, v in state.items() if k not in ("aux_fingerprint", "layer_fingerprint")}
-    old["format_version"] = 2  # a state of the format before the fingerprints still loads into its model
     again = VelocityMonitor(Net(16), aux)
-    again.load_state_dict(old)
+    again.load_state_dict(state)  # into the model it was saved with
+
+
+@pytest.mark.parametrize("version", [None, 1, 2, 4])
+def test_a_state_of_another_format_is_refused_with_its_version(version):
+    aux = torch.randn(8, 4)
+    state = _saved(nn.Sequential(nn.Linear(4, 3)), aux)
+    if version is None:
+        del state["format_version"]
+    else:
+        state["format_version"] = version
+    monitor = VelocityMonitor(nn.Sequential(nn.Linear(4, 3)), aux)
+    with pytest.raises(ValueError, match=rf"format_version={version}, but this version of neve_tune reads format 3"):
+        monitor.load_state_dict(state)
 
 
 def test_a_float_aux_on_a_double_model_is_reported_as_a_dtype_problem():

@@ -10,5 +10,6 @@
 * ``subsample`` - the opt-in bounded-memory mode (a fixed sample of positions per neuron);
 * ``coverage`` - the share of parameters in measured modules;
 * ``layer`` - the per-module record every mechanism writes its own fields of;
+* ``saving`` - the monitor's ``state_dict()`` and ``load_state_dict()``;
 * ``state`` - the saved state: format, fingerprints, compact snapshot encodings.
 """

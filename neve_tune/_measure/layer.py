@@ -89,6 +89,5 @@ class Layer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.snapshots, self.views, self.affine, self.expect = [], None, None, None
-        self.output = None  # states saved before tuple outputs were read
         for key, value in state.items():
             setattr(self, key, value)

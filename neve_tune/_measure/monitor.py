@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import saving
 from . import state as _state
 from .accumulate import Accumulator, CopyOnly, NeuronSums, accumulator_for, reset_scales
 from .bnfuse import BatchNormFusion
@@ -54,7 +55,7 @@ from .selection import CHANNELS_LAST as CHANNELS_LAST
 from .selection import DEFAULT_LAYER_TYPES as DEFAULT_LAYER_TYPES
 from .selection import LayerSelection as LayerSelection
 from .selection import select_layers as select_layers
-from .snapshot import Snapshot, slot
+from .snapshot import Snapshot
 from .state import STATE_FORMAT as STATE_FORMAT
 from .state import SnapshotInState
 from .subsample import PositionSampler
@@ -264,70 +265,18 @@ class VelocityMonitor:
                 snapshot: the restored monitor re-baselines at its next measurement); default
                 ``self.state_snapshot``. See the README's "Checkpoint size" for sizes and errors.
 
-        The state's ``"format_version"`` is :data:`STATE_FORMAT`.
+        The state's ``"format_version"`` is :data:`STATE_FORMAT` (see ``saving.py``).
         """
-        snapshot = _state.check_snapshot_choice(self.state_snapshot if snapshot is None else snapshot)
-        sums, kept = self._sums, snapshot != "none"
-        return {
-            "format_version": STATE_FORMAT,
-            "momentum": self.momentum,
-            "max_positions": self.max_positions,
-            "count": self._count,
-            "has_baseline": self._has_baseline and kept,
-            "snapshot": snapshot,
-            "aux_fingerprint": self._aux.fingerprint(),
-            "layer_fingerprint": _state.layer_fingerprint(self._layers),
-            "layers": [
-                {
-                    "name": layer.name,
-                    "segment": None if layer.segment is None else (layer.segment.start, layer.segment.stop),
-                    **_state.encode_snapshot(layer.snapshots, snapshot),
-                    "sample_index": list(layer.sample_index),
-                    **(self._fusion.state(layer) if kept else {"fed_by": [], "affine": None}),
-                }
-                for layer in self._layers
-            ],
-            "v": None if sums is None else sums.v,
-            "prev_sq": None if sums is None else sums.prev_sq,
-            "first_sq": None if sums is None else sums.first_sq,
-        }
+        return saving.save(self, snapshot)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output onto this monitor's model device.
 
-        Reads states of :data:`STATE_FORMAT` and of the formats before it. Raises ``ValueError`` for a state
-        of a newer format, one saved for other layers or layer shapes, or one saved with another aux set
-        (states of formats 1-2 have no fingerprints and are not checked for the last two); a refused state
-        leaves the monitor as it was.
+        Reads states of :data:`STATE_FORMAT` only. Raises ``ValueError`` for a state of another format, one
+        saved for other layers or layer shapes, or one saved with another aux set; a refused state leaves the
+        monitor as it was.
         """
-        entries = _state.saved_layers(state)
-        layers = self._matched_layers([entry["name"] for entry in entries])
-        _state.check_fingerprints(state, self._aux.fingerprint(), layers)
-        self._layers = layers
-        device = model_device(self._inner)
-        self.momentum = float(state["momentum"])
-        self.max_positions = state["max_positions"]
-        self._count = int(state["count"])
-        self._has_baseline = bool(state["has_baseline"])
-        snapshots = [_state.decode_snapshot(entry) for entry in entries]
-        for layer, entry, saved in zip(self._layers, entries, snapshots, strict=True):
-            seg = entry["segment"]
-            layer.segment = None if seg is None else slice(seg[0], seg[1])
-            layer.layout = [[None if t is None else slot(t, device) for t in per_call] for per_call in saved]
-            layer.sample_index = [_state.moved(t, device) for t in entry["sample_index"]]
-        reset_scales(self._layers, first_sq_current=False)  # s restarts at 1; first-slice norms are re-taken
-        # Fed BatchNorms: keep the pairing on the CPU fast path; elsewhere rebuild their snapshots from the
-        # source's (alpha' * source + beta') and measure them on their own from now on.
-        pairing = accumulator_for(device).fuses_batchnorm and self.max_positions is None
-        decoded = [{**entry, "snapshots": saved} for entry, saved in zip(entries, snapshots, strict=True)]
-        rebuilt = self._fusion.restore(self._layers, decoded, device, pairing)
-        self._allocate_snapshot()
-        self._snapshot.load(self._layers, snapshots, rebuilt)
-        v, prev_sq, first_sq = (_state.moved(state[key], device) for key in ("v", "prev_sq", "first_sq"))
-        self._passes.num_neurons = 0 if v is None else v.numel()
-        self._sums = None
-        if v is not None and prev_sq is not None and first_sq is not None:
-            self._sums = NeuronSums(v, prev_sq, first_sq, self._layers)
+        saving.load(self, state)
 
     def __getstate__(self) -> dict[str, Any]:
         """For pickle, ``copy.deepcopy`` and ``torch.save``: the flat buffers travel, per-layer views do not
@@ -380,16 +329,6 @@ class VelocityMonitor:
     def _allocate_snapshot(self) -> None:
         self._snapshot.allocate(self._layers, [self._fusion.stored_layout(layer) for layer in self._layers])
 
-    def _matched_layers(self, names: list[str]) -> list[Layer]:
-        """The saved layers (in their order), or ``ValueError`` if they are not this monitor's."""
-        by_name = {layer.name: layer for layer in self._layers}
-        if not all(n in by_name for n in names):  # the saving monitor may have dropped silent layers
-            raise ValueError(
-                f"This state was saved for layers {names}, but this monitor hooks {self.layer_names}. Build"
-                " the monitor on the same architecture with the same `layers=` selection."
-            )
-        return [by_name[n] for n in names]
-
     # ------------------------------------------------------------------ the formulas
     def _finish(self, sums: NeuronSums) -> Measurement:
         """rho, v, V, D from this measurement's sums; they become the next measurement's previous ones."""
@@ -432,7 +371,6 @@ class VelocityMonitor:
             layers={layer.name: per_neuron[layer.segment] for layer in self._layers},
             layer_velocity=dict(zip(names, head[2:], strict=True)),
         )
-
 
 
 def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

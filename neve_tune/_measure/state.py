@@ -1,11 +1,10 @@
 """The velocity monitor's saved state: its format, its fingerprints and its compact snapshot encodings.
 
-* Format (``"format_version"``): :data:`STATE_FORMAT`. Format 1 is the unversioned one; format 2 added the
-  key; format 3 adds the fingerprints and the ``"snapshot"`` encoding. All three load.
+* Format (``"format_version"``): :data:`STATE_FORMAT`, the only one that loads; any other is refused with
+  a ``ValueError`` that says so.
 * Fingerprints: ``"aux_fingerprint"`` (a hash of the aux set's bytes, shapes and dtypes) and
   ``"layer_fingerprint"`` (per hooked module: its number of neurons and its parameter/buffer shapes). A state
-  loaded into a monitor with another aux set or other layer widths is refused, with what differs. States
-  without fingerprints (formats 1-2) load unchecked.
+  loaded into a monitor with another aux set or other layer widths is refused, with what differs.
 * Snapshot encodings (``"snapshot"``), chosen by ``VelocityMonitor(state_snapshot=...)`` or
   ``state_dict(snapshot=...)``:
 
@@ -94,17 +93,14 @@ def _shapes(module: nn.Module) -> dict[str, list[int]]:
 
 def check_fingerprints(state: Mapping[str, Any], aux: str, layers: Sequence[Layer]) -> None:
     """Refuse a state saved with another aux set or for other layer shapes (``ValueError`` saying what
-    differs). States without fingerprints pass."""
-    saved_aux = state.get("aux_fingerprint")
-    if saved_aux is not None and saved_aux != aux:
+    differs)."""
+    if state["aux_fingerprint"] != aux:
         raise ValueError(
             "This VelocityMonitor state was saved with another aux set (other inputs, or the same kind drawn with"
             " another seed): its velocities would compare responses to different inputs. Build the monitor with"
             " the aux set of the saved run (same data, n, seed and dtype), or start from a fresh monitor."
         )
-    saved_layers = state.get("layer_fingerprint")
-    if saved_layers is None:
-        return
+    saved_layers = state["layer_fingerprint"]
     now = layer_fingerprint(layers)
     for name, saved in saved_layers.items():
         here = now.get(name)
@@ -174,12 +170,12 @@ def decode_snapshot(entry: Mapping[str, Any]) -> list[list[Tensor | None]]:
 # ---------------------------------------------------------------------- reading a state
 def saved_layers(state: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The per-layer entries of a saved state, once its format is known to be one this version reads."""
-    version = state.get("format_version", 1)
-    if version not in range(1, STATE_FORMAT + 1):
+    version = state.get("format_version")
+    if version != STATE_FORMAT:
         raise ValueError(
             f"This VelocityMonitor state has format_version={version!r}, but this version of neve_tune reads"
-            f" formats 1 to {STATE_FORMAT}: it was saved by a newer neve_tune. Load it with that version, or"
-            " start from a fresh monitor (its first measure() takes a new baseline)."
+            f" format {STATE_FORMAT} only: it was saved by another neve_tune version. Load it with that version,"
+            " or start from a fresh monitor (its first measure() takes a new baseline)."
         )
     return list(state["layers"])
 
