@@ -237,7 +237,7 @@ def test_state_dict_round_trip_continues_with_identical_numbers(compute_path, me
             assert torch.equal(a.layers[name], b.layers[name])
 
 
-def test_state_dict_has_a_format_version_and_states_without_one_still_load(compute_path):
+def test_state_dict_has_a_format_version_and_only_that_format_loads(compute_path):
     torch.manual_seed(0)
     model = BNConvNet()
     aux = noise_aux((3, 8, 8), n=6)
@@ -248,19 +248,18 @@ def test_state_dict_has_a_format_version_and_states_without_one_still_load(compu
     monitor.measure()
     state = monitor.state_dict()
     assert state["format_version"] == STATE_FORMAT == 3
-    # as saved before the key existed (format 1: also before the fingerprints and the snapshot encoding)
-    format3_keys = ("format_version", "snapshot", "aux_fingerprint", "layer_fingerprint")
-    unversioned = {k: v for k, v in state.items() if k not in format3_keys}
     clone = BNConvNet()
     clone.load_state_dict(model.state_dict())
     restored = VelocityMonitor(clone, aux, batch_size=4)
-    restored.load_state_dict(unversioned)
+    restored.load_state_dict(state)
     train_twins(model, clone, gen)
     a, b = monitor.measure(), restored.measure()
     assert (a.model_velocity, a.velocity_change) == (b.model_velocity, b.velocity_change)
     fresh = VelocityMonitor(BNConvNet(), aux, batch_size=4)
-    with pytest.raises(ValueError, match=r"format_version=4, but .* reads formats 1 to 3: it was saved by a newer"):
-        fresh.load_state_dict({**state, "format_version": 4})
+    unversioned = {k: v for k, v in state.items() if k != "format_version"}  # as saved before the key existed
+    for bad, shown in ((unversioned, "None"), ({**state, "format_version": 4}, "4")):
+        with pytest.raises(ValueError, match=rf"format_version={shown}, but .* reads format 3 only: it was saved by"):
+            fresh.load_state_dict(bad)
     assert fresh.measure() is None  # a refused state leaves the monitor as it was
 
 
