@@ -9,10 +9,12 @@ The core (this package's top level) depends on torch only:
   integrations (Ray Tune scheduler, Optuna pruner and ``report_epoch``) act on;
 * :class:`Anneal`: opt-in anneal on convergence (``NeVe(anneal=Anneal())``): the first convergence starts a
   short LR cooldown instead of a stop;
-* :class:`NeVe` combines both for a plain PyTorch loop; ``NeVe.metrics()`` (and ``StepResult.metrics()``)
-  is the one flat metrics dict every integration reports;
+* :class:`NeVe` combines both for a plain PyTorch loop; each ``step()`` returns a :class:`StepResult` (the
+  one result type, also what ``NeVeRule.step`` returns); ``NeVe.metrics()`` (and ``StepResult.metrics()``)
+  is the one flat metrics dict every integration reports, and ``NeVe.report_step(train_loss)`` the one
+  report path (step with the loss if given, then the metrics);
 * :func:`noise_aux`, :func:`subset_aux`, :func:`image_folder_aux`, :func:`token_aux` and
-  :func:`token_subset_aux` build aux sets;
+  :func:`token_subset_aux` build aux sets; :data:`AuxInput` is the type every ``aux=`` accepts;
 * :mod:`neve_tune.keys` names the metrics NeVe reports, and :class:`StopReason` spells why a trial stopped.
 
 Integrations live in ``neve_tune.ray``, ``neve_tune.optuna``, ``neve_tune.mlflow``, ``neve_tune.lightning``
@@ -25,10 +27,14 @@ from __future__ import annotations
 from . import keys
 from ._auxsets.builders import image_folder_aux, noise_aux, subset_aux
 from ._auxsets.tokens import token_aux, token_subset_aux
-from ._control.neve import NeVe, StepResult
+from ._control.neve import NeVe
 from ._decide.anneal import Anneal
-from ._decide.rule import Decision, NeVeRule, decide, settings_disagreement
+from ._decide.decide import decide
+from ._decide.decide import settings_disagreement as settings_disagreement  # not in __all__: for the integrations
+from ._decide.result import StepResult
+from ._decide.rule import NeVeRule
 from ._decide.stopping import StopCriteria
+from ._measure.inputs import AuxInput
 from ._measure.layertable import register_layer_rule
 from ._measure.monitor import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
 from .keys import StopReason
@@ -38,7 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_LAYER_TYPES",
     "Anneal",
-    "Decision",
+    "AuxInput",
     "Measurement",
     "MeasurementError",
     "NeVe",
@@ -53,7 +59,6 @@ __all__ = [
     "keys",
     "noise_aux",
     "register_layer_rule",
-    "settings_disagreement",
     "subset_aux",
     "token_aux",
     "token_subset_aux",

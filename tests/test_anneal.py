@@ -100,7 +100,7 @@ def test_divergence_during_the_cooldown_stops_it():
 def test_stalled_is_not_annealed():
     rule = NeVeRule(min_epochs=0, anneal=Anneal())
     decisions = _drive(rule, [LOW, LOW])  # never moved: stalled at once, no cooldown
-    assert decisions[0].stop_reason is StopReason.STALLED and decisions[0].lrs == (1.0,)
+    assert decisions[0].stop_reason is StopReason.STALLED and decisions[0].lrs == [1.0]
 
 
 def test_state_round_trip_mid_cooldown_is_json_and_decides_the_same():
@@ -118,15 +118,18 @@ def test_state_round_trip_mid_cooldown_is_json_and_decides_the_same():
         lrs = list(da.lrs)
 
 
-def test_an_old_state_without_anneal_keeps_the_rules_setting():
-    old = NeVeRule(min_epochs=0).state_dict()
-    del old["anneal"]
-    rule = NeVeRule(min_epochs=0, anneal=Anneal())
-    rule.load_state_dict(old)
-    assert rule.anneal == Anneal() and not rule.annealer.cooling
+def test_a_state_carries_its_anneal_setting():
+    cooled = NeVeRule(min_epochs=0, anneal=Anneal())
+    plain = NeVeRule(min_epochs=0)
+    plain.load_state_dict(cooled.state_dict())
+    assert plain.anneal == Anneal() and not plain.annealer.cooling
     paper = NeVeRule(min_epochs=0, anneal=Anneal())
-    paper.load_state_dict(NeVeRule(min_epochs=0).state_dict())  # a new state of a rule without anneal
+    paper.load_state_dict(NeVeRule(min_epochs=0).state_dict())  # a state of a rule without anneal
     assert paper.anneal is None
+    state = NeVeRule(min_epochs=0).state_dict()
+    del state["anneal"]
+    with pytest.raises(ValueError, match=r"lacks \['anneal'\]"):
+        paper.load_state_dict(state)
 
 
 @pytest.mark.parametrize(

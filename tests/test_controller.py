@@ -151,9 +151,18 @@ def test_metrics_keys_and_values():
     opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.01}], lr=0.1)
     neve = NeVe(model, opt, torch.randn(16, 4))
     assert neve.metrics() == {
-        keys.EPOCH: 0.0, keys.LR: 0.1, keys.lr_key(0): 0.1, keys.lr_key(1): 0.01,
-        keys.LR_DECAYED: 0.0, keys.NUM_DECAYS: 0.0, keys.CONVERGED: 0.0, keys.DIVERGED: 0.0,
-        keys.STALLED: 0.0, keys.COLLAPSED: 0.0, keys.STOP_THRESHOLD: 1e-3, keys.MIN_EPOCHS: 5.0,
+        keys.EPOCH: 0.0,
+        keys.LR: 0.1,
+        keys.lr_key(0): 0.1,
+        keys.lr_key(1): 0.01,
+        keys.LR_DECAYED: 0.0,
+        keys.NUM_DECAYS: 0.0,
+        keys.CONVERGED: 0.0,
+        keys.DIVERGED: 0.0,
+        keys.STALLED: 0.0,
+        keys.COLLAPSED: 0.0,
+        keys.STOP_THRESHOLD: 1e-3,
+        keys.MIN_EPOCHS: 5.0,
     }
     with torch.no_grad():
         model[0].weight.mul_(-1.0)
@@ -542,3 +551,40 @@ def test_a_model_error_that_is_not_about_the_aux_shape_keeps_its_type_and_messag
     assert not isinstance(info.value, ValueError)
     assert "aux batch of shape (4, 3)" in " ".join(getattr(info.value, "__notes__", []))
     assert "does not fit" not in str(info.value)
+
+
+def test_report_step_is_the_one_report_path_and_refuses_a_second_step_per_epoch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    neve = NeVe(model, opt, torch.randn(16, 4), min_epochs=1)
+    reported = neve.report_step(2.0)  # steps NeVe with the loss, then returns its metrics
+    assert neve.last_epoch == 1 and reported == neve.metrics() and reported[keys.TRAIN_LOSS] == 2.0
+    neve.step(1.5)  # the loop stepped itself this epoch...
+    with pytest.raises(
+        ValueError, match=r"report_epoch\(\.\.\., train_loss=\.\.\.\) steps NeVe itself.*not to report_epoch"
+    ):
+        neve.report_step(1.5, who="report_epoch")  # ...so a loss here would step twice
+    assert neve.last_epoch == 2
+    assert neve.report_step() == neve.metrics()  # without a loss: report what the loop stepped
+    assert neve.report_step(1.0)[keys.EPOCH] == 3.0  # reported, so the next epoch may step here again
+
+
+def test_step_result_is_the_rules_result_plus_the_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    neve = NeVe(model, opt, torch.randn(16, 4), min_epochs=0, patience=0)
+    twin = NeVeRule(min_epochs=0, patience=0, num_classes=2)
+    for loss in (0.7, 0.6):
+        with torch.no_grad():
+            model[0].weight.mul_(1.1)
+        got = neve.step(loss)
+        rule_result = twin.step(got.model_velocity, got.velocity_change, [0.1], train_loss=loss)
+        assert set(got.layer_velocity) == {"0", "2"} and rule_result.layer_velocity == {}
+        assert (got.epoch, got.lrs, got.stop_reason, got.num_decays) == (
+            rule_result.epoch,
+            rule_result.lrs,
+            rule_result.stop_reason,
+            rule_result.num_decays,
+        )

@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 from torch import nn
 
 from neve_tune import NeVe, noise_aux
-from neve_tune.optuna import STOP_EPOCH_ATTR, STOP_REASON_ATTR, NeVePruner, report_epoch
+from neve_tune.optuna import NeVePruner, report_epoch
+from neve_tune.optuna._attrs import STOP_EPOCH_ATTR, STOP_REASON_ATTR
 
 MAX_EPOCHS = 8
 #: name, learning rate (what the trial's own NeVe will say), and the reported training-loss curve:
@@ -100,7 +101,7 @@ EXPECTED_SH = {
 def test_successive_halving_prunes_on_the_training_loss_and_neve_still_decides(tmp_path, storage):
     url = None if storage == "memory" else f"sqlite:///{tmp_path / 'study.db'}"
     sh = SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    study = _study(NeVePruner(base_pruner=sh), storage=url)
+    study = _study(NeVePruner(wrapped_pruner=sh), storage=url)
     study.optimize(objective, n_trials=len(CONFIGS))
     assert _outcomes(study) == EXPECTED_SH
     by_name = {NAMES[t.params["cfg"]]: t for t in study.trials}
@@ -121,7 +122,7 @@ def test_hyperband_under_neve_ranks_within_its_brackets():
     max_resource=8 and reduction factor 2 it has 4 brackets (first rungs at steps 1, 2, 4, 8); a trial's
     bracket is a hash of the study name and trial number, fixed here by the study name."""
     hb = HyperbandPruner(min_resource=1, max_resource=MAX_EPOCHS, reduction_factor=2)
-    study = _study(NeVePruner(base_pruner=hb), name="hyperband-547")
+    study = _study(NeVePruner(wrapped_pruner=hb), name="hyperband-547")
     study.optimize(objective, n_trials=len(CONFIGS))
     brackets = {NAMES[t.params["cfg"]]: hb._get_bracket_id(study, t) for t in study.trials}
     assert brackets == {
@@ -155,7 +156,7 @@ def _journal(path: str) -> JournalStorage:
 
 def _journal_worker(path: str, n_trials: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pruner = NeVePruner(base_pruner=SuccessiveHalvingPruner(min_resource=1, reduction_factor=2))
+    pruner = NeVePruner(wrapped_pruner=SuccessiveHalvingPruner(min_resource=1, reduction_factor=2))
     study = optuna.load_study(study_name="shared", storage=_journal(path), pruner=pruner)
     study.optimize(objective, n_trials=n_trials)
 
@@ -189,8 +190,8 @@ def test_two_worker_processes_share_one_journal_study(tmp_path):
 
 def test_hyperband_with_an_auto_max_resource_warns_that_neve_may_end_trials_early():
     with pytest.warns(UserWarning, match="pass max_resource= the epoch cap"):
-        NeVePruner(base_pruner=HyperbandPruner())
+        NeVePruner(wrapped_pruner=HyperbandPruner())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        NeVePruner(base_pruner=HyperbandPruner(max_resource=MAX_EPOCHS))
-        NeVePruner(base_pruner=SuccessiveHalvingPruner())
+        NeVePruner(wrapped_pruner=HyperbandPruner(max_resource=MAX_EPOCHS))
+        NeVePruner(wrapped_pruner=SuccessiveHalvingPruner())

@@ -28,16 +28,9 @@ from optuna.trial import TrialState
 from torch import nn
 
 from neve_tune import NeVe, keys, noise_aux
-from neve_tune.optuna import (
-    HISTORY_ATTR,
-    INTERMEDIATE_METRIC,
-    STOP_EPOCH_ATTR,
-    STOP_EPOCH_TAG,
-    STOP_REASON_ATTR,
-    STOP_REASON_TAG,
-    NeVePruner,
-    report_epoch,
-)
+from neve_tune.optuna import NeVePruner, report_epoch
+from neve_tune.optuna._attrs import HISTORY_ATTR, STOP_EPOCH_ATTR, STOP_REASON_ATTR
+from neve_tune.optuna._mlflow import INTERMEDIATE_METRIC
 from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 from tests.readme import readme_example
 
@@ -139,8 +132,8 @@ def test_digits_study_converged_complete_diverged_pruned_and_every_epoch_in_mlfl
     for trial in study.trials:
         run = runs[trial.number]
         history = trial.user_attrs[HISTORY_ATTR]
-        assert run.data.tags[STOP_REASON_TAG] == trial.user_attrs[STOP_REASON_ATTR]
-        assert run.data.tags[STOP_EPOCH_TAG] == str(trial.user_attrs[STOP_EPOCH_ATTR])
+        assert run.data.tags[keys.STOP_REASON] == trial.user_attrs[STOP_REASON_ATTR]
+        assert run.data.tags[keys.STOP_EPOCH] == str(trial.user_attrs[STOP_EPOCH_ATTR])
         assert run.data.params == {"lr": str(trial.params["lr"])}
         assert run.info.status == "FINISHED"  # a pruned trial too: neve_tune's one convention (reason in the tag)
         for key in (keys.MODEL_VELOCITY, keys.LR, keys.NUM_DECAYS, INTERMEDIATE_METRIC):
@@ -207,7 +200,7 @@ def test_mlflow_callback_ends_a_pruned_trial_finished_with_its_reason_in_a_new_m
     assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     runs = {int(r.data.tags["optuna.trial_number"]): r for r in client.search_runs([experiment.experiment_id])}
     assert [runs[n].info.status for n in (0, 1, 2)] == ["FINISHED", "FINISHED", "FAILED"]
-    assert runs[1].data.tags[STOP_REASON_TAG] == "pruned" and STOP_REASON_TAG not in runs[0].data.tags
+    assert runs[1].data.tags[keys.STOP_REASON] == "pruned" and keys.STOP_REASON not in runs[0].data.tags
     assert callback.unsent == [] and not list(tmp_path.glob("mlflow-unsent-*"))
 
 

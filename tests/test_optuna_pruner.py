@@ -14,14 +14,8 @@ from optuna.pruners import MedianPruner, ThresholdPruner
 from optuna.trial import TrialState
 
 from neve_tune import NeVe, StopReason, keys
-from neve_tune.optuna import (
-    HISTORY_ATTR,
-    NEVE_ATTR,
-    STOP_EPOCH_ATTR,
-    STOP_REASON_ATTR,
-    NeVePruner,
-    report_epoch,
-)
+from neve_tune.optuna import NeVePruner, report_epoch
+from neve_tune.optuna._attrs import HISTORY_ATTR, NEVE_ATTR, STOP_EPOCH_ATTR, STOP_REASON_ATTR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,8 +38,9 @@ def neve_attr(step, velocity, change=None, **extra):
     return entry
 
 
-def report(trial, step, value, velocity, change=None):
-    trial.set_user_attr(NEVE_ATTR, neve_attr(step, velocity, change))
+def report(trial, step, value, velocity, change=None, **flags):
+    """Store NeVe's metrics (with its decision flags, as NeVe.metrics() has them) and report ``value``."""
+    trial.set_user_attr(NEVE_ATTR, neve_attr(step, velocity, change, **{f"neve/{k}": v for k, v in flags.items()}))
     trial.report(value, step)
     return trial.should_prune()
 
@@ -74,7 +69,7 @@ def test_converged_trial_is_not_pruned_and_completes_as_best(storage_url):
     study = make_study(storage_url, NeVePruner(ThresholdPruner(lower=0.5), stop_threshold=1e-3))
     trial = study.ask()
     assert report(trial, 0, 0.9, 0.3) is False
-    assert report(trial, 1, 0.4, 5e-4, 1e-5) is False
+    assert report(trial, 1, 0.4, 5e-4, 1e-5, converged=1.0) is False
     study.tell(trial, 0.4)
     (frozen,) = study.trials
     assert frozen.state is TrialState.COMPLETE
@@ -108,15 +103,6 @@ def test_rebaseline_step_without_velocity_gives_no_decision(storage_url):
     trial.set_user_attr(NEVE_ATTR, {"step": 0, keys.EPOCH: 1.0})
     trial.report(0.5, 0)
     assert trial.should_prune() is False
-
-
-def test_stop_threshold_is_the_pruners(storage_url):
-    study = make_study(storage_url, NeVePruner(stop_threshold=0.5))
-    trial = study.ask()
-    report(trial, 0, 0.1, 0.4)
-    assert study.pruner.neve_decision(study.trials[0]) is StopReason.CONVERGED
-    report(trial, 1, 0.1, 0.6)
-    assert study.pruner.neve_decision(study.trials[0]) is None
 
 
 def test_warmup_steps(storage_url):
@@ -171,7 +157,7 @@ def test_base_pruner_composition(storage_url):
     bad = study.ask()
     assert report(bad, 0, 0.1, 0.3) is True  # median of completed trials at step 0 is 0.5
     same_but_converged = study.ask()
-    assert report(same_but_converged, 0, 0.1, 1e-4) is False
+    assert report(same_but_converged, 0, 0.1, 1e-4, converged=1.0) is False
 
 
 def test_decisions_come_from_storage_alone(storage_url):
@@ -181,8 +167,8 @@ def test_decisions_come_from_storage_alone(storage_url):
     report(running, 0, 0.5, math.nan)
     report(running, 1, 0.5, math.nan)
     converged = study.ask()
-    report(converged, 0, 0.5, 1e-5)
-    report(converged, 1, 0.5, 1e-5)
+    report(converged, 0, 0.5, 1e-5, converged=1.0)
+    report(converged, 1, 0.5, 1e-5, converged=1.0)
     other = optuna.load_study(study_name=study.study_name, storage=storage_url, pruner=NeVePruner(n_warmup_steps=1))
     decisions = {t.number: (other.pruner.prune(other, t), other.pruner.neve_decision(t)) for t in other.trials}
     assert decisions == {0: (True, StopReason.DIVERGED), 1: (False, StopReason.CONVERGED)}
@@ -215,7 +201,7 @@ def test_no_report_no_decision(storage_url):
         ({"interval_steps": 0}, ValueError, "Pruning interval steps must be at least 1, but got interval_steps=0."),
         ({"stop_threshold": -1.0}, ValueError, "stop_threshold must be a finite number > 0"),
         ({"stop_threshold": math.nan}, ValueError, "stop_threshold must be a finite number > 0"),
-        ({"base_pruner": "median"}, TypeError, "base_pruner must be an optuna.pruners.BasePruner or None"),
+        ({"base_pruner": "median"}, TypeError, "wrapped_pruner must be an optuna.pruners.BasePruner or None"),
         ({"base_pruner": NeVePruner()}, ValueError, "must not be another NeVePruner"),
     ],
 )
@@ -223,6 +209,14 @@ def test_invalid_settings(kwargs, error, message):
     base = kwargs.pop("base_pruner", None)
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         NeVePruner(base, **kwargs)
+
+
+def test_wrapped_pruner_is_optunas_spelling_and_base_pruner_its_alias():
+    median = MedianPruner()
+    assert NeVePruner(median).wrapped_pruner is median and NeVePruner(wrapped_pruner=median).base_pruner is median
+    assert NeVePruner(base_pruner=median).wrapped_pruner is median
+    with pytest.raises(ValueError, match="wrapped_pruner= .* or as its alias base_pruner=, not both"):
+        NeVePruner(median, base_pruner=MedianPruner())
 
 
 def test_keyword_only_settings():
@@ -290,22 +284,28 @@ def test_report_epoch_max_epochs(storage_url):
     assert trial.user_attrs[STOP_REASON_ATTR] == "max_t"
 
 
-def test_report_epoch_honours_pruner_warmup(storage_url):
+def test_report_epoch_pruner_warmup_gates_pruning_not_the_trials_own_convergence(storage_url):
     study = make_study(storage_url, NeVePruner(n_warmup_steps=2))
     trial = study.ask()
-    assert report_epoch(trial, metrics(1, 1e-5, converged=1.0), 0.5) is None  # step 0 < warmup
-    assert report_epoch(trial, metrics(2, 1e-5, 0.0, converged=1.0), 0.5) is None  # step 1 < warmup
-    assert report_epoch(trial, metrics(3, 1e-5, 0.0, converged=1.0), 0.5) is StopReason.CONVERGED
+    assert report_epoch(trial, metrics(1, 0.3, diverged=1.0), 0.5) is None  # step 0 < warmup: not pruned
+    assert report_epoch(trial, metrics(2, 1e-5, 0.0, converged=1.0), 0.5) is StopReason.CONVERGED  # its own
+    late = study.ask()
+    report_epoch(late, metrics(1, 0.3), 0.5)
+    report_epoch(late, metrics(2, 0.3, 0.0), 0.5)
+    with pytest.raises(optuna.TrialPruned, match="diverged at epoch 3"):
+        report_epoch(late, metrics(3, math.nan, 0.0, diverged=1.0), 0.5)  # step 2: the pruner's first check
 
 
-def test_report_epoch_with_another_pruner_uses_neves_own_flags(storage_url):
+def test_report_epoch_with_another_pruner_lets_that_pruner_alone_decide(storage_url):
     study = make_study(storage_url, MedianPruner(n_startup_trials=10))
     trial = study.ask()
     assert report_epoch(trial, metrics(1, 1e-5), 0.5) is None  # NeVe's own threshold did not fire
     assert report_epoch(trial, metrics(2, 1e-5, 0.0, converged=1.0), 0.5) is StopReason.CONVERGED
     other = study.ask()
+    assert report_epoch(other, metrics(1, 0.3, diverged=1.0), 0.5) is None  # MedianPruner does not read NeVe
+    wrapped = make_study(storage_url, NeVePruner(MedianPruner(n_startup_trials=10)))
     with pytest.raises(optuna.TrialPruned, match="diverged"):
-        report_epoch(other, metrics(1, math.inf), 0.5)  # non-finite even without the flag
+        report_epoch(wrapped.ask(), metrics(1, math.inf), 0.5)  # non-finite even without the flag
 
 
 def test_report_epoch_with_fixed_trial():
@@ -399,21 +399,22 @@ def test_report_epoch_metrics_are_neves_metrics_key_for_key(storage_url):
     assert [e[keys.NUM_DECAYS] for e in from_result.user_attrs[HISTORY_ATTR]] == [0.0, 0.0, 1.0, 1.0]
 
 
-def test_report_epoch_decides_with_the_public_decide(storage_url):
-    """With a NeVePruner: the trial's flags (decide(metrics)) on the pruner's check steps only."""
-    from neve_tune import decide
-
-    pruner = NeVePruner(stop_threshold=1e-3, n_warmup_steps=1, interval_steps=2)
+def test_report_epoch_prunes_on_the_pruners_check_steps_only(storage_url):
+    """With a NeVePruner, a NeVe failure prunes exactly where ``pruner.prune`` checks."""
+    pruner = NeVePruner(n_warmup_steps=1, interval_steps=2)
     study = make_study(storage_url, pruner)
     trial = study.ask()
     for epoch in range(1, 7):
-        m = metrics(epoch, 5e-4 if epoch >= 3 else 0.5, 0.0 if epoch > 1 else None, converged=float(epoch >= 3))
-        checked = pruner.is_check_step(epoch - 1, range(epoch))
-        expected = decide(m) if checked else None
-        assert report_epoch(trial, m, 0.5) is expected, epoch
-        if expected is not None:
+        m = metrics(epoch, 0.3, 0.0 if epoch > 1 else None, diverged=float(epoch >= 3))
+        if not pruner.is_check_step(epoch - 1, range(epoch)):
+            assert report_epoch(trial, m, 0.5) is None, epoch
+            continue
+        if epoch >= 3:
+            with pytest.raises(optuna.TrialPruned):
+                report_epoch(trial, m, 0.5)
             break
-    assert (epoch, trial.user_attrs[STOP_REASON_ATTR]) == (4, "converged")  # steps 1, 3, 5 are checks
+        assert report_epoch(trial, m, 0.5) is None
+    assert (epoch, trial.user_attrs[STOP_REASON_ATTR]) == (4, "diverged")  # steps 1, 3, 5 are checks
     assert [pruner.is_check_step(s, range(s + 1)) for s in range(6)] == [False, True, False, True, False, True]
     assert pruner.is_check_step(4, [0, 1, 2, 4])  # step 3 was not reported: its check moves to step 4
 

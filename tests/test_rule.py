@@ -57,15 +57,15 @@ def test_min_lr_floor_scalar_and_per_group():
     rule.step(1.0, None, [0.1])
     rule.step(1.0, 1.0, [0.1])
     d = rule.step(1.0, 2.0, [0.1])
-    assert d.lrs == (0.02,) and d.lr_decayed
+    assert d.lrs == [0.02] and d.lr_decayed
     rule.step(1.0, 1.0, d.lrs)
     d = rule.step(1.0, 2.0, (0.02,))
-    assert d.lrs == (0.02,) and not d.lr_decayed and rule.num_decays == 1  # already at the floor
+    assert d.lrs == [0.02] and not d.lr_decayed and rule.num_decays == 1  # already at the floor
 
     rule = NeVeRule(patience=0, factor=0.5, min_lr=[0.0, 0.3])
     rule.step(1.0, 1.0, [1.0, 0.4])
     d = rule.step(1.0, 2.0, [1.0, 0.4])
-    assert d.lrs == (0.5, 0.3)
+    assert d.lrs == [0.5, 0.3]
     with pytest.raises(ValueError, match="expected 3 min_lrs"):
         rule.step(1.0, 1.0, [1.0, 1.0, 1.0])
 
@@ -86,14 +86,6 @@ def test_stop_when_velocity_under_threshold():
     reasons = [r for _, _, r in run(rule, [(0.5, None), (0.01, 0.1), (0.0011, 0.01), (0.00099, 0.001)])]
     assert reasons == [None, None, None, StopReason.CONVERGED]
     assert str(StopReason.CONVERGED) == "converged"
-
-
-def test_classify_is_stateless_and_matches_step():
-    rule = NeVeRule(stop_threshold=0.01)
-    assert rule.classify(0.005) is StopReason.CONVERGED
-    assert rule.classify(0.5, math.nan) is StopReason.DIVERGED
-    assert rule.classify(0.5, None) is None
-    assert rule.num_steps == 0
 
 
 def test_plateau_on_model_velocity():
@@ -141,71 +133,106 @@ def metrics(v, d=None, **flags):
     return out
 
 
-VALUES = [0.0, 1e-5, 9.99e-4, 1e-3, 0.2, -0.0, math.nan, math.inf, -math.inf]
-CHANGES = [None, 0.0, 0.5, math.nan, math.inf, -math.inf]
+def _real_metrics(lr: float, epochs: int, *, min_epochs: int = 2, seed: int = 0) -> list[dict[str, float]]:
+    """``NeVe.metrics()`` after each epoch of a tiny real model trained with ``lr`` (full-batch SGD)."""
+    import torch
+    from torch import nn
+
+    from neve_tune import NeVe
+
+    torch.manual_seed(seed)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    neve = NeVe(model, opt, torch.randn(16, 4), min_epochs=min_epochs, patience=2)
+    out = []
+    for _ in range(epochs):
+        for _ in range(5):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        neve.step(loss.item())
+        out.append(neve.metrics())
+        if neve.should_stop:
+            break
+    return out
 
 
-@pytest.mark.parametrize("threshold", [1e-9, 1e-3, 0.25])
-def test_decide_with_a_threshold_is_the_rules_classify(threshold):
-    rule = NeVeRule(stop_threshold=threshold)
-    for v in VALUES:
-        for d in CHANGES:
-            assert decide(metrics(v, d), stop_threshold=threshold) == rule.classify(v, d), (threshold, v, d)
+def test_decide_on_a_real_run_that_never_moves_says_stalled():
+    history = _real_metrics(lr=0.0, epochs=10, min_epochs=3)
+    assert [decide(m) for m in history] == [None] * 5 + [StopReason.STALLED]
+    assert history[-1][keys.EPOCH] == 6.0 and history[-1][keys.STALLED] == 1.0
+    assert all(m[keys.MODEL_VELOCITY] == 0.0 for m in history)
+
+
+def test_decide_on_a_real_run_that_learns_says_converged_at_the_epoch_neve_stopped():
+    history = _real_metrics(lr=0.5, epochs=200)
+    assert [decide(m) for m in history] == [None] * 12 + [StopReason.CONVERGED]
+    last = history[-1]
+    assert last[keys.EPOCH] == 13.0 and last[keys.CONVERGED] == 1.0
+    # V fell under the threshold at epoch 6, but the loss still fell: NeVe kept training until 13.
+    under = [int(m[keys.EPOCH]) for m in history if m[keys.MODEL_VELOCITY] < m[keys.STOP_THRESHOLD]]
+    assert under[0] == 6 and under[-1] == 13
+
+
+def test_decide_on_a_real_run_whose_loss_turns_nan_says_diverged():
+    history = _real_metrics(lr=0.5, epochs=2)
+    poisoned = {**history[-1], keys.MODEL_VELOCITY: math.nan}
+    assert decide(history[-1]) is None and decide(poisoned) is StopReason.DIVERGED
 
 
 def test_decide_nan_policy_non_finite_is_diverged_never_converged():
     for bad in (math.nan, math.inf, -math.inf):
-        assert decide(metrics(bad), stop_threshold=1e-3) is StopReason.DIVERGED
-        assert decide(metrics(1e-9, bad), stop_threshold=1e-3) is StopReason.DIVERGED  # V tiny, D broken
+        assert decide(metrics(bad)) is StopReason.DIVERGED
+        assert decide(metrics(1e-9, bad)) is StopReason.DIVERGED  # V tiny, D broken
         assert decide(metrics(bad, converged=1.0)) is StopReason.DIVERGED  # non-finite beats the flag
         assert decide(metrics(1e-9, bad, converged=1.0)) is StopReason.DIVERGED
     # Optuna user attributes store non-finite floats as strings.
-    assert decide(metrics("nan"), stop_threshold=1e-3) is StopReason.DIVERGED
+    assert decide(metrics("nan")) is StopReason.DIVERGED
     assert decide(metrics(0.5, "-inf")) is StopReason.DIVERGED
-    assert decide(metrics("0.0005", "0.0"), stop_threshold=1e-3) is StopReason.CONVERGED
+    assert decide(metrics("0.0005", "0.0", converged="1.0")) is StopReason.CONVERGED
 
 
-def test_decide_without_a_threshold_reads_the_trials_own_flags():
+def test_decide_reads_the_trials_own_flags_never_a_threshold():
     assert decide(metrics(1e-5)) is None  # the trial's own NeVe did not say converged
     assert decide(metrics(1e-5, 0.0, converged=1.0)) is StopReason.CONVERGED
     assert decide(metrics(0.5, 0.1, converged=1.0)) is StopReason.CONVERGED  # its own threshold decided
     assert decide(metrics(0.5, 0.1, diverged=1.0)) is StopReason.DIVERGED
     assert decide(metrics(0.5, 0.1, converged=0.0, diverged=0.0)) is None
-    # Issue 12 (one decision source): with flags present a threshold never overrides them.
-    assert decide(metrics(0.5, 0.1, converged=1.0), stop_threshold=1e-3) is StopReason.CONVERGED
-    assert decide(metrics(1e-5, 0.0, converged=0.0), stop_threshold=1e-3) is None
+    assert decide(metrics(1e-5, 0.0, converged=0.0)) is None  # V tiny, but the trial did not say so
 
 
 def test_decide_without_a_velocity_is_no_decision():
     assert decide({}) is None
-    assert decide({keys.EPOCH: 2.0, keys.LR: 0.1}, stop_threshold=1e-3) is None  # a re-baseline step
+    assert decide({keys.EPOCH: 2.0, keys.LR: 0.1}) is None  # a re-baseline step
     assert decide({keys.MODEL_VELOCITY: None, keys.DIVERGED: 1.0}) is None
-    assert decide({keys.VELOCITY_CHANGE: math.nan}, stop_threshold=1e-3) is None
+    assert decide({keys.VELOCITY_CHANGE: math.nan}) is None
 
 
 def test_decide_custom_keys_and_extra_keys_are_ignored():
-    result = {"my/v": 1e-5, "my/d": 0.0, keys.MODEL_VELOCITY: 0.5, "loss": "not a number"}
-    assert decide(result, stop_threshold=1e-3, velocity_key="my/v", change_key="my/d") is StopReason.CONVERGED
-    assert decide(result, stop_threshold=1e-3) is None
+    result = {"my/v": 1e-5, "my/d": math.inf, keys.MODEL_VELOCITY: 0.5, "loss": "not a number"}
+    assert decide(result, velocity_key="my/v", change_key="my/d") is StopReason.DIVERGED
+    assert decide(result) is None
 
 
 def test_decide_is_stateless_and_does_not_touch_its_input():
-    m = metrics(4e-4, 1e-6)
+    m = metrics(4e-4, 1e-6, converged=1.0)
     before = dict(m)
-    decisions = {decide(m, stop_threshold=1e-3) for _ in range(3)}
+    decisions = {decide(m) for _ in range(3)}
     assert decisions == {StopReason.CONVERGED} and m == before
-    assert decide(m, stop_threshold=1e-3)  # a StopReason is truthy: `if decide(m): stop`
-    assert decide(metrics(0.5, 0.1), stop_threshold=1e-3) is None
+    assert decide(m)  # a StopReason is truthy: `if decide(m): stop`
+    assert decide(metrics(0.5, 0.1)) is None
 
 
 def test_decide_errors_name_the_key_and_the_fix():
     with pytest.raises(TypeError, match=r"expects a number under 'neve/model_velocity'.*'fast' \(str\)"):
-        decide(metrics("fast"), stop_threshold=1e-3)
+        decide(metrics("fast"))
     with pytest.raises(TypeError, match=r"under 'neve/velocity_change'.*\[0.1\] \(list\).*neve.metrics\(\)"):
         decide(metrics(0.5, [0.1]))
-    for bad in (-1.0, 0.0, math.nan, math.inf):
-        with pytest.raises(ValueError, match="stop_threshold must be a finite number > 0"):
-            decide({}, stop_threshold=bad)  # validated even when there is nothing to decide
+    with pytest.raises(TypeError, match=r"under 'neve/stalled'.*'yes' \(str\)"):
+        decide(metrics(0.5, stalled="yes"))
 
 
 def test_decide_docstring_example_runs():
@@ -363,12 +390,20 @@ def test_detector_state_round_trip_mid_run_gives_identical_decisions():
     assert [r for r, _ in decisions(resumed, script[3:])] == [r for r, _ in whole[3:]] == [None, StopReason.COLLAPSED]
 
 
-def test_a_state_from_before_issue_12_keeps_its_old_decisions():
-    state = NeVeRule().state_dict()
+def test_a_state_missing_entries_is_refused_and_changes_nothing():
+    rule = NeVeRule(criteria=StopCriteria(peak_ratio=3.0), min_epochs=2)
+    state = rule.state_dict()
     del state["detector"], state["min_epochs"]
-    rule = NeVeRule()
-    rule.load_state_dict(state)
-    assert rule.min_epochs == 0 and rule.step(5e-4, 1e-6, [0.1]).stop_reason is StopReason.CONVERGED
+    with pytest.raises(ValueError, match=r"lacks \['detector', 'min_epochs'\].*not written by NeVeRule.state_dict"):
+        rule.load_state_dict(state)
+    assert rule.criteria.peak_ratio == 3.0 and rule.min_epochs == 2  # the user's settings are kept
+
+
+def test_a_state_restores_the_users_criteria_not_the_defaults():
+    rule = NeVeRule(criteria=StopCriteria(peak_ratio=3.0, learned=0.4), num_classes=10)
+    other = NeVeRule()
+    other.load_state_dict(json.loads(json.dumps(rule.state_dict())))
+    assert other.criteria == rule.criteria and other.num_classes == 10
 
 
 @pytest.mark.parametrize(
@@ -404,15 +439,17 @@ def test_decide_reads_every_reason_from_the_flags_in_a_fixed_order():
     assert decide(metrics(1e-4, stalled=1.0, converged=0.0)) is StopReason.STALLED
     assert decide(metrics(1e-4, collapsed=1.0, stalled=1.0)) is StopReason.COLLAPSED
     assert decide(metrics(1e-4, diverged=1.0, collapsed=1.0)) is StopReason.DIVERGED
-    assert decide(metrics(1e-4, stalled=0.0, collapsed=0.0, converged=0.0, diverged=0.0), stop_threshold=1e-3) is None
+    assert decide(metrics(1e-4, stalled=0.0, collapsed=0.0, converged=0.0, diverged=0.0)) is None
     assert decide(metrics(1e-4, stalled="1.0")) is StopReason.STALLED  # Optuna attrs may hold strings
 
 
 def test_settings_disagreement_names_both_values():
-    from neve_tune import settings_disagreement
+    from neve_tune._decide.decide import settings_disagreement
+
+    assert "settings_disagreement" not in neve_tune.__all__
 
     m = {keys.STOP_THRESHOLD: 0.01}
     message = settings_disagreement(m, 1e-3, "NeVePruner")
     assert "NeVePruner was given stop_threshold=0.001" in message and "reports stop_threshold=0.01" in message
     assert settings_disagreement(m, 0.01, "x") is None and settings_disagreement(m, None, "x") is None
-    assert settings_disagreement({}, 1e-3, "x") is None  # an older producer does not report it
+    assert settings_disagreement({}, 1e-3, "x") is None  # nothing reported to compare with

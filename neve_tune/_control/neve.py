@@ -1,10 +1,15 @@
-"""``NeVe``: the velocity monitor plus the decision rule, applied to an optimizer's learning rates."""
+"""``NeVe``: the velocity monitor plus the decision rule, applied to an optimizer's learning rates.
+
+:meth:`NeVe.step` is the one decision flow (measure, let the rule decide, apply its LRs) and returns the
+rule's :class:`~neve_tune.StepResult` with the per-layer velocities added; :meth:`NeVe.report_step` is the
+one report path the Ray and Optuna ``report_epoch`` share.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,82 +17,15 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .. import keys
 from .._decide.anneal import Anneal
-from .._decide.rule import NeVeRule, PlateauOn, StopFlags
+from .._decide.result import StepResult, flat_metrics
+from .._decide.rule import NeVeRule, PlateauOn
 from .._decide.stopping import StopCriteria
-from .._measure.monitor import AuxInput, LayerSelection, Measurement, VelocityMonitor
+from .._measure.inputs import AuxInput
+from .._measure.monitor import LayerSelection, Measurement, VelocityMonitor
 from .._measure.state import SnapshotInState
 from ..keys import StopReason
 from .callers import refuse_per_step_loops
-
-
-@dataclass(frozen=True)
-class StepResult(StopFlags):
-    """What one :meth:`NeVe.step` measured and decided.
-
-    Attributes:
-        epoch: the number of steps so far (1 after the first epoch).
-        model_velocity: V (NaN/inf when the model diverged); ``None`` only for a re-baseline step,
-            which happens after a measurement failed half-way (no decision is taken then).
-        velocity_change: D, ``None`` at the first epoch (and on a re-baseline step).
-        lr_decayed: whether this step lowered at least one learning rate.
-        lrs: the learning rates after this step, one per param group.
-        stop_reason: ``StopReason.CONVERGED``, ``STALLED``, ``COLLAPSED``, ``DIVERGED`` or ``None``.
-        layer_velocity: module name -> mean ``|v_i|`` over its neurons.
-        num_decays: how many LR decays happened up to and including this step.
-        train_loss: the training loss passed to :meth:`NeVe.step`, ``None`` when none was.
-        detail: why, in words, for a stalled/collapsed/diverged decision ("" otherwise).
-        stop_threshold: the controller's ``stop_threshold`` (reported in the metrics).
-        min_epochs: the controller's warm-up (reported in the metrics).
-        annealing: whether an anneal-on-convergence cooldown (``NeVe(anneal=...)``) is under way.
-    """
-
-    epoch: int
-    model_velocity: float | None
-    velocity_change: float | None
-    lr_decayed: bool
-    lrs: list[float]
-    stop_reason: StopReason | None
-    layer_velocity: dict[str, float] = field(default_factory=dict, repr=False)
-    num_decays: int = 0
-    train_loss: float | None = None
-    detail: str = ""
-    stop_threshold: float = 1e-3
-    min_epochs: int = 0
-    annealing: bool = False
-
-    def metrics(self) -> dict[str, float]:
-        """This step as a flat dict of plain floats: what :meth:`NeVe.metrics` returned right after it."""
-        return _flat_metrics(self.epoch, self.lrs, self.num_decays, self, self.stop_threshold, self.min_epochs)
-
-    @property
-    def message(self) -> str:
-        """A one-line, human explanation of the decision."""
-        if self.model_velocity is None:
-            return f"epoch {self.epoch}: the previous measurement failed half-way; took a fresh baseline."
-        if self.diverged and self.detail:
-            return f"epoch {self.epoch}: diverged: {self.detail}. Lower the learning rate or check the loss."
-        if self.diverged:
-            return (
-                f"epoch {self.epoch}: diverged: model velocity {self.model_velocity}, velocity change"
-                f" {self.velocity_change}. The aux set produced NaN/inf activations (a NaN loss or exploding"
-                " weights); lower the learning rate or check the loss."
-            )
-        head = f"epoch {self.epoch}: V={self.model_velocity:.3g}" + (
-            "" if self.velocity_change is None else f", D={self.velocity_change:.3g}"
-        )
-        if self.converged:
-            return f"{head}: converged (velocity under the stop threshold); stop training."
-        if self.stalled:
-            return f"{head}: stalled ({self.detail}); stop training: it is not learning (check the learning rate)."
-        if self.collapsed:
-            return f"{head}: collapsed ({self.detail}); stop training: lower the learning rate."
-        if self.annealing:
-            return f"{head}: annealing after convergence; learning rate {self.lrs}."
-        if self.lr_decayed:
-            return f"{head}: velocity change plateaued; learning rate decayed to {self.lrs}."
-        return head
 
 
 class NeVe(LRScheduler):
@@ -186,9 +124,16 @@ class NeVe(LRScheduler):
         if num_classes is None:
             num_classes = _infer_num_classes(model)
         self.rule = NeVeRule(
-            factor=factor, patience=patience, stop_threshold=stop_threshold, min_lr=min_lr, plateau_on=plateau_on,
-            min_epochs=min_epochs, num_classes=num_classes, criteria=criteria, anneal=anneal,
-        )  # fmt: skip
+            factor=factor,
+            patience=patience,
+            stop_threshold=stop_threshold,
+            min_lr=min_lr,
+            plateau_on=plateau_on,
+            min_epochs=min_epochs,
+            num_classes=num_classes,
+            criteria=criteria,
+            anneal=anneal,
+        )
         self.rule.check_num_groups(len(optimizer.param_groups))
         self.optimizer = optimizer
         self.monitor = VelocityMonitor(
@@ -204,7 +149,7 @@ class NeVe(LRScheduler):
         self._lrs: list[float] = [float(g["lr"]) for g in optimizer.param_groups]
         self._last: StepResult | None = None
         self._signed_mean = 0.0  # mean_i v_i of the latest measurement, for u_t = mean_i (v_i^t + mu v_i^{t-1})
-        self._unreported_steps = 0  # steps since the last integration report (see ray/optuna report_epoch)
+        self._unreported_steps = 0  # steps since the last report_step() (see there)
         self.monitor.measure()  # the baseline snapshot, before the first training epoch
 
     @property
@@ -249,58 +194,67 @@ class NeVe(LRScheduler):
         self._unreported_steps += 1
         lrs = self.get_lr()
         rule = self.rule
-        if measurement is None:
+        if measurement is None:  # a fresh baseline after a failed measurement: nothing to decide
             result = StepResult(
-                self.last_epoch, None, None, False, lrs, None, num_decays=rule.num_decays, train_loss=loss,
-                stop_threshold=rule.stop_threshold, min_epochs=rule.min_epochs,
-            )  # fmt: skip
+                epoch=self.last_epoch,
+                model_velocity=None,
+                velocity_change=None,
+                lr_decayed=False,
+                lrs=lrs,
+                stop_reason=None,
+                num_decays=rule.num_decays,
+                train_loss=loss,
+                stop_threshold=rule.stop_threshold,
+                min_epochs=rule.min_epochs,
+            )
         else:
-            decision = rule.step(
+            decided = rule.step(
                 measurement.model_velocity,
                 measurement.velocity_change,
                 lrs,
                 raw_change=self._raw_change(measurement),
                 train_loss=loss,
             )
-            if decision.lr_decayed:
-                for group, lr in zip(self.optimizer.param_groups, decision.lrs, strict=True):
+            if decided.lr_decayed:
+                for group, lr in zip(self.optimizer.param_groups, decided.lrs, strict=True):
                     group["lr"] = lr
-            result = StepResult(
-                epoch=self.last_epoch,
-                model_velocity=measurement.model_velocity,
-                velocity_change=measurement.velocity_change,
-                lr_decayed=decision.lr_decayed,
-                lrs=list(decision.lrs),
-                stop_reason=decision.stop_reason,
-                layer_velocity=measurement.layer_velocity,
-                num_decays=rule.num_decays,
-                train_loss=loss,
-                detail=decision.detail,
-                stop_threshold=rule.stop_threshold,
-                min_epochs=rule.min_epochs,
-                annealing=rule.annealer is not None and rule.annealer.cooling and decision.stop_reason is None,
-            )
+            result = dataclasses.replace(decided, epoch=self.last_epoch, layer_velocity=measurement.layer_velocity)
         self._lrs = list(result.lrs)
         self._last = result
         return result
 
-    def _step_for_report(self, train_loss: float | torch.Tensor, who: str) -> StepResult:
-        """``step(train_loss)`` on behalf of an integration's ``report_epoch(..., train_loss=...)``.
+    def report_step(
+        self, train_loss: float | torch.Tensor | None = None, *, who: str = "NeVe.report_step"
+    ) -> dict[str, float]:
+        """The metrics to report for this epoch (:meth:`metrics`), stepping NeVe first when given a loss.
 
-        Refuses when the loop already called :meth:`step` since the last report: stepping twice in one
-        epoch would measure an unchanged model (V near 0) and read it as convergence.
+        The one report path of the integrations: ``neve_tune.ray.report_epoch`` and
+        ``neve_tune.optuna.report_epoch`` call it once per epoch, and so can any other reporter. With
+        ``train_loss``, it calls :meth:`step` with it before reading the metrics; without, the loop called
+        :meth:`step` itself. Stepping twice in one epoch would measure an unchanged model (V near 0) and
+        read it as convergence, so a ``train_loss`` passed here after the loop already called :meth:`step`
+        since the last report raises ``ValueError``.
+
+        Args:
+            train_loss: the epoch's training loss (a number or a one-element tensor), or ``None``.
+            who: the caller's name, for the error message (e.g. ``"report_epoch"``).
+
+        Returns:
+            :meth:`metrics` after this epoch's step: a flat dict of plain floats.
+
+        Raises:
+            ValueError: ``train_loss`` was given, but :meth:`step` was already called since the last report.
         """
-        if self._unreported_steps > 0:
-            raise ValueError(
-                f"{who}(..., train_loss=...) steps NeVe itself, but neve.step() was already called for this"
-                " epoch. Either drop the neve.step() call, or pass the loss there (`neve.step(loss)`) and"
-                f" not to {who}."
-            )
-        return self.step(train_loss)
-
-    def _mark_reported(self) -> None:
-        """An integration reported the latest step (see :meth:`_step_for_report`)."""
+        if train_loss is not None:
+            if self._unreported_steps > 0:
+                raise ValueError(
+                    f"{who}(..., train_loss=...) steps NeVe itself, but neve.step() was already called for this"
+                    " epoch. Either drop the neve.step() call, or pass the loss there (`neve.step(loss)`) and"
+                    f" not to {who}."
+                )
+            self.step(train_loss)
         self._unreported_steps = 0
+        return self.metrics()
 
     def _raw_change(self, measurement: Measurement) -> float:
         """``u_t = mean_i (1 - rho_i^t)``, from this and the previous measurement's per-neuron velocities."""
@@ -324,9 +278,9 @@ class NeVe(LRScheduler):
         ``neve/diverged`` (1.0 or 0.0); the settings behind them, ``neve/stop_threshold`` and
         ``neve/min_epochs``; and ``neve/train_loss`` when the latest step was given one.
         """
-        return _flat_metrics(
-            self.last_epoch, self._lrs, self.rule.num_decays, self._last, self.rule.stop_threshold, self.rule.min_epochs
-        )
+        rule = self.rule
+        last, lrs = self._last, self._lrs
+        return flat_metrics(self.last_epoch, lrs, rule.num_decays, last, rule.stop_threshold, rule.min_epochs)
 
     def state_dict(self) -> dict[str, Any]:
         """Rule counters, monitor state (velocities and snapshot) and the last result; no optimizer."""
@@ -359,7 +313,7 @@ class NeVe(LRScheduler):
         self.monitor.load_state_dict(state_dict["monitor"])
         self.last_epoch = int(state_dict["last_epoch"])
         self._lrs = [float(x) for x in state_dict["last_lr"]]
-        self._signed_mean = float(state_dict.get("signed_mean", 0.0))
+        self._signed_mean = float(state_dict["signed_mean"])
         self._unreported_steps = 0
         last = state_dict["last_result"]
         if last is None:
@@ -375,8 +329,8 @@ class NeVe(LRScheduler):
                 stop_reason=None if reason is None else StopReason(reason),
                 layer_velocity=dict(last["layer_velocity"]),
                 num_decays=self.rule.num_decays,  # the last result is the rule's latest step
-                train_loss=last.get("train_loss"),
-                detail=str(last.get("detail", "")),
+                train_loss=last["train_loss"],
+                detail=str(last["detail"]),
                 stop_threshold=self.rule.stop_threshold,
                 min_epochs=self.rule.min_epochs,
             )
@@ -414,33 +368,3 @@ def _as_loss(train_loss: float | torch.Tensor | None) -> float | None:
     if isinstance(train_loss, bool) or not isinstance(train_loss, (int, float)):
         raise TypeError(f"train_loss must be a number or a one-element tensor, but got {type(train_loss).__name__}.")
     return float(train_loss)
-
-
-def _flat_metrics(
-    epoch: int,
-    lrs: Sequence[float],
-    num_decays: int,
-    last: StepResult | None,
-    stop_threshold: float,
-    min_epochs: int,
-) -> dict[str, float]:
-    """The one builder of NeVe's flat metrics (``NeVe.metrics()``, ``StepResult.metrics()``)."""
-    out: dict[str, float] = {keys.EPOCH: float(epoch)}
-    if last is not None and last.model_velocity is not None:
-        out[keys.MODEL_VELOCITY] = float(last.model_velocity)
-    if last is not None and last.velocity_change is not None:
-        out[keys.VELOCITY_CHANGE] = float(last.velocity_change)
-    if last is not None and last.train_loss is not None:
-        out[keys.TRAIN_LOSS] = float(last.train_loss)
-    out[keys.LR] = float(lrs[0])
-    if len(lrs) > 1:
-        for i, lr in enumerate(lrs):
-            out[keys.lr_key(i)] = float(lr)
-    out[keys.LR_DECAYED] = float(bool(last and last.lr_decayed))
-    out[keys.NUM_DECAYS] = float(num_decays)
-    reason = None if last is None else last.stop_reason
-    for flag_reason, flag in keys.DECISION_FLAGS.items():
-        out[flag] = float(reason is flag_reason)
-    out[keys.STOP_THRESHOLD] = float(stop_threshold)
-    out[keys.MIN_EPOCHS] = float(min_epochs)
-    return out

@@ -16,45 +16,12 @@ healthy, slow, stalled and collapsed trainings) and then widened where a later h
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import keys
 from ..keys import StopReason
 
-__all__ = ["StopCriteria", "StopDetector", "StopFlags", "settings_disagreement"]
-
-
-class StopFlags:
-    """``converged`` / ``stalled`` / ``collapsed`` / ``diverged`` / ``should_stop``, from ``stop_reason``."""
-
-    stop_reason: StopReason | None
-
-    @property
-    def converged(self) -> bool:
-        """True when the network moved, learned and stopped moving (a success)."""
-        return self.stop_reason is StopReason.CONVERGED
-
-    @property
-    def stalled(self) -> bool:
-        """True when it stopped moving (or thrashes at chance) without having learned."""
-        return self.stop_reason is StopReason.STALLED
-
-    @property
-    def collapsed(self) -> bool:
-        """True when its aux responses froze abruptly (dead units)."""
-        return self.stop_reason is StopReason.COLLAPSED
-
-    @property
-    def diverged(self) -> bool:
-        """True when V, D or the training loss was not finite."""
-        return self.stop_reason is StopReason.DIVERGED
-
-    @property
-    def should_stop(self) -> bool:
-        """True when training should end here (converged, stalled, collapsed or diverged)."""
-        return self.stop_reason is not None
+__all__ = ["StopCriteria", "StopDetector"]
 
 
 @dataclass(frozen=True)
@@ -267,8 +234,7 @@ class StopDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; the criteria are re-validated."""
-        names = {f.name for f in fields(StopCriteria)}
-        self.criteria = StopCriteria(**{k: v for k, v in state["criteria"].items() if k in names})
+        self.criteria = StopCriteria(**state["criteria"])
         self.num_classes = None if state["num_classes"] is None else int(state["num_classes"])
         self.peak_velocity = float(state["peak_velocity"])
         self.raw_changes = [float(x) for x in state["raw_changes"]]
@@ -276,25 +242,3 @@ class StopDetector:
         self.losses = [float(x) for x in state["losses"]]
         self.first_loss = None if state["first_loss"] is None else float(state["first_loss"])
         self.chance_run = int(state["chance_run"])
-
-
-def settings_disagreement(metrics: Mapping[str, Any], stop_threshold: float | None, who: str) -> str | None:
-    """A message when ``stop_threshold`` differs from the trial's own (``neve/stop_threshold``), else None.
-
-    The integrations call it once per trial: the trial's ``NeVe`` decides with its own threshold, so a
-    different value given to a scheduler or pruner has no effect, and the user should know.
-    """
-    if stop_threshold is None:
-        return None
-    raw = metrics.get(keys.STOP_THRESHOLD)
-    try:
-        own = None if raw is None else float(raw)
-    except (TypeError, ValueError):
-        own = None
-    if own is None or math.isclose(own, stop_threshold, rel_tol=1e-9, abs_tol=0.0):
-        return None
-    return (
-        f"{who} was given stop_threshold={stop_threshold:g}, but the trial's NeVe reports"
-        f" stop_threshold={own:g} ({keys.STOP_THRESHOLD}). The trial's own NeVe decides (with {own:g});"
-        f" {who}'s value is ignored. Pass the same value to both, or drop it from {who}."
-    )

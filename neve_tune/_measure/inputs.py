@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from .layer import MeasurementError
 from .state import aux_fingerprint
 
+#: What every ``aux=`` accepts: a tensor whose dim 0 indexes samples, or an iterable of batches (tensors,
+#: tuples/lists/dicts of tensors, passed to the model as ``model(*batch)`` / ``model(**batch)``).
 AuxInput = Tensor | Iterable[Any]
 
 

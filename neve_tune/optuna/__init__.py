@@ -1,6 +1,7 @@
 """NeVe for Optuna: a pruner where converged trials COMPLETE and diverged, stalled, collapsed ones are PRUNED.
 
-* :class:`NeVePruner` — an ``optuna.pruners.BasePruner``; optionally wraps another pruner, e.g. Optuna's
+* :class:`NeVePruner` — an ``optuna.pruners.BasePruner``; optionally wraps another pruner
+  (``wrapped_pruner``, alias ``base_pruner``), e.g. Optuna's
   ``SuccessiveHalvingPruner`` or ``HyperbandPruner`` ranking a validation-free signal (the training loss
   the objective reports), whose cuts end ``PRUNED`` with ``neve_stop_reason="pruned"``.
 * :func:`report_epoch` — the one call per epoch in the objective: reports, stores NeVe's metrics in the
@@ -11,13 +12,14 @@
   metrics, to MLflow.
 
 Trial user attributes written (see :mod:`neve_tune.optuna._attrs` for the encoding): ``"neve"`` (the
-latest step's metrics), ``"neve_history"`` (all steps), ``"neve_stop_reason"`` and ``"neve_stop_epoch"``.
+latest step's metrics), ``"neve_history"`` (all steps), ``"neve_stop_reason"`` (a
+:class:`neve_tune.StopReason` value) and ``"neve_stop_epoch"``.
 
 Example:
     >>> import optuna
     >>> from neve_tune.optuna import NeVePruner
     >>> study = optuna.create_study(direction="maximize", pruner=NeVePruner())
-    >>> halving = NeVePruner(base_pruner=optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3))
+    >>> halving = NeVePruner(optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3))
     >>> study = optuna.create_study(direction="minimize", pruner=halving)  # report the training loss
 """
 
@@ -30,20 +32,8 @@ except ImportError as _err:  # pragma: no cover - depends on the environment
         "optuna was not found - please install with `pip install neve_tune[optuna]` (or `pip install optuna`)."
     ) from _err
 
-from neve_tune.optuna._attrs import HISTORY_ATTR, NEVE_ATTR, STOP_EPOCH_ATTR, STOP_REASON_ATTR
-from neve_tune.optuna._mlflow import INTERMEDIATE_METRIC, STOP_EPOCH_TAG, STOP_REASON_TAG, NeVeMLflowCallback
+from neve_tune.optuna._mlflow import NeVeMLflowCallback
 from neve_tune.optuna._pruner import NeVePruner
 from neve_tune.optuna._report import report_epoch
 
-__all__ = [
-    "HISTORY_ATTR",
-    "INTERMEDIATE_METRIC",
-    "NEVE_ATTR",
-    "STOP_EPOCH_ATTR",
-    "STOP_EPOCH_TAG",
-    "STOP_REASON_ATTR",
-    "STOP_REASON_TAG",
-    "NeVeMLflowCallback",
-    "NeVePruner",
-    "report_epoch",
-]
+__all__ = ["NeVeMLflowCallback", "NeVePruner", "report_epoch"]

@@ -14,8 +14,6 @@ from optuna.trial import TrialState
 from neve_tune import StopReason, keys
 from neve_tune.mlflow import (
     TAG_PARENT,
-    TAG_STOP_EPOCH,
-    TAG_STOP_REASON,
     Op,
     RunOutbox,
     TrackingUnavailableError,
@@ -35,9 +33,6 @@ from neve_tune.optuna._attrs import HISTORY_ATTR, STEP_KEY, STOP_EPOCH_ATTR, STO
 
 #: MLflow metric of the value passed to ``trial.report`` at each epoch.
 INTERMEDIATE_METRIC = "optuna/intermediate_value"
-#: MLflow tags of the stop reason and stop epoch (the same names as the Ray scheduler's result keys).
-STOP_REASON_TAG = TAG_STOP_REASON
-STOP_EPOCH_TAG = TAG_STOP_EPOCH
 
 # One convention for every trial run in neve_tune (see neve_tune.mlflow's TrialLogger): a pruned trial
 # ended as its tuner decided, so its run is FINISHED, with the reason in the stop-reason tag.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -11,9 +12,6 @@ from neve_tune.optuna._attrs import NEVE_ATTR, STEP_KEY
 
 if TYPE_CHECKING:
     import optuna
-
-#: What flagless metrics (an older producer) are classified with when the pruner has no stop_threshold.
-_LEGACY_THRESHOLD = 1e-3
 
 _HOW_TO_REPORT = (
     "Call `neve_tune.optuna.report_epoch(trial, neve, value)` after every epoch (it reports the value and"
@@ -50,10 +48,10 @@ class NeVePruner(BasePruner):
       returns ``True``, the trial ends ``PRUNED`` and ``report_epoch`` records ``neve_stop_reason``
       (``"diverged"``, ``"stalled"`` or ``"collapsed"``); such a trial is never ``best_trial``;
     * **converged** (the trial's ``neve/converged`` flag): :meth:`prune` returns ``False``, even if
-      the base pruner would prune. Training is done, and that is a success: ``report_epoch`` returns
+      the wrapped pruner would prune. Training is done, and that is a success: ``report_epoch`` returns
       ``StopReason.CONVERGED``, the objective returns its value, and the trial ends ``COMPLETE``
       (counted for ``best_trial``) with ``neve_stop_reason="converged"`` and ``neve_stop_epoch``;
-    * otherwise the optional ``base_pruner`` decides on the intermediate values, as it would alone
+    * otherwise the optional ``wrapped_pruner`` decides on the intermediate values, as it would alone
       (``report_epoch`` records ``neve_stop_reason="pruned"`` when it prunes). It is consulted at every
       check, also where NeVe decides, so that it keeps its own records (successive halving stores each
       trial's value at every rung it reaches).
@@ -73,7 +71,7 @@ class NeVePruner(BasePruner):
     For example, with the objective reporting each epoch's training loss
     (``report_epoch(trial, neve, train_loss)``) and returning the last one::
 
-        pruner = NeVePruner(base_pruner=optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3))
+        pruner = NeVePruner(optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3))
         study = optuna.create_study(direction="minimize", pruner=pruner)
 
     ``BasePruner.prune`` can only answer "prune or not", so stopping on convergence is
@@ -87,8 +85,8 @@ class NeVePruner(BasePruner):
         1. A NaN or infinite model velocity or velocity change means the trial **diverged**: it is
            pruned at the first check that sees it (checks follow ``n_warmup_steps`` and
            ``interval_steps``).
-        2. NaN intermediate *values* (the objective's own reports) are left to the base pruner's NaN
-           policy; without a base pruner they never prune.
+        2. NaN intermediate *values* (the objective's own reports) are left to the wrapped pruner's NaN
+           policy; without a wrapped pruner they never prune.
         3. A step whose ``"neve"`` attribute has no model velocity (NeVe took a fresh baseline after a
            failed measurement) gives no NeVe decision.
 
@@ -141,21 +139,24 @@ class NeVePruner(BasePruner):
             print(study.best_trial.user_attrs["neve_stop_reason"])
 
     Args:
-        base_pruner:
+        wrapped_pruner:
             An Optuna pruner that may also prune on the objective's intermediate values: a
             multi-fidelity one (:class:`~optuna.pruners.SuccessiveHalvingPruner`,
             :class:`~optuna.pruners.HyperbandPruner`) ranking a validation-free signal, or any other
-            (e.g. :class:`~optuna.pruners.MedianPruner`). :obj:`None` (default): only NeVe prunes.
+            (e.g. :class:`~optuna.pruners.MedianPruner`). :obj:`None` (default): only NeVe prunes. Named
+            as in Optuna's own wrappers (:class:`~optuna.pruners.PatientPruner`).
+        base_pruner:
+            A documented alias of ``wrapped_pruner`` (keyword only); pass one or the other.
         stop_threshold:
             :obj:`None` (default): follow the trial; its ``NeVe(stop_threshold=...)`` decides. A value
             given here that differs from the trial's reported ``neve/stop_threshold`` has no effect and
-            raises a ``UserWarning`` once per trial (per process) naming both values. It is used only for
-            metrics of an older producer that reports no decision flags: those are converged when the
-            model velocity is under it (under 1e-3 when it is ``None``).
+            raises a ``UserWarning`` once per trial (per process) naming both values.
         n_warmup_steps:
-            NeVe's decisions are disabled while the current step is less than ``n_warmup_steps``; the
-            earliest a trial can stop is at ``step == n_warmup_steps``. ``report_epoch`` reports epoch
-            ``e`` (1-based, ``neve/epoch``) as step ``e - 1``. The base pruner keeps its own warmup.
+            NeVe's failure decisions do not prune while the current step is less than ``n_warmup_steps``;
+            the earliest a trial can be pruned is at ``step == n_warmup_steps``. (A convergence is the
+            trial's own decision, after its ``NeVe(min_epochs=...)`` warm-up: ``report_epoch`` returns it
+            at whichever step it comes.) ``report_epoch`` reports epoch
+            ``e`` (1-based, ``neve/epoch``) as step ``e - 1``. The wrapped pruner keeps its own warmup.
         interval_steps:
             Interval in number of steps between NeVe's checks, offset by the warmup steps. If no value
             has been reported at the time of a check, that check is postponed until a value is
@@ -164,27 +165,38 @@ class NeVePruner(BasePruner):
 
     def __init__(
         self,
-        base_pruner: BasePruner | None = None,
+        wrapped_pruner: BasePruner | None = None,
         *,
+        base_pruner: BasePruner | None = None,
         stop_threshold: float | None = None,
         n_warmup_steps: int = 0,
         interval_steps: int = 1,
     ) -> None:
-        if base_pruner is not None and not isinstance(base_pruner, BasePruner):
-            raise TypeError(
-                f"base_pruner must be an optuna.pruners.BasePruner or None, but got {type(base_pruner).__name__}."
+        if wrapped_pruner is not None and base_pruner is not None:
+            raise ValueError(
+                "Pass the pruner to wrap once: as wrapped_pruner= (Optuna's spelling) or as its alias"
+                " base_pruner=, not both."
             )
-        if isinstance(base_pruner, NeVePruner):
-            raise ValueError("base_pruner must not be another NeVePruner; configure one NeVePruner instead.")
+        wrapped = wrapped_pruner if base_pruner is None else base_pruner
+        if wrapped is not None and not isinstance(wrapped, BasePruner):
+            raise TypeError(
+                f"wrapped_pruner must be an optuna.pruners.BasePruner or None, but got {type(wrapped).__name__}."
+            )
+        if isinstance(wrapped, NeVePruner):
+            raise ValueError("wrapped_pruner must not be another NeVePruner; configure one NeVePruner instead.")
         if isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int) or n_warmup_steps < 0:
             raise ValueError(f"Number of warmup steps cannot be negative, but got {n_warmup_steps=}.")
         if isinstance(interval_steps, bool) or not isinstance(interval_steps, int) or interval_steps < 1:
             raise ValueError(f"Pruning interval steps must be at least 1, but got {interval_steps=}.")
-        if stop_threshold is not None:
-            decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
-        if isinstance(base_pruner, HyperbandPruner) and getattr(base_pruner, "_max_resource", None) == "auto":
+        if stop_threshold is not None and (
+            isinstance(stop_threshold, bool)
+            or not isinstance(stop_threshold, (int, float))
+            or not (math.isfinite(stop_threshold) and stop_threshold > 0.0)
+        ):
+            raise ValueError(f"stop_threshold must be a finite number > 0, but got {stop_threshold=}.")
+        if isinstance(wrapped, HyperbandPruner) and getattr(wrapped, "_max_resource", None) == "auto":
             warnings.warn(
-                "NeVePruner(base_pruner=HyperbandPruner(max_resource='auto')): Hyperband reads its max_resource"
+                "NeVePruner(HyperbandPruner(max_resource='auto')): Hyperband reads its max_resource"
                 " off the first COMPLETE trial, which NeVe may have stopped early (converged); pass"
                 " max_resource= the epoch cap instead.",
                 UserWarning,
@@ -192,7 +204,7 @@ class NeVePruner(BasePruner):
             )
         self._stop_threshold = None if stop_threshold is None else float(stop_threshold)
         self._warned: set[int] = set()  # trial numbers already warned about (a warning, not a decision)
-        self._base_pruner = base_pruner
+        self._wrapped = wrapped
         self._n_warmup_steps = n_warmup_steps
         self._interval_steps = interval_steps
 
@@ -202,14 +214,20 @@ class NeVePruner(BasePruner):
         return self._stop_threshold
 
     @property
+    def wrapped_pruner(self) -> BasePruner | None:
+        """The wrapped pruner (``None``: only NeVe prunes)."""
+        return self._wrapped
+
+    @property
     def base_pruner(self) -> BasePruner | None:
-        return self._base_pruner
+        """Alias of :attr:`wrapped_pruner`."""
+        return self._wrapped
 
     def prune(self, study: optuna.study.Study, trial: optuna.trial.FrozenTrial) -> bool:
         reason = self.neve_decision(trial)
-        # The base pruner sees every check, also those NeVe decides: successive halving records the
+        # The wrapped pruner sees every check, also those NeVe decides: successive halving records the
         # trial's value at each rung it reaches inside prune(), and the other trials are ranked on it.
-        pruned = False if self._base_pruner is None else bool(self._base_pruner.prune(study, trial))
+        pruned = False if self._wrapped is None else bool(self._wrapped.prune(study, trial))
         if reason is not None:
             return reason.is_failure  # NeVe's decision comes first: converged is never pruned
         return pruned  # some pruners return numpy bools
@@ -218,7 +236,7 @@ class NeVePruner(BasePruner):
         """The trial's NeVe decision at its latest reported step (``CONVERGED``, ``STALLED``, ``COLLAPSED``,
         ``DIVERGED``) or ``None``.
 
-        ``None`` also before any report, during warmup and between interval checks. The base pruner is
+        ``None`` also before any report, during warmup and between interval checks. The wrapped pruner is
         not consulted.
         """
         step = trial.last_step
@@ -252,21 +270,19 @@ class NeVePruner(BasePruner):
             if message is not None:
                 self._warned.add(number)
                 warnings.warn(message, UserWarning, stacklevel=3)
-        threshold = _LEGACY_THRESHOLD if self._stop_threshold is None else self._stop_threshold
-        return decide(metrics, stop_threshold=threshold)
+        return decide(metrics)
 
     def is_check_step(self, step: int, reported_steps: Iterable[int]) -> bool:
         """Whether NeVe decides at ``step``, given every step reported so far (``step`` may be among them).
 
         Checks happen at ``n_warmup_steps``, ``n_warmup_steps + interval_steps``, ...; a check that falls
         on a step that was not reported is postponed to the first reported step after it, as in Optuna's
-        own pruners. :func:`~neve_tune.optuna.report_epoch` reads the trial's decision exactly on these
-        steps.
+        own pruners. :meth:`prune` reads the trial's decision exactly on these steps.
         """
         return _is_check_step(step, reported_steps, self._n_warmup_steps, self._interval_steps)
 
     def __repr__(self) -> str:
         return (
-            f"NeVePruner(base_pruner={self._base_pruner!r}, stop_threshold={self.stop_threshold},"
+            f"NeVePruner(wrapped_pruner={self._wrapped!r}, stop_threshold={self.stop_threshold},"
             f" n_warmup_steps={self._n_warmup_steps}, interval_steps={self._interval_steps})"
         )

@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import optuna
 
-from neve_tune import StopReason, decide, keys
+from neve_tune import NeVe, StopReason, decide, keys
 from neve_tune.optuna._attrs import (
     HISTORY_ATTR,
     NEVE_ATTR,
@@ -16,7 +16,6 @@ from neve_tune.optuna._attrs import (
     decode,
     encode_entry,
 )
-from neve_tune.optuna._pruner import NeVePruner
 
 
 class _HasMetrics(Protocol):
@@ -60,13 +59,14 @@ def report_epoch(
     ``trial.report(value, step)``, and then:
 
     * returns :obj:`None` to keep training;
-    * returns ``StopReason.CONVERGED`` when NeVe says training is done: stop and **return the
-      objective's value**, so the trial ends ``COMPLETE`` and counts for ``best_trial``;
+    * returns ``StopReason.CONVERGED`` when the trial's NeVe says training is done and the pruner did not
+      prune it: stop and **return the objective's value**, so the trial ends ``COMPLETE`` and counts for
+      ``best_trial``;
     * returns ``StopReason.MAX_T`` at epoch ``max_epochs`` (when given): the budget is spent;
-    * raises :class:`optuna.TrialPruned` when the trial's NeVe says it diverged (NaN/inf velocity or
-      loss), stalled (stopped moving, or sits at chance, without having learned) or collapsed (its aux
-      responses froze), or when the pruner prunes it (e.g. the base pruner of
-      :class:`~neve_tune.optuna.NeVePruner` on ``value``): the trial ends ``PRUNED``, never
+    * raises :class:`optuna.TrialPruned` when the study's pruner prunes it: a
+      :class:`~neve_tune.optuna.NeVePruner` does when the trial's NeVe says it diverged (NaN/inf velocity
+      or loss), stalled (stopped moving, or sits at chance, without having learned) or collapsed (its aux
+      responses froze), or when its wrapped pruner prunes on ``value``: the trial ends ``PRUNED``, never
       ``best_trial``.
 
     On every stop it records the user attributes ``neve_stop_reason`` (``"converged"``, ``"max_t"``,
@@ -74,11 +74,13 @@ def report_epoch(
     ``neve_stop_epoch`` (``neve/epoch``: epochs trained). The return
     value is truthy exactly when the loop should end, so ``if report_epoch(...): break`` is the idiom.
 
-    Who decides: the trial's own NeVe, read with :func:`neve_tune.decide` from this epoch's flags. With a
-    :class:`~neve_tune.optuna.NeVePruner` as the study's pruner, only on its ``is_check_step`` steps
-    (``n_warmup_steps`` and ``interval_steps``), and a pruner ``stop_threshold`` that differs from the
-    trial's warns; with any other pruner, or a :class:`optuna.trial.FixedTrial`, at every step, and
-    ``should_prune()`` adds the study pruner's decision.
+    Who decides: the study's pruner alone decides whether the trial is pruned (``trial.should_prune()``).
+    A :class:`~neve_tune.optuna.NeVePruner` reads the trial's own NeVe decision from the ``"neve"`` attribute
+    stored here, on its check steps (``n_warmup_steps``, ``interval_steps``), then asks its wrapped pruner.
+    The trial's NeVe flags (:func:`neve_tune.decide`) name the reason of a pruned trial and say when it
+    converged. Another pruner, or a :class:`optuna.trial.FixedTrial`, does not read NeVe: a diverged,
+    stalled or collapsed trial is then not pruned by NeVe (wrap your pruner: ``NeVePruner(yours)``); a
+    converged one still ends.
 
     Re-running a step (a trial retried by ``RetryHeartbeatStaleTrialCallback`` inherits the failed
     attempt's attributes, or a trial resumed from a checkpoint) drops the history from that step on, so
@@ -103,17 +105,15 @@ def report_epoch(
     Raises:
         optuna.TrialPruned: the trial diverged, stalled, collapsed or was pruned.
     """
-    stepper = getattr(neve, "_step_for_report", None)
-    if train_loss is not None:
-        if stepper is None:
-            raise TypeError(
-                "report_epoch(..., train_loss=...) steps NeVe itself, so it needs the neve_tune.NeVe"
-                f" controller, but got {type(neve).__name__}."
-            )
-        stepper(train_loss, "report_epoch")
-    if callable(getattr(neve, "_mark_reported", None)):
-        neve._mark_reported()  # type: ignore[union-attr]
-    metrics = _as_metrics(neve)
+    if isinstance(neve, NeVe):
+        metrics = neve.report_step(train_loss, who="report_epoch")  # steps NeVe first when given the loss
+    elif train_loss is not None:
+        raise TypeError(
+            "report_epoch(..., train_loss=...) steps NeVe itself, so it needs the neve_tune.NeVe"
+            f" controller, but got {type(neve).__name__}."
+        )
+    else:
+        metrics = _as_metrics(neve)
     if keys.EPOCH not in metrics or metrics[keys.EPOCH] < 1:
         raise ValueError(
             f"report_epoch needs NeVe metrics of a finished epoch ({keys.EPOCH!r} >= 1), but got"
@@ -134,16 +134,14 @@ def report_epoch(
     trial.set_user_attr(HISTORY_ATTR, history)
     trial.report(value, step)
 
-    pruner = getattr(getattr(trial, "study", None), "pruner", None)
-    if isinstance(pruner, NeVePruner):
-        checked = pruner.is_check_step(step, [e[STEP_KEY] for e in history])
-        reason = pruner.decide(trial.number, metrics) if checked else None
-        if reason is not None and pruner.base_pruner is not None:
-            trial.should_prune()  # NeVe decided; the base pruner still records this step (its rungs)
-    else:
-        reason = decide(metrics)  # the trial's own NeVe flags (and any non-finite velocity)
-    if reason is None and trial.should_prune():
-        reason = StopReason.PRUNED
+    # The study's pruner alone decides whether the trial is pruned (a NeVePruner reads the "neve" attribute
+    # just stored: the trial's own NeVe decision, at its check steps); the trial's flags name the reason.
+    own = decide(metrics)
+    reason: StopReason | None = None
+    if trial.should_prune():
+        reason = own if own is not None and own.is_failure else StopReason.PRUNED
+    elif own is StopReason.CONVERGED:
+        reason = own
     if reason is None and max_epochs is not None and epoch >= max_epochs:
         reason = StopReason.MAX_T
     if reason is None:

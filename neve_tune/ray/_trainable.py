@@ -50,7 +50,8 @@ def report_epoch(
     ``report_epoch(neve, metrics, model=..., optimizer=..., train_loss=epoch_loss)`` calls
     ``neve.step(epoch_loss)`` itself, so NeVe's decision uses the training loss (the stalled test and the
     chance-level check need it; see ``neve_tune.NeVe``). Calling both ``neve.step()`` and
-    ``report_epoch(..., train_loss=...)`` in one epoch raises ``ValueError``. The checkpoint (``neve_state.pt`` in a
+    ``report_epoch(..., train_loss=...)`` in one epoch raises ``ValueError`` (``NeVe.report_step``, the
+    report path shared with ``neve_tune.optuna.report_epoch``). The checkpoint (``neve_state.pt`` in a
     ``ray.tune.Checkpoint``) holds ``model.state_dict()``, ``optimizer.state_dict()``,
     ``neve.state_dict()``, the epoch, the torch/NumPy/Python RNG states (``save_rng``) and
     ``extra_state`` (any ``torch.save``-able values, e.g. an LR scheduler's ``state_dict()``).
@@ -82,10 +83,7 @@ def report_epoch(
     if train_loss is not None and neve is None:
         raise ValueError("train_loss= steps NeVe before reporting; it needs a NeVe object (got neve=None).")
     if neve is not None:
-        if train_loss is not None:
-            neve._step_for_report(train_loss, "report_epoch")
-        neve._mark_reported()
-        neve_metrics = neve.metrics()
+        neve_metrics = neve.report_step(train_loss, who="report_epoch")  # steps NeVe first when given the loss
         reported = {**own, **neve_metrics}
         if epoch is None:
             epoch = int(neve_metrics[keys.EPOCH])
@@ -211,7 +209,7 @@ def load_training_state(
     return int(state["epoch"])
 
 
-def select_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
+def _select_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
     """The device for a trial that Ray gave ``gpu_ids``: ``cuda`` when it got a GPU and CUDA works, else cpu.
 
     Ray sets ``CUDA_VISIBLE_DEVICES`` to the trial's GPU(s), so its first GPU is ``cuda:0`` (also for a
@@ -232,7 +230,7 @@ def select_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
 
 
 def trial_device() -> torch.device:
-    """The device this trial should train and measure velocity on (see :func:`select_device`).
+    """The device this trial should train and measure velocity on (see :func:`_select_device`).
 
     Inside a trial (a Ray actor) it follows the GPUs Ray assigned, e.g. with
     ``tune.with_resources(fn, {"gpu": 0.5})``; outside Ray it is ``cuda`` when available, else cpu.
@@ -243,7 +241,7 @@ def trial_device() -> torch.device:
     # Check is_initialized() first: get_runtime_context() would start a Ray instance.
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return torch.device("cuda", 0) if cuda else torch.device("cpu")
-    return select_device(ray.get_gpu_ids(), cuda)
+    return _select_device(ray.get_gpu_ids(), cuda)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -264,3 +262,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+select_device = _select_device  # not public: ray/__init__.py still imports it (to drop from its __all__)
