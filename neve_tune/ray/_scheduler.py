@@ -272,14 +272,14 @@ class NeVeScheduler(FIFOScheduler):
             if time is not None and time >= self._max_t:
                 return StopInfo(StopReason.MAX_T, epoch_of(result), float(time), None)
             return None  # neve.metrics() without a velocity (a re-baseline), or a sparse result
+        if not flagged:  # decisions come only from the trial's own NeVe
+            raise ValueError(self._missing(keys.CONVERGED, result))
         try:
             reason = decide(result, velocity_key=self._velocity_key, change_key=self._change_key)
         except TypeError as err:
             raise TypeError(f"{type(self).__name__}: {err}") from None
         if reason is StopReason.DIVERGED:
             return StopInfo(reason, epoch_of(result), float(result.get(self._time_attr, math.nan)), float(velocity))
-        if not flagged:
-            raise ValueError(self._missing(keys.CONVERGED, result))
         if time is None:
             raise ValueError(self._missing(self._time_attr, result))
         time = float(time)
