@@ -204,7 +204,7 @@ def flat_case(results: int, repeats: int) -> None:
     print(f"  ratio (10,000 / 10): {large / small:.2f}x   (flat = about 1)")
 
 
-def composed_case(sizes: tuple[int, int], epochs: int, repeats: int) -> None:
+def composed_case(sizes: tuple[int, int], epochs: int, repeats: int, min_results: int) -> None:
     import ray
     from ray.train._internal.storage import StorageContext
 
@@ -215,7 +215,7 @@ def composed_case(sizes: tuple[int, int], epochs: int, repeats: int) -> None:
         started = time.perf_counter()
         for bench in benches.values():
             # The small experiment is short: repeat it more, so each chunk's best is as well sampled.
-            for _ in range(max(repeats, 20_000 // len(bench.order))):
+            for _ in range(max(repeats, min_results // len(bench.order))):
                 bench.run()
         print(
             f"\nNeVeScheduler(base_scheduler=ASHAScheduler(...)) vs ASHAScheduler alone, epochs 1..{epochs - 1},"
@@ -245,12 +245,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100, help="ASHA's max_t in the composed case")
     parser.add_argument("--large", type=int, default=3_000, help="live trials of the large composed case")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--min-results", type=int, default=20_000, help="composed case: repeat a size until it timed this many"
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run: few results and epochs, 2 repeats")
     args = parser.parse_args()
     if args.quick:
         args.results, args.epochs, args.large, args.repeats = 20_000, 20, 300, 2
     flat_case(args.results, args.repeats)
-    composed_case((10, args.large), args.epochs, args.repeats)
+    composed_case((10, args.large), args.epochs, args.repeats, args.min_results)
 
 
 if __name__ == "__main__":
