@@ -12,23 +12,27 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
 
 import pytest
 import ray
 from ray import tune
+from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
 
 from neve_tune import StopReason, keys
-from neve_tune.ray import STOP_EPOCH, STOP_REASON, NeVeScheduler, StopInfo
+from neve_tune.ray import NeVeScheduler, StopInfo
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+STOP_REASON, STOP_EPOCH = keys.STOP_REASON, keys.STOP_EPOCH
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def ray_session():
+    """A local Ray instance, for the tests that run a Tuner or need Tune's storage paths."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -97,7 +101,7 @@ def test_bad_bases_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="metric='train_loss' but no mode"):
         NeVeScheduler(base_scheduler=ASHAScheduler(metric="train_loss"))
     with pytest.raises(TypeError, match="TrialScheduler"):
-        NeVeScheduler(base_scheduler="asha")  # type: ignore[arg-type]
+        NeVeScheduler(base_scheduler="asha")
     composite = NeVeScheduler(base_scheduler=asha)
     assert composite.base_scheduler is asha
     assert repr(composite).endswith("base_scheduler=<AsyncHyperBandScheduler metric='train_loss' mode='min'>)")
@@ -122,9 +126,10 @@ def test_the_base_keeps_its_own_metric_and_one_without_adopts_ours():
 
 
 def _result(it: int, loss: float) -> dict:
-    """A flat result as Tune passes it (see tests/test_ray_scheduler.py): NeVe says continue."""
-    return {"training_iteration": it, "train_loss": loss, keys.EPOCH: float(it), keys.MODEL_VELOCITY: 0.5,
-            keys.CONVERGED: 0.0, keys.DIVERGED: 0.0, keys.STALLED: 0.0, keys.COLLAPSED: 0.0}  # fmt: skip
+    """A flat result as Tune passes it, with the keys of `neve.metrics()` (tests/test_ray_scheduler.py feeds
+    real ones): the trial's NeVe says continue."""
+    flags = dict.fromkeys(keys.DECISION_FLAGS.values(), 0.0)
+    return {"training_iteration": it, "train_loss": loss, keys.EPOCH: float(it), keys.MODEL_VELOCITY: 0.5, **flags}
 
 
 def test_a_base_stop_is_pruned_below_the_bases_cap_and_max_t_at_it():
@@ -163,6 +168,86 @@ def test_save_and_restore_carry_the_base_and_its_rungs(tmp_path):
     assert other.on_trial_result(None, late, _result(1, 0.9)) == STOP  # ranked against the restored rung
 
 
+def _asha() -> ASHAScheduler:
+    return ASHAScheduler(metric="train_loss", mode="min", max_t=8, grace_period=1, reduction_factor=2)
+
+
+def _rungs(asha: ASHAScheduler) -> dict:
+    return {milestone: dict(recorded) for milestone, recorded in asha._brackets[0]._rungs if recorded}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_bases_state_is_written_when_it_must_survive_a_restore_not_on_every_result(tmp_path):
+    """Trials with Tune's real storage context. The state file is written at the first add, then not for
+    results (within the interval), nor for a completion while trials are live; at once for an error, for
+    the end of the last live trial and for save(). A copy pickled at construction (what Tuner.restore
+    gives back) loads it at its first add: the rungs are back, exactly."""
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp")
+    scheduler = NeVeScheduler(base_scheduler=_asha())
+    pickled_at_construction = pickle.dumps(scheduler)
+    link = scheduler._base_link
+    link.persist_every_s = 3600.0
+    first, second, third = (Trial("train_fn", stub=True, storage=storage) for _ in range(3))
+    for trial in (first, second, third):
+        scheduler.on_trial_add(None, trial)
+    path = link.state_file()
+    assert path is not None and os.path.dirname(path) == storage.experiment_driver_staging_path
+    assert link.writes == 1 and os.path.exists(path)
+    for it in range(1, 5):
+        for trial, loss in ((first, 0.5), (second, 0.4), (third, 0.45)):
+            assert scheduler.on_trial_result(None, trial, _result(it, loss / it)) == CONTINUE
+    scheduler.on_trial_complete(None, first, _result(4, 0.125))
+    assert link.writes == 1  # 12 results and a completion: nothing written
+    scheduler.on_trial_error(None, second)
+    assert link.writes == 2  # an error: resume_errored will re-run it against these rungs
+    rungs = _rungs(scheduler.base_scheduler)
+    assert rungs[4] == {first.trial_id: -0.125, second.trial_id: -0.1, third.trial_id: -0.1125}
+
+    restored = pickle.loads(pickled_at_construction)
+    assert _rungs(restored.base_scheduler) == {}
+    restored.on_trial_add(None, second)  # Tuner.restore re-adds the errored trial
+    assert _rungs(restored.base_scheduler) == rungs
+    # A new trial is ranked against the restored rung 4 (cutoff: loss 0.1125 at reduction factor 2).
+    late = Trial("train_fn", stub=True, storage=storage)
+    restored.on_trial_add(None, late)
+    assert restored.on_trial_result(None, late, _result(4, 0.12)) == STOP
+    assert restored.stop_info(late.trial_id).reason is StopReason.PRUNED
+
+    scheduler.on_trial_complete(None, third, _result(4, 0.1125))
+    assert link.writes == 3  # the last live trial ended
+    scheduler.save(str(tmp_path / "sched.pkl"))
+    assert link.writes == 4
+    # Another scheduler in the same experiment directory never reads this one's state.
+    other = NeVeScheduler(base_scheduler=_asha())
+    other.on_trial_add(None, Trial("train_fn", stub=True, storage=storage))
+    assert _rungs(other.base_scheduler) == {} and other._base_link.state_file() != path
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_bases_state_is_written_at_most_once_per_interval_and_never_for_a_base_without_save(tmp_path):
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="interval")
+    scheduler = NeVeScheduler(base_scheduler=_asha())
+    link = scheduler._base_link
+    link.persist_every_s = 0.0  # every hook is past the interval
+    trial = Trial("train_fn", stub=True, storage=storage)
+    scheduler.on_trial_add(None, trial)
+    for it in range(1, 4):
+        scheduler.on_trial_result(None, trial, _result(it, 0.5))
+    assert link.writes == 4
+    link.persist_every_s = 3600.0
+    for it in range(4, 8):
+        scheduler.on_trial_result(None, trial, _result(it, 0.5))
+    assert link.writes == 5  # the first result after a 0 s interval, then none for an hour
+    hyperband = NeVeScheduler(base_scheduler=HyperBandScheduler(metric="train_loss", mode="min", max_t=8))
+    hyperband.on_trial_add(None, Trial("train_fn", stub=True, storage=storage))
+    hyperband.save(str(tmp_path / "hyperband.pkl"))
+    assert hyperband._base_link.state_file() is None and hyperband._base_link.writes == 0
+    staged = os.listdir(storage.experiment_driver_staging_path)
+    assert os.path.basename(link.state_file()) in staged
+    assert not [name for name in staged if name.endswith(".tmp")]  # no temporary file is left behind
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_a_base_without_any_metric_fails_the_run_with_the_fix(tmp_path):
     tuner = tune.Tuner(
         scripted_trainable,
@@ -174,6 +259,7 @@ def test_a_base_without_any_metric_fails_the_run_with_the_fix(tmp_path):
         tuner.fit()
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_a_result_without_the_bases_metric_fails_the_run_with_the_key(tmp_path):
     scheduler = NeVeScheduler(base_scheduler=ASHAScheduler(metric="trian_loss", mode="min", max_t=4))
     tuner = tune.Tuner(
@@ -188,6 +274,7 @@ def test_a_result_without_the_bases_metric_fails_the_run_with_the_key(tmp_path):
 
 # ----------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_asha_inside_neve_prunes_on_the_training_loss_and_neve_still_decides(tmp_path):
     """Five trials, one at a time. ASHA (rungs at epochs 1, 2, 4, 8; reduction factor 2: a trial below the
     median of its rung is cut) ranks ``train_loss``; NeVe's own decisions come first."""
@@ -217,9 +304,8 @@ def test_asha_inside_neve_prunes_on_the_training_loss_and_neve_still_decides(tmp
         "mediocre": ("pruned", 1),
         "bad": ("pruned", 1),
     }
-    assert {n: r.metrics["training_iteration"] for n, r in by_name.items()} == {
-        "long": 8, "converges": 3, "diverges": 2, "mediocre": 1, "bad": 1,
-    }  # fmt: skip
+    iterations = {n: r.metrics["training_iteration"] for n, r in by_name.items()}
+    assert iterations == {"long": 8, "converges": 3, "diverges": 2, "mediocre": 1, "bad": 1}
     recorded = {by_name[n].metrics["trial_id"]: info.reason.value for n, info in _infos(scheduler, by_name)}
     assert sorted(recorded.values()) == ["converged", "diverged", "max_t", "pruned", "pruned"]
     assert StopInfo.from_metrics(by_name["bad"].metrics).reason.value == "pruned"
@@ -235,6 +321,7 @@ def _infos(scheduler: NeVeScheduler, by_name: dict):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_hyperband_inside_neve_pauses_resumes_and_prunes(tmp_path):
     """HyperBand (max_t=3, reduction factor 3) fills two brackets in the order trials are added: the first
     (2 trials) runs both to 3 epochs; the second (3 trials) runs each 1 epoch, pausing it, then keeps the
@@ -271,13 +358,13 @@ def test_hyperband_inside_neve_pauses_resumes_and_prunes(tmp_path):
     assert list(by_name["c"].metrics_dataframe["start_epoch"]) == [0, 1, 1]
     assert [int(x) for x in by_name["c"].metrics_dataframe[keys.EPOCH]] == [1, 2, 3]
     assert all(set(by_name[n].metrics_dataframe["start_epoch"]) == {0} for n in "abde")
-    assert sorted(info.reason.value for info in scheduler.stopped_trials.values()) == [
-        "converged", "max_t", "max_t", "pruned", "pruned",
-    ]  # fmt: skip
+    reasons = sorted(info.reason.value for info in scheduler.stopped_trials.values())
+    assert reasons == ["converged", "max_t", "max_t", "pruned", "pruned"]
     assert "num_stopped=2" in scheduler.debug_string()
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_tuner_restore_gives_asha_its_rungs_back(tmp_path):
     """ASHA rungs at epochs 1, 2, 4, 8. Trial ``first`` sets them all; trial ``crashes`` is the best at
     rung 1, then the run is interrupted (an error after epoch 1, max_failures=0). Restored, it resumes at

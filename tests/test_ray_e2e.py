@@ -14,19 +14,12 @@ from ray import tune
 from torch import nn
 
 from neve_tune import NeVe, keys, noise_aux
-from neve_tune.ray import (
-    STOP_EPOCH,
-    STOP_REASON,
-    NeVeScheduler,
-    StopInfo,
-    report_epoch,
-    restore_from_checkpoint,
-    trial_device,
-)
+from neve_tune.ray import NeVeScheduler, StopInfo, report_epoch, restore_from_checkpoint, trial_device
 from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 from tests.readme import readme_example
 
 V = keys.MODEL_VELOCITY
+STOP_REASON, STOP_EPOCH = keys.STOP_REASON, keys.STOP_EPOCH
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,49 +1,90 @@
-"""NeVeScheduler driven by hand-built flat results, as Tune delivers them; trainable helpers without Ray.
+"""NeVeScheduler driven by what real trials report, as Tune delivers it; trainable helpers without Ray.
 
-No Ray instance is started here: ``on_trial_result`` gets real ``ray.tune.experiment.Trial`` objects and
-flat dicts, exactly what ``TuneController`` passes, and the checkpoint helpers run on plain directories.
+No Ray instance is started here. Each decision test steps a real ``NeVe`` on a tiny real model (a converging
+run, a model that never moves, a loss that turns NaN, a network whose ReLUs all die) and feeds its
+``neve.metrics()``, flattened with Tune's own ``flatten_dict`` next to Tune's auto-filled keys, to
+``on_trial_result`` with real ``ray.tune.experiment.Trial`` objects, exactly what ``TuneController``
+passes. The checkpoint helpers run on plain directories.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
 from ray.tune.experiment import Trial
 from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.utils import flatten_dict
 from torch import nn
 
-from neve_tune import NeVe, NeVeRule, StopReason, decide, keys, noise_aux
+from neve_tune import NeVe, StopReason, decide, keys, noise_aux
 from neve_tune.ray import (
-    STOP_EPOCH,
-    STOP_REASON,
     NeVeScheduler,
     StopInfo,
     load_training_state,
     report_epoch,
     save_training_state,
-    select_device,
     trial_device,
 )
+from neve_tune.ray._trainable import select_device
 from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 V, D, IT = keys.MODEL_VELOCITY, keys.VELOCITY_CHANGE, "training_iteration"
+FLAGS = tuple(keys.DECISION_FLAGS.values())
 
 
-def result(it: int, v: float | None = 0.5, d: float | None = 0.01, **extra: float) -> dict:
-    """A flat result like Tune's: auto-filled keys, the user's metric and NeVe's keys."""
-    out = {IT: it, "time_total_s": 0.1 * it, "trial_id": "x", "done": False, "loss": 1.0 / it}
-    out[keys.EPOCH] = float(it)
-    if v is not None:
-        out[V] = v
-    if d is not None and it > 1:
-        out[D] = d
-    out.update(extra)
-    return out
+def tune_result(epoch: int, metrics: dict, **user: float) -> dict:
+    """What Tune hands a scheduler for one ``tune.report({**user, **metrics})``: flat, with its own keys."""
+    auto = {IT: epoch, "time_total_s": 0.1 * epoch, "trial_id": "x", "done": False, "config": {"lr": 0.1}}
+    return flatten_dict({**auto, **user, **metrics})
+
+
+@functools.cache
+def _run(scenario: str, stop_threshold: float = 1e-3) -> tuple[dict, ...]:
+    """One real trial: a tiny classifier and its NeVe, one Tune result per epoch, until NeVe says stop.
+
+    ``converges``: converged at epoch 9 (its V is under 1e-3 from epoch 8, but its loss still falls).
+    ``still``: never trained, reported without a loss: stalled from epoch 2 on (NeVe's warm-up is 2 here),
+    reported for 6 epochs. ``nan``: its epoch-3 loss is NaN: diverged at 3. ``dies``: every ReLU is killed
+    before epoch 6: collapsed at 9.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    hidden = nn.Linear(4, 16)
+    model = nn.Sequential(hidden, nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    aux = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    neve = NeVe(model, opt, aux, min_epochs=2 if scenario == "still" else 3, patience=2, stop_threshold=stop_threshold)
+    out = []
+    for epoch in range(1, 31):
+        if scenario == "dies" and epoch == 6:
+            with torch.no_grad():
+                hidden.bias.fill_(-1e4)
+        total = None
+        if scenario != "still":
+            total = 0.0
+            for idx in torch.randperm(256).split(32):
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() / 8
+        neve.step(math.nan if scenario == "nan" and epoch == 3 else total)
+        out.append(tune_result(epoch, neve.metrics(), **({} if total is None else {"train_loss": total})))
+        if neve.should_stop and (scenario != "still" or epoch == 6):
+            break
+    return tuple(out)
+
+
+def run(scenario: str, stop_threshold: float = 1e-3) -> list[dict]:
+    return [dict(r) for r in _run(scenario, stop_threshold)]
 
 
 def new_trial() -> Trial:
@@ -60,122 +101,139 @@ def drive(scheduler: NeVeScheduler, trial: Trial, results: list[dict]) -> list[s
     return decisions
 
 
+def test_the_runs_are_what_the_tests_below_rely_on():
+    """The real trials: where NeVe itself says stop, and why."""
+    ends = {name: (len(run(name)), decide(run(name)[-1])) for name in ("converges", "still", "nan", "dies")}
+    assert ends == {
+        "converges": (9, StopReason.CONVERGED),
+        "still": (6, StopReason.STALLED),
+        "nan": (3, StopReason.DIVERGED),
+        "dies": (9, StopReason.COLLAPSED),
+    }
+    assert [r[keys.STALLED] for r in run("still")] == [0.0] + [1.0] * 5
+    assert all(set(FLAGS) <= set(r) for name in ends for r in run(name))  # NeVe.metrics() always flags
+    converging = run("converges")
+    assert converging[7][V] < 1e-3 and converging[7][keys.CONVERGED] == 0.0  # low V, but NeVe says go on
+
+
 # ----------------------------------------------------------------------------------- decisions
-def test_converged_trial_stops_at_first_low_velocity_after_grace_period():
-    sched = NeVeScheduler(grace_period=3, stop_threshold=1e-3)
-    trial = new_trial()
-    sched.on_trial_add(None, trial)
-    velocities = [0.5, 5e-4, 4e-4, 3e-4, 2e-4]  # under the threshold from epoch 2, grace ends at 3
-    decisions = drive(sched, trial, [result(i + 1, v) for i, v in enumerate(velocities)])
-    assert decisions == [CONTINUE, CONTINUE, STOP]
-    info = sched.stop_info(trial.trial_id)
-    assert info == StopInfo(StopReason.CONVERGED, epoch=3, time=3.0, model_velocity=4e-4)
-    assert str(info.reason) == "converged"
-
-
-def test_velocity_at_threshold_is_not_converged():
-    sched = NeVeScheduler(stop_threshold=1e-3)
-    assert sched.check_result(result(5, 1e-3)) is None
-    assert sched.check_result(result(5, math.nextafter(1e-3, 0))).reason is StopReason.CONVERGED
-
-
 @pytest.mark.parametrize(
-    ("v", "d"),
+    ("scenario", "reason", "epoch"),
     [
-        (math.nan, 0.01),
-        (math.inf, 0.01),
-        (-math.inf, None),
-        (0.3, math.nan),
-        (0.3, math.inf),
-        (1e-9, math.nan),
+        ("converges", StopReason.CONVERGED, 9),
+        ("still", StopReason.STALLED, 2),
+        ("nan", StopReason.DIVERGED, 3),
+        ("dies", StopReason.COLLAPSED, 9),
     ],
 )
-def test_non_finite_velocity_or_change_is_diverged_at_once_even_in_grace_period(v, d):
-    sched = NeVeScheduler(grace_period=10, max_t=100)
-    trial = new_trial()
+def test_the_scheduler_stops_where_the_trials_neve_says_and_records_why(scenario, reason, epoch):
+    sched, trial = NeVeScheduler(), new_trial()
     sched.on_trial_add(None, trial)
-    assert drive(sched, trial, [result(1, 0.4), result(2, v, d)]) == [CONTINUE, STOP]
+    results = run(scenario)
+    assert drive(sched, trial, results) == [CONTINUE] * (epoch - 1) + [STOP]
     info = sched.stop_info(trial.trial_id)
-    assert info.reason is StopReason.DIVERGED and info.epoch == 2  # (1e-9, NaN) too: never "converged"
+    stopping = results[epoch - 1]
+    velocity = stopping.get(V)
+    assert (info.reason, info.epoch, info.time) == (reason, epoch, float(epoch))
+    assert info.model_velocity == velocity or (math.isnan(info.model_velocity) and math.isnan(velocity))
+    trial.update_last_result(stopping)
+    sched.on_trial_complete(None, trial, stopping)
+    assert trial.last_result[keys.STOP_REASON] == reason.value and trial.last_result[keys.STOP_EPOCH] == epoch
+    assert StopInfo.from_metrics(trial.last_result).reason is reason
+    assert sched.num_live_trials == 0 and f"stopped {reason.value}=1" in sched.debug_string()
 
 
-def test_max_t_stops_with_reason_max_t_and_honours_time_attr():
-    sched = NeVeScheduler(max_t=4, time_attr="time_total_s")
-    trial = new_trial()
-    # time_total_s = 0.1 * it: reaches 4.0 at it = 40, not at training_iteration 4.
-    assert drive(sched, trial, [result(i, 0.2) for i in range(1, 40)]) == [CONTINUE] * 39
-    assert sched.on_trial_result(None, trial, result(40, 0.2)) == STOP
-    info = sched.stop_info(trial.trial_id)
-    assert (info.reason, info.epoch, info.time) == (StopReason.MAX_T, 40, pytest.approx(4.0))
+def test_a_low_velocity_alone_never_stops_a_trial():
+    """V is under 1e-3 at epoch 8 but the trial's NeVe says continue: so does the scheduler."""
+    sched = NeVeScheduler()
+    results = run("converges")
+    assert results[7][V] < 1e-3
+    assert sched.check_result(results[7]) is None
+    assert sched.check_result(results[8]).reason is StopReason.CONVERGED
+
+
+def test_grace_period_delays_stalled_but_never_diverged():
+    sched, trial = NeVeScheduler(grace_period=5, max_t=100), new_trial()
+    assert drive(sched, trial, run("still")) == [CONTINUE] * 4 + [STOP]  # stalled from epoch 2
+    assert sched.stop_info(trial.trial_id).reason is StopReason.STALLED
+    late, trial = NeVeScheduler(grace_period=10, max_t=100), new_trial()
+    assert drive(late, trial, run("nan")) == [CONTINUE, CONTINUE, STOP]  # diverged: at once
+    assert late.stop_info(trial.trial_id).reason is StopReason.DIVERGED
 
 
 def test_grace_period_follows_time_attr():
-    sched = NeVeScheduler(grace_period=2.0, time_attr="time_total_s")
-    low = [result(i, 1e-5) for i in range(1, 21)]  # time_total_s reaches 2.0 at iteration 20
-    assert [sched.check_result(r) is not None for r in low] == [False] * 19 + [True]
+    sched = NeVeScheduler(grace_period=0.4, time_attr="time_total_s")  # 0.1 per epoch: from epoch 4
+    assert [sched.check_result(r) is not None for r in run("still")] == [False] * 3 + [True] * 3
 
 
-def test_precedence_diverged_then_converged_then_max_t():
-    sched = NeVeScheduler(max_t=5)
-    assert sched.check_result(result(5, 1e-6)).reason is StopReason.CONVERGED
-    assert sched.check_result(result(5, math.nan)).reason is StopReason.DIVERGED
-    assert sched.check_result(result(5, 0.5)).reason is StopReason.MAX_T
-    assert sched.check_result(result(6, 0.5)).reason is StopReason.MAX_T
+def test_max_t_stops_with_reason_max_t_and_honours_time_attr():
+    sched, trial = NeVeScheduler(max_t=4), new_trial()
+    assert drive(sched, trial, run("converges")) == [CONTINUE] * 3 + [STOP]
+    info = sched.stop_info(trial.trial_id)
+    assert (info.reason, info.epoch, info.time) == (StopReason.MAX_T, 4, 4.0)
+    by_time, trial = NeVeScheduler(max_t=0.35, grace_period=0, time_attr="time_total_s"), new_trial()
+    assert drive(by_time, trial, run("converges")) == [CONTINUE] * 3 + [STOP]
+    assert by_time.stop_info(trial.trial_id).time == pytest.approx(0.4)
 
 
-def test_first_epoch_without_velocity_change_is_decided_on_velocity_alone():
-    sched = NeVeScheduler()
-    first = result(1, 1e-4, d=None)
-    assert D not in first
-    assert sched.check_result(first).reason is StopReason.CONVERGED
+def test_the_trials_own_decision_comes_before_max_t():
+    assert NeVeScheduler(max_t=9).check_result(run("converges")[8]).reason is StopReason.CONVERGED
+    assert NeVeScheduler(max_t=3).check_result(run("nan")[2]).reason is StopReason.DIVERGED
+    assert NeVeScheduler(max_t=3).check_result(run("converges")[2]).reason is StopReason.MAX_T
 
 
-def test_decisions_are_the_rules_classify():
-    """The scheduler never re-implements the rule: it agrees with NeVeRule.classify everywhere."""
-    values = [0.0, 1e-5, 9.99e-4, 1e-3, 0.2, math.nan, math.inf, -math.inf]
-    changes = [None, 0.0, 0.5, math.nan, math.inf]
-    for thr in (1e-3, 0.25):
-        rule, sched = NeVeRule(stop_threshold=thr), NeVeScheduler(stop_threshold=thr)
-        for v in values:
-            for d in changes:
-                got = sched.check_result(result(3, v, d))
-                assert (got and got.reason) == rule.classify(v, d), (thr, v, d)
+@pytest.mark.parametrize(("key", "value"), [(V, math.nan), (V, math.inf), (V, -math.inf), (D, math.nan), (D, math.inf)])
+def test_a_non_finite_velocity_is_diverged_whatever_the_flags(key, value):
+    result = run("converges")[3]
+    assert all(result[f] == 0.0 for f in FLAGS)
+    result[key] = value
+    info = NeVeScheduler(grace_period=10).check_result(result)
+    assert (info.reason, info.epoch) == (StopReason.DIVERGED, 4)
 
 
-def test_scheduler_stops_where_neve_itself_says_stop():
-    """Real NeVe metrics (digits, a converging and a diverging LR) give the controller's own decision."""
-    torch.set_num_threads(1)
-    data = load_digits_splits()
-    for lr, cap in ((0.05, 25), (1e4, 3)):
-        torch.manual_seed(0)
-        model = DigitsCNN(width=8)
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        neve = NeVe(model, opt, noise_aux((1, 8, 8), n=64, seed=0), patience=2)
-        sched, trial = NeVeScheduler(), new_trial()
-        for epoch in range(1, cap + 1):
-            for idx in torch.randperm(len(data.y_train)).split(64):
-                loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            step = neve.step()
-            flat = {IT: epoch, "train_loss": loss.item(), **neve.metrics()}
-            decision = sched.on_trial_result(None, trial, flat)
-            assert (decision == STOP) == step.should_stop, (lr, epoch, step)
-            if step.should_stop:
-                assert sched.stop_info(trial.trial_id).reason is step.stop_reason
-                break
-        assert step.should_stop, f"lr={lr} did not stop within {cap} epochs: {step}"
-        expected = StopReason.CONVERGED if lr < 1 else StopReason.DIVERGED
-        assert step.stop_reason is expected and sched.stop_info(trial.trial_id).epoch == step.epoch
+def test_the_shortcut_for_quiet_results_agrees_with_decide():
+    """check_result reads a result with no flag set and a finite V and D without calling decide(); every
+    other result goes to decide(). Both must give decide()'s answer on every epoch of every run, and on
+    the same results edited to each flag, to non-finite values and to numeric strings."""
+    sched = NeVeScheduler(grace_period=0)
+    cases = []
+    for scenario in ("converges", "still", "nan", "dies"):
+        for r in run(scenario):
+            cases.append(r)
+            cases += [{**r, flag: 1.0} for flag in FLAGS]
+            cases += [{**r, V: math.inf}, {**r, D: math.nan}, {**r, V: str(r.get(V, 0.5))}, {**r, V: 0}]
+    quiet = 0
+    for r in cases:
+        got = sched.check_result(r)
+        assert (got and got.reason) == decide(r), r
+        quiet += got is None
+    assert 20 < quiet < len(cases)
+
+
+def test_first_epoch_without_velocity_change_is_decided_on_its_flags():
+    first = run("still")[0]
+    assert D not in first and V in first
+    assert NeVeScheduler().check_result(first) is None
+    assert NeVeScheduler().check_result({**first, keys.STALLED: 1.0}).reason is StopReason.STALLED
+
+
+def test_neve_metrics_without_a_velocity_continue():
+    """NeVe.metrics() before the first step (or after a re-baseline) has the flags but no velocity."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    neve = NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(8, 4))
+    result = tune_result(1, neve.metrics())
+    assert V not in result and set(FLAGS) <= set(result)
+    assert NeVeScheduler().on_trial_result(None, new_trial(), result) == CONTINUE
+    assert NeVeScheduler(max_t=1).check_result(result) == StopInfo(StopReason.MAX_T, 0, 1.0, None)
 
 
 def test_custom_keys():
-    sched = NeVeScheduler(velocity_key="my/v", change_key="my/d", time_attr="epoch")
-    assert sched.check_result({"epoch": 2, "my/v": 1e-5, "my/d": 0.0}).reason is StopReason.CONVERGED
-    assert sched.check_result({"epoch": 2, "my/v": 0.5, "my/d": math.nan}).reason is StopReason.DIVERGED
+    renamed = [{("my/v" if k == V else k): v for k, v in r.items()} for r in run("converges")]
+    sched, trial = NeVeScheduler(velocity_key="my/v"), new_trial()
+    assert drive(sched, trial, renamed)[-1] == STOP and sched.stop_info(trial.trial_id).epoch == 9
     with pytest.raises(ValueError, match="'my/v'"):
-        sched.check_result({"epoch": 2, V: 1e-5})
+        sched.check_result({IT: 2, V: 1e-5, "loss": 0.3})
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -192,10 +250,19 @@ def test_missing_velocity_key_error_names_the_key_and_how_to_report_it():
     assert "Reported keys: ['acc', 'loss']" in msg
 
 
+def test_a_velocity_without_neves_flags_is_refused_with_the_fix():
+    """Decisions come only from the flags the trial's NeVe reports: a bare velocity cannot be decided."""
+    bare = {k: v for k, v in run("converges")[8].items() if k not in FLAGS}
+    with pytest.raises(ValueError, match=r"needs 'neve/converged' in every result.*\*\*neve\.metrics\(\)"):
+        NeVeScheduler().on_trial_result(None, new_trial(), bare)
+    with pytest.raises(ValueError, match="'neve/converged'"):
+        NeVeScheduler(allow_missing=True).check_result(bare)
+
+
 def test_allow_missing_continues_on_sparse_results_but_keeps_max_t():
-    sched = NeVeScheduler(allow_missing=True, max_t=3)
-    trial = new_trial()
-    sparse = [result(1, None), result(2, 0.4), result(3, None)]
+    sched, trial = NeVeScheduler(allow_missing=True, max_t=3), new_trial()
+    results = run("converges")
+    sparse = [{IT: 1, "loss": 0.5}, results[1], {IT: 3, "loss": 0.3}]
     assert drive(sched, trial, sparse) == [CONTINUE, CONTINUE, STOP]
     assert sched.stop_info(trial.trial_id) == StopInfo(StopReason.MAX_T, 3, 3.0, None)
 
@@ -208,11 +275,12 @@ def test_result_without_any_report_is_not_checked():
 
 
 def test_missing_time_attr_and_non_numeric_velocity_are_explained():
-    sched = NeVeScheduler(time_attr="neve/epoch")
-    with pytest.raises(ValueError, match=r"needs 'neve/epoch' in every result.*pass `time_attr=`"):
-        sched.check_result({IT: 1, V: 0.5, "loss": 1.0})
+    result = run("converges")[1]
+    sched = NeVeScheduler(time_attr="epoch_count")
+    with pytest.raises(ValueError, match=r"needs 'epoch_count' in every result.*pass `time_attr=`"):
+        sched.check_result(result)
     with pytest.raises(TypeError, match=r"expects a number under 'neve/model_velocity'.*'fast' \(str\)"):
-        sched.check_result({IT: 1, V: "fast", "neve/epoch": 1})
+        NeVeScheduler().check_result({**result, V: "fast"})
 
 
 @pytest.mark.parametrize(
@@ -221,7 +289,8 @@ def test_missing_time_attr_and_non_numeric_velocity_are_explained():
         ({"grace_period": -1}, r"grace_period must be a finite number >= 0, but got grace_period=-1"),
         ({"max_t": 0}, r"max_t must be None or a number > 0, but got max_t=0"),
         ({"max_t": 3, "grace_period": 5}, r"grace_period must be <= max_t"),
-        ({"stop_threshold": -1.0}, r"stop_threshold must be a finite number > 0"),
+        ({"stop_threshold": -1.0}, r"stop_threshold must be None or a finite number > 0, but got stop_thr"),
+        ({"stop_threshold": math.inf}, r"stop_threshold must be None or a finite number > 0"),
         ({"mode": "maximize"}, r"mode must be 'min', 'max' or None, but got mode='maximize'"),
         ({"velocity_key": ""}, r"velocity_key must be a non-empty string"),
     ],
@@ -229,6 +298,26 @@ def test_missing_time_attr_and_non_numeric_velocity_are_explained():
 def test_bad_arguments_are_rejected_eagerly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NeVeScheduler(**kwargs)
+
+
+def test_a_stop_threshold_given_here_only_warns_once_per_trial_and_never_changes_a_decision():
+    """The trial's NeVe(stop_threshold=0.01) decides; a scheduler told 1e-3 warns, and stops where NeVe says."""
+    results = run("converges", stop_threshold=0.01)
+    own_stop = len(results)
+    assert results[-1][keys.CONVERGED] == 1.0 and results[-1][keys.STOP_THRESHOLD] == 0.01
+    assert results[-1][V] >= 1e-3  # a scheduler deciding with 1e-3 itself would not stop here
+    follow, trial = NeVeScheduler(), new_trial()
+    assert drive(follow, trial, results)[-1] == STOP and follow.stop_info(trial.trial_id).epoch == own_stop
+    disagreeing, trial = NeVeScheduler(stop_threshold=1e-3), new_trial()
+    both = r"given stop_threshold=0\.001, but the trial's NeVe reports stop_threshold=0\.01"
+    with pytest.warns(UserWarning, match=both):
+        decisions = drive(disagreeing, trial, results)
+    assert decisions == [CONTINUE] * (own_stop - 1) + [STOP]
+    assert disagreeing.stop_info(trial.trial_id).reason is StopReason.CONVERGED
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per trial: no second warning for the same trial
+        disagreeing.on_trial_result(None, trial, results[0])
+        NeVeScheduler(stop_threshold=0.01).on_trial_result(None, new_trial(), results[0])  # agrees: silent
 
 
 # ----------------------------------------------------------------------------------- metric / mode
@@ -270,7 +359,7 @@ def test_no_metric_or_mode_is_needed_unlike_asha():
         AsyncHyperBandScheduler().on_trial_add(None, trial)
     sched = NeVeScheduler()
     sched.on_trial_add(None, trial)  # NeVe decides on its own keys: no metric/mode required
-    assert sched.metric is None and sched.on_trial_result(None, trial, result(2, 1e-5)) == STOP
+    assert sched.metric is None and sched.on_trial_result(None, trial, run("still")[1]) == STOP
 
 
 # ----------------------------------------------------------------------------------- state and records
@@ -280,36 +369,37 @@ def test_live_state_is_keyed_by_trial_id_and_dropped_records_are_kept():
     for t in trials:
         sched.on_trial_add(None, t)
     assert sched.num_live_trials == 4
-    assert sched.on_trial_result(None, trials[0], result(3, 1e-5)) == STOP
-    sched.on_trial_complete(None, trials[0], result(3, 1e-5))
+    stalled = run("still")[1]
+    assert sched.on_trial_result(None, trials[0], stalled) == STOP
+    sched.on_trial_complete(None, trials[0], stalled)
     sched.on_trial_remove(None, trials[1])
     sched.on_trial_error(None, trials[2])
     assert sched.num_live_trials == 1
-    sched.on_trial_complete(None, trials[3], result(9, 0.2))  # ended by itself: no record
+    sched.on_trial_complete(None, trials[3], run("converges")[0])  # ended by itself: no record
     assert sched.num_live_trials == 0
     assert set(sched.stopped_trials) == {trials[0].trial_id}
     assert sched.stop_info(trials[3].trial_id) is None
-    assert "stopped converged=1" in sched.debug_string()
+    assert "stopped stalled=1" in sched.debug_string()
 
 
 def test_result_for_a_trial_never_added_still_decides():
     """After Tuner.restore the scheduler may see results of trials it was never told about."""
     sched, trial = NeVeScheduler(), new_trial()
-    assert sched.on_trial_result(None, trial, result(7, math.nan)) == STOP
+    assert sched.on_trial_result(None, trial, run("nan")[2]) == STOP
     assert sched.stop_info(trial.trial_id).reason is StopReason.DIVERGED
 
 
 def test_on_trial_complete_writes_the_record_into_the_trials_last_result():
     sched, trial = NeVeScheduler(), new_trial()
     sched.on_trial_add(None, trial)
-    last = result(6, 2e-4)
+    last = run("converges")[8]
     trial.update_last_result(dict(last))
     assert sched.on_trial_result(None, trial, last) == STOP
     sched.on_trial_complete(None, trial, last)
-    assert trial.last_result[STOP_REASON] == "converged" and trial.last_result[STOP_EPOCH] == 6
-    assert trial.last_result["loss"] == last["loss"]  # the rest of the result is kept
-    assert StopInfo.from_metrics(trial.last_result) == StopInfo(StopReason.CONVERGED, 6, 6.0, 2e-4)
-    assert StopInfo.from_metrics(result(6, 0.3)) is None
+    assert trial.last_result[keys.STOP_REASON] == "converged" and trial.last_result[keys.STOP_EPOCH] == 9
+    assert trial.last_result["train_loss"] == last["train_loss"]  # the rest of the result is kept
+    assert StopInfo.from_metrics(trial.last_result) == StopInfo(StopReason.CONVERGED, 9, 9.0, last[V])
+    assert StopInfo.from_metrics(run("converges")[3]) is None
     # Tune persists trials through run_metadata's JSON: the record must be in it.
     assert '"neve/stop_reason": "converged"' in trial.run_metadata.get_json_state()
 
@@ -319,43 +409,42 @@ def test_a_scheduler_restored_as_pickled_at_construction_makes_the_same_decision
     constructed = NeVeScheduler(grace_period=4, max_t=12)
     pickled_at_construction = pickle.dumps(constructed)
     trial = new_trial()
-    velocities = [0.6, 0.3, 5e-4, 0.1, 0.05, 0.01, 8e-4, 7e-4]
-    run = [result(i + 1, v) for i, v in enumerate(velocities)]
-    # The interrupted run: it saw epochs 1..3 (epoch 3 is low but inside the grace period).
-    first = drive(constructed, trial, run[:3])
-    # The restored experiment: a scheduler as pickled at construction sees epochs 4.. only.
-    restored = pickle.loads(pickled_at_construction)
+    results = run("still")  # stalled from epoch 2, inside the grace period until epoch 4
+    first = drive(constructed, trial, results[:3])  # the interrupted run saw epochs 1..3
+    restored = pickle.loads(pickled_at_construction)  # the restored experiment sees epochs 4..
     assert restored.num_live_trials == 0 and restored.stopped_trials == {}
-    rest = drive(restored, trial, run[3:])
-    uninterrupted = drive(NeVeScheduler(grace_period=4, max_t=12), new_trial(), run)
-    assert first + rest == uninterrupted == [CONTINUE] * 6 + [STOP]
-    assert restored.stop_info(trial.trial_id).epoch == 7
+    rest = drive(restored, trial, results[3:])
+    uninterrupted = drive(NeVeScheduler(grace_period=4, max_t=12), new_trial(), results)
+    assert first + rest == uninterrupted == [CONTINUE] * 3 + [STOP]
+    assert restored.stop_info(trial.trial_id).epoch == 4
 
 
 def test_restore_re_records_trials_that_were_already_stopped():
     """Tuner.restore re-adds TERMINATED trials: their records come back from their last results."""
     sched, done, running = NeVeScheduler(), new_trial(), new_trial()
+    diverged = run("nan")[2]
     sched.on_trial_add(None, done)
-    done.update_last_result(result(2, math.nan))
-    sched.on_trial_result(None, done, result(2, math.nan))
-    sched.on_trial_complete(None, done, result(2, math.nan))
+    done.update_last_result(diverged)
+    sched.on_trial_result(None, done, diverged)
+    sched.on_trial_complete(None, done, diverged)
     done.set_status(Trial.TERMINATED)
 
     restored = NeVeScheduler()
     restored.on_trial_add(None, done)
     restored.on_trial_add(None, running)
     info = restored.stop_info(done.trial_id)
-    assert (info.reason, info.epoch) == (StopReason.DIVERGED, 2) and math.isnan(info.model_velocity)
+    assert (info.reason, info.epoch) == (StopReason.DIVERGED, 3) and info.model_velocity == diverged[V]
     assert restored.num_live_trials == 1  # only the unfinished trial is live
 
 
 def test_save_and_restore_round_trip_the_records(tmp_path):
     sched, trial = NeVeScheduler(max_t=3), new_trial()
-    sched.on_trial_result(None, trial, result(3, 0.5))
+    sched.on_trial_result(None, trial, run("converges")[2])
     sched.save(str(tmp_path / "sched.pkl"))
     other = NeVeScheduler()
     other.restore(str(tmp_path / "sched.pkl"))
     assert other.stopped_trials == sched.stopped_trials and other.max_t == 3
+    assert other.stop_info(trial.trial_id).reason is StopReason.MAX_T
 
 
 # ----------------------------------------------------------------------------------- trainable helpers
@@ -452,104 +541,7 @@ def test_report_epoch_reports_neves_metrics_key_for_key(monkeypatch):
     # is stalled (issue 12), not converged.
     sched = NeVeScheduler()
     info = sched.check_result({IT: 4, **sent[-1][0]})
-    assert info.reason is decide(sent[-1][0]) is StopReason.STALLED
-
-
-def test_scheduler_decisions_are_the_public_decide():
-    for thr in (1e-3, 0.25):
-        sched = NeVeScheduler(stop_threshold=thr)
-        for v in [0.0, 1e-5, 9.99e-4, 1e-3, 0.2, math.nan, math.inf, -math.inf]:
-            for d in [None, 0.0, 0.5, math.nan, math.inf]:
-                r = result(3, v, d)
-                got = sched.check_result(r)
-                assert (got and got.reason) == decide(r, stop_threshold=thr), (thr, v, d)
-
-
-def test_a_scheduler_pickled_with_a_rule_object_still_restores(tmp_path):
-    """Experiments saved before decide() pickled the scheduler with a NeVeRule holding stop_threshold."""
-    sched = NeVeScheduler(stop_threshold=0.25, max_t=3)
-    old = dict(sched.__dict__)
-    old["_rule"] = NeVeRule(stop_threshold=old.pop("_stop_threshold"))
-    path = tmp_path / "old.pkl"
-    path.write_bytes(pickle.dumps(old))
-    restored = NeVeScheduler()
-    restored.restore(str(path))
-    assert restored.stop_threshold == 0.25 and "_rule" not in restored.__dict__
-    assert restored.check_result(result(2, 0.2)).reason is StopReason.CONVERGED
-    unpickled = pickle.loads(pickle.dumps(restored))
-    assert unpickled.stop_threshold == 0.25 and repr(unpickled) == repr(restored)
-
-
-# --- issue 12: one decision source, every reason ---------------------------------------------------------
-
-
-def _own_threshold_run(stop_threshold: float, epochs: int = 30) -> list[dict]:
-    """Flat results of a real digits run whose NeVe has its own stop_threshold, until NeVe says stop."""
-    splits = load_digits_splits()
-    torch.manual_seed(0)
-    model = DigitsCNN(width=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    neve = NeVe(model, opt, noise_aux((1, 8, 8), n=64, seed=0), patience=2, stop_threshold=stop_threshold)
-    x, y = splits.x_train, splits.y_train
-    out = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for epoch in range(1, epochs + 1):
-            total = 0.0
-            for idx in torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).split(64):
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx) / len(y)
-            neve.step(total)
-            out.append({IT: epoch, "loss": total, **neve.metrics()})
-            if neve.should_stop:
-                break
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-def test_scheduler_follows_the_trials_own_threshold_and_warns_once_when_given_another():
-    """Issue 12 item 2: NeVe(stop_threshold=0.01) stops where NeVe says, whatever the scheduler's threshold."""
-    results = _own_threshold_run(0.01)
-    own_stop = len(results)
-    assert results[-1][keys.CONVERGED] == 1.0 and results[-1][keys.STOP_THRESHOLD] == 0.01
-    assert results[-1][V] >= 1e-3  # a scheduler recomputing with 1e-3 (as on HEAD) would not stop here
-    follow, trial = NeVeScheduler(), new_trial()
-    assert drive(follow, trial, results)[-1] == STOP and follow.stop_info(trial.trial_id).epoch == own_stop
-    disagreeing, trial = NeVeScheduler(stop_threshold=1e-3), new_trial()
-    both = r"given stop_threshold=0\.001, but the trial's NeVe reports stop_threshold=0\.01"
-    with pytest.warns(UserWarning, match=both):
-        decisions = drive(disagreeing, trial, results)
-    assert decisions[-1] == STOP and len(decisions) == own_stop
-    assert disagreeing.stop_info(trial.trial_id).reason is StopReason.CONVERGED
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per trial: no second warning for the same trial
-        disagreeing.on_trial_result(None, trial, results[0])
-
-
-@pytest.mark.parametrize("reason", [StopReason.STALLED, StopReason.COLLAPSED])
-def test_stalled_and_collapsed_trials_are_stopped_and_recorded(reason):
-    flags = {keys.CONVERGED: 0.0, keys.STALLED: 0.0, keys.COLLAPSED: 0.0, keys.DIVERGED: 0.0}
-    sched, trial = NeVeScheduler(grace_period=3, max_t=50), new_trial()
-    sched.on_trial_add(None, trial)
-    flagged = {**flags, keys.MODEL_VELOCITY: 1e-4, "neve/" + reason.value: 1.0}
-    assert sched.on_trial_result(None, trial, result(2, **flagged)) == CONTINUE  # inside the grace period
-    assert sched.on_trial_result(None, trial, result(3, **flagged)) == STOP
-    info = sched.stop_info(trial.trial_id)
-    assert (info.reason, info.epoch) == (reason, 3)
-    trial.update_last_result(result(3, **flagged))
-    sched.on_trial_complete(None, trial, trial.last_result)
-    assert trial.last_result[STOP_REASON] == reason.value
-    assert StopInfo.from_metrics(trial.last_result).reason is reason
-    # A flagged result with a tiny V but no stop flag set continues: the trial's NeVe decides, not V.
-    quiet = {**flags, keys.MODEL_VELOCITY: 1e-6}
-    assert NeVeScheduler().on_trial_result(None, new_trial(), result(9, **quiet)) == CONTINUE
+    assert info.reason is step.stop_reason is StopReason.STALLED
 
 
 def test_report_epoch_with_train_loss_steps_neve_and_refuses_a_double_step(monkeypatch):

@@ -2,11 +2,13 @@
 
 * :class:`NeVeScheduler` stops each trial on the decision its NeVe reports (``"converged"``,
   ``"stalled"``, ``"collapsed"``, ``"diverged"``), or at ``"max_t"``, and records why in the trial's last
-  result; with ``base_scheduler=`` (Tune's own ``ASHAScheduler``/``HyperBandScheduler``, ranking a
+  result (``neve_tune.keys.STOP_REASON`` / ``STOP_EPOCH``, read back with :meth:`StopInfo.from_metrics`);
+  with ``base_scheduler=`` (Tune's own ``ASHAScheduler``/``HyperBandScheduler``, ranking a
   validation-free signal such as the training loss) the trials that base cuts stop as ``"pruned"``;
 * :func:`report_epoch` / :func:`restore_from_checkpoint` report NeVe's metrics (``train_loss=`` steps NeVe
-  with the epoch's training loss first) with a checkpoint of the
-  model, optimizer and NeVe state, and resume from it with identical velocities and learning rates;
+  with the epoch's training loss first) with a checkpoint of the model, optimizer and NeVe state, and
+  resume from it with identical velocities and learning rates; :func:`save_training_state` /
+  :func:`load_training_state` write and read that state in any directory;
 * :func:`trial_device` picks the trial's device (its GPU when Ray gave it one).
 
 Example:
@@ -32,27 +34,16 @@ except ImportError as err:  # pragma: no cover - exercised only without ray inst
         "ray was not found - please install with `pip install neve_tune[ray]` (it needs `ray[tune]`)."
     ) from err
 
-from ._scheduler import STOP_EPOCH, STOP_REASON, NeVeScheduler, StopInfo
-from ._trainable import (
-    CHECKPOINT_FILE,
-    load_training_state,
-    report_epoch,
-    restore_from_checkpoint,
-    save_training_state,
-    select_device,
-    trial_device,
-)
+from ._composite import StopInfo
+from ._scheduler import NeVeScheduler
+from ._trainable import load_training_state, report_epoch, restore_from_checkpoint, save_training_state, trial_device
 
 __all__ = [
-    "CHECKPOINT_FILE",
-    "STOP_EPOCH",
-    "STOP_REASON",
     "NeVeScheduler",
     "StopInfo",
     "load_training_state",
     "report_epoch",
     "restore_from_checkpoint",
     "save_training_state",
-    "select_device",
     "trial_device",
 ]

@@ -1,19 +1,19 @@
-"""What ``NeVeScheduler`` keeps per trial: the records of stopped trials, and the base scheduler it composes.
+"""What ``NeVeScheduler`` keeps: the records of the trials it stopped, and the base scheduler it composes.
 
 ``NeVeScheduler(base_scheduler=ASHAScheduler(...))`` composes NeVe's in-trial decisions with one of Ray
 Tune's own multi-fidelity schedulers (ASHA, HyperBand, ...), which ranks the trials on a validation-free
 signal. This module holds the state-heavy part, as ``async_hyperband._Bracket`` does for ASHA: the
-scheduler delegates every hook to :class:`BaseLink`, which forwards it to the base unchanged.
+scheduler keeps its per-trial records in :class:`Records` and delegates every hook to :class:`BaseLink`,
+which forwards it to the base unchanged and persists the base's state for ``Tuner.restore``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,15 +33,20 @@ from neve_tune import StopReason, keys
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
-#: Keys added to a stopped trial's last result (``ResultGrid[i].metrics``): the stop reason as a string,
-#: and the epoch (``neve/epoch``, else ``training_iteration``) of the result that stopped it.
-STOP_REASON = keys.STOP_REASON
-STOP_EPOCH = keys.STOP_EPOCH
-
 # Keys Tune itself puts in a result. A result made only of these carries no report from the trainable
 # (e.g. `tune.report({})`, or a trial that returned without reporting) and is not checked for the velocity
 # key; Tune's own strict metric check skips such results too.
 BOOKKEEPING_KEYS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT))
+
+#: How often, at most, the base's state is written while trials add and report (seconds). A trial's
+#: error and ``NeVeScheduler.save`` write it at once, and so does the end of the last live trial.
+PERSIST_EVERY_S = 5.0
+
+_FLAG_KEYS = tuple(keys.DECISION_FLAGS.values())
+_monotonic = time.monotonic
+
+# BaseLink attributes that are not pickled: a copy finds its state file again and counts afresh.
+_PER_PROCESS = ("_path", "_due", "_depth", "_count", "writes")
 
 
 @dataclass(frozen=True)
@@ -69,21 +74,57 @@ class StopInfo:
         Returns ``None`` when the scheduler did not stop that trial (it ended by itself, errored, or was
         stopped by something else). ``time`` is the trial's ``training_iteration``.
         """
-        reason = metrics.get(STOP_REASON)
+        reason = metrics.get(keys.STOP_REASON)
         if reason is None:
             return None
         velocity = metrics.get(keys.MODEL_VELOCITY)
         return StopInfo(
             reason=StopReason(reason),
-            epoch=int(metrics[STOP_EPOCH]),
+            epoch=int(metrics[keys.STOP_EPOCH]),
             time=float(metrics.get(TRAINING_ITERATION, math.nan)),
             model_velocity=None if velocity is None else float(velocity),
         )
 
 
-#: Where the base's state is kept, in the experiment's driver staging directory. Tune syncs that
-#: directory with the experiment state and downloads its ``.pkl`` files again on ``Tuner.restore``.
-STATE_FILE = "neve_scheduler_base_state.pkl"
+class Records:
+    """The trials a ``NeVeScheduler`` knows, keyed by ``trial.trial_id``.
+
+    ``live`` holds the trials added and not yet ended; ``stopped`` the :class:`StopInfo` of every trial the
+    scheduler stopped (kept after the trial ends); ``warned`` the trials already warned about a
+    ``stop_threshold`` that disagrees with their own.
+    """
+
+    def __init__(self) -> None:
+        self.live: set[str] = set()
+        self.stopped: dict[str, StopInfo] = {}
+        self.warned: set[str] = set()
+
+    def add(self, trial: Trial) -> bool:
+        """Register a trial; ``False`` for a finished one (``Tuner.restore`` re-adds them), re-recorded."""
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):
+            info = StopInfo.from_metrics(trial.last_result)
+            if info is not None:
+                self.stopped[trial.trial_id] = info
+            return False
+        self.live.add(trial.trial_id)
+        return True
+
+    def end(self, trial: Trial) -> None:
+        """The trial ended: write its record (if any) into its last result, which Tune keeps."""
+        self.live.discard(trial.trial_id)
+        self.warned.discard(trial.trial_id)
+        info = self.stopped.get(trial.trial_id)
+        if info is not None:
+            last = dict(trial.last_result)
+            last[keys.STOP_REASON] = info.reason.value
+            last[keys.STOP_EPOCH] = info.epoch
+            trial.update_last_result(last)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for info in self.stopped.values():
+            counts[info.reason.value] = counts.get(info.reason.value, 0) + 1
+        return ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items())) or "none"
 
 
 class BaseLink:
@@ -99,20 +140,27 @@ class BaseLink:
     * Forwarding: every hook goes to the base as Tune would call it. While a base hook runs,
       :attr:`forwarding` is true: a trial that the base stops through the controller (HyperBand stops
       paused trials with ``tune_controller.stop_trial``) reaches ``NeVeScheduler.on_trial_remove`` then.
-    * Persistence: a base that implements ``save``/``restore`` (ASHA does, HyperBand does not) has its state
-      written to :data:`STATE_FILE` in the experiment's driver staging directory whenever it changes,
-      tagged with a token drawn at construction. ``Tuner.restore`` gives back the scheduler as pickled
-      at construction (same token), and the first trial it adds loads that state: the rungs survive.
+    * Persistence: Ray 2.60's ``Tuner.restore`` gives back the scheduler as pickled at construction and
+      never calls ``save``/``restore``. So a base that implements ``save`` (ASHA does, HyperBand does not)
+      has its state written into the experiment's driver staging directory, which Tune syncs with the
+      experiment state and downloads again on restore, under a name holding a token drawn at
+      construction: the restored copy (same token) loads it when its first trial is added, and gets its
+      rungs back. The state is written when it must survive a restore, not on every result: when a trial
+      errors (``resume_errored``), when the last live trial ends, on ``NeVeScheduler.save``, and otherwise
+      at most once every :data:`PERSIST_EVERY_S` seconds while trials add and report. A restore after an
+      ungraceful stop (a killed driver) can therefore lose the base's last few seconds of records, as Tune
+      loses its own trial results since its last experiment snapshot.
     """
 
     def __init__(
         self,
         base: TrialScheduler,
         *,
-        owner: str,
         time_attr: str,
         metric: str | None,
         mode: str | None,
+        allow_missing: bool,
+        owner: str = "NeVeScheduler",
     ) -> None:
         if not isinstance(base, TrialScheduler):
             raise TypeError(
@@ -131,14 +179,29 @@ class BaseLink:
                 f" mode='min' or 'max' with it (e.g. mode='min' for a training loss)."
             )
         self.base = base
+        self.persist_every_s = PERSIST_EVERY_S
         self._owner = owner
+        self._allow_missing = bool(allow_missing)
         if not base.metric and metric:
             self.set_search_properties(metric, mode)
+        self._metric = base.metric
         self._token = uuid.uuid4().hex
-        self._loaded = False  # whether the persisted state was looked for (once, at the first add)
-        self._saved: bytes | None = None  # what the state file holds, to write it only on a change
-        self._can_save = True  # False once the base's save() raised NotImplementedError
+        self._reset()
+
+    def _reset(self) -> None:
+        # Per-process state (_PER_PROCESS), set afresh in every copy (Tuner.restore's, NeVeScheduler.save's).
+        self._path: str | None = None  # the state file, once a trial with a storage context was added
+        self._due = math.inf  # _monotonic() after which the next hook writes the state (inf: never)
         self._depth = 0
+        self._count = 0  # trials handed to the base and not ended
+        self.writes = 0  # how many times this process wrote the state file
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in _PER_PROCESS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     @property
     def metric(self) -> str | None:
@@ -159,120 +222,120 @@ class BaseLink:
                 return float(value)
         return None
 
+    def stop_info(self, result: Mapping[str, Any], time_attr: str, velocity_key: str) -> StopInfo:
+        """The record of a trial the base stopped: ``MAX_T`` at the base's own cap, else ``PRUNED``."""
+        time = float(result.get(time_attr, math.nan))
+        cap = self.cap
+        reason = StopReason.MAX_T if cap is not None and time >= cap else StopReason.PRUNED
+        velocity = result.get(velocity_key)
+        return StopInfo(reason, epoch_of(result), time, None if velocity is None else float(velocity))
+
     def set_search_properties(self, metric: str | None, mode: str | None) -> bool:
         """Hand ``TuneConfig``'s metric/mode to a base that has no metric; a base with one keeps it."""
         if self.base.metric:
             return True
-        return bool(self.base.set_search_properties(metric, mode))
-
-    def check_result(self, result: Mapping[str, Any], allow_missing: bool, has_user_keys: bool) -> None:
-        """Raise when a result with the trial's own keys lacks the base's metric (the base would ignore it)."""
-        metric = self.base.metric
-        if metric and metric not in result and has_user_keys and not allow_missing:
-            raise ValueError(
-                f"{self._owner}'s base_scheduler {type(self.base).__name__} ranks trials on {metric!r},"
-                " but this result has no such key, so it could never prune. Report it in every result"
-                f" (e.g. `tune.report({{{metric!r}: train_loss, **neve.metrics()}})`), or give the base the"
-                f" metric= the trainable reports. Reported keys: {sorted(result)}"
-            )
-
-    @contextlib.contextmanager
-    def _forward(self, trial: Trial | None) -> Iterator[None]:
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0 and trial is not None:
-                self._persist(trial)
+        accepted = bool(self.base.set_search_properties(metric, mode))
+        self._metric = self.base.metric
+        return accepted
 
     # ------------------------------------------------------------------ hooks, forwarded as Tune calls them
     def on_trial_add(self, controller: TuneController | None, trial: Trial) -> None:
-        if not self._loaded:
-            self._loaded = True
-            self._load(trial)
+        if self._path is None:
+            self._attach(trial)
         if not self.base.metric:
             raise ValueError(
                 f"{self._owner}'s base_scheduler {type(self.base).__name__} has no metric to rank trials on."
                 " Pass metric= and mode= to the base (a validation-free signal, e.g. metric='train_loss',"
                 f" mode='min'), or to {self._owner} or tune.TuneConfig, which a base without one adopts."
             )
-        with self._forward(trial):
+        self._metric = self.base.metric  # fixed once trials run: read on every result
+        self._count += 1
+        self._depth += 1
+        try:
             self.base.on_trial_add(controller, trial)  # type: ignore[arg-type]
+        finally:
+            self._depth -= 1
+        if self._depth == 0 and _monotonic() >= self._due:
+            self.persist()
 
     def on_trial_result(self, controller: TuneController | None, trial: Trial, result: dict) -> str:
-        with self._forward(trial):
-            return str(self.base.on_trial_result(controller, trial, result))  # type: ignore[arg-type]
+        """The base's decision. Raises when a result with the trial's own keys lacks the base's metric."""
+        metric = self._metric
+        if metric not in result and not self._allow_missing and has_user_keys(result):
+            raise ValueError(
+                f"{self._owner}'s base_scheduler {type(self.base).__name__} ranks trials on {metric!r},"
+                " but this result has no such key, so it could never prune. Report it in every result"
+                f" (e.g. `tune.report({{{metric!r}: train_loss, **neve.metrics()}})`), or give the base the"
+                f" metric= the trainable reports. Reported keys: {sorted(result)}"
+            )
+        self._depth += 1
+        try:
+            decision: str = self.base.on_trial_result(controller, trial, result)  # type: ignore[arg-type]
+        finally:
+            self._depth -= 1
+        if self._depth == 0 and _monotonic() >= self._due:
+            self.persist()
+        return decision
 
     def on_trial_complete(self, controller: TuneController | None, trial: Trial, result: dict) -> None:
-        with self._forward(trial):
-            self.base.on_trial_complete(controller, trial, result)  # type: ignore[arg-type]
+        self._end(self.base.on_trial_complete, controller, trial, result)
 
     def on_trial_remove(self, controller: TuneController | None, trial: Trial) -> None:
-        with self._forward(trial):
-            self.base.on_trial_remove(controller, trial)  # type: ignore[arg-type]
+        self._end(self.base.on_trial_remove, controller, trial)
 
     def on_trial_error(self, controller: TuneController | None, trial: Trial) -> None:
-        with self._forward(trial):
-            self.base.on_trial_error(controller, trial)  # type: ignore[arg-type]
+        self._end(self.base.on_trial_error, controller, trial, now=True)  # resume_errored re-runs it
 
     def choose_trial_to_run(self, controller: TuneController | None) -> Trial | None:
-        with self._forward(None):
+        self._depth += 1
+        try:
             return self.base.choose_trial_to_run(controller)  # type: ignore[arg-type]
+        finally:
+            self._depth -= 1
+
+    def _end(self, hook: Any, controller: TuneController | None, trial: Trial, *args: Any, now: bool = False) -> None:
+        self._count = max(0, self._count - 1)
+        self._depth += 1
+        try:
+            hook(controller, trial, *args)
+        finally:
+            self._depth -= 1
+        if self._depth == 0 and (now or self._count == 0 or _monotonic() >= self._due):
+            self.persist()
 
     # ------------------------------------------------------------------ persistence across Tuner.restore
-    def _state_dir(self, trial: Trial) -> str | None:
-        storage = getattr(trial, "storage", None)
-        path = getattr(storage, "experiment_driver_staging_path", None) if storage is not None else None
-        return path if isinstance(path, str) else None
+    def state_file(self) -> str | None:
+        """Where the base's state is written (``None`` until a trial with a Tune storage context is added)."""
+        return self._path
 
-    def _persist(self, trial: Trial) -> None:
-        folder = self._state_dir(trial)
-        if folder is None or not self._can_save:
+    def persist(self) -> None:
+        """Write the base's state now (atomically: a restore never reads a half-written file)."""
+        path = self._path
+        if path is None:
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        self.base.save(tmp)
+        os.replace(tmp, path)
+        self.writes += 1
+        self._due = _monotonic() + self.persist_every_s
+
+    def _attach(self, trial: Trial) -> None:
+        """Find the experiment's staging directory from the first trial that has one; load a saved state.
+
+        A base without ``save``/``restore`` (HyperBand) is never written: it starts afresh on restore, as
+        it does alone.
+        """
+        if type(self.base).save is TrialScheduler.save:
+            return
+        storage = getattr(trial, "storage", None)
+        folder = getattr(storage, "experiment_driver_staging_path", None) if storage is not None else None
+        if not isinstance(folder, str):
             return
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            try:
-                self.base.save(tmp)
-            except NotImplementedError:
-                self._can_save = False  # e.g. HyperBand: it starts afresh on restore, as it does alone
-                return
-            with open(tmp, "rb") as f:
-                state = self._token.encode() + b"\n" + f.read()
-            if state != self._saved:
-                with open(tmp, "wb") as f:
-                    f.write(state)
-                os.replace(tmp, os.path.join(folder, STATE_FILE))
-                self._saved = state
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def _load(self, trial: Trial) -> None:
-        folder = self._state_dir(trial)
-        path = None if folder is None else os.path.join(folder, STATE_FILE)
-        if path is None or not os.path.exists(path):
-            return
-        with open(path, "rb") as f:
-            token, _, state = f.read().partition(b"\n")
-        if token.decode() != self._token:
-            return  # another scheduler's state (another experiment in this directory)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(state)
-            self.base.restore(tmp)
-        finally:
-            os.unlink(tmp)
-        self._saved = token + b"\n" + state
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy (Tuner.restore's, or NeVeScheduler.save's) looks for the persisted state at its first add.
-        state = dict(self.__dict__)
-        state.update(_depth=0, _loaded=False, _saved=None)
-        return state
+        path = os.path.join(folder, f"neve_scheduler_base_{self._token}.pkl")
+        if os.path.exists(path):
+            self.base.restore(path)  # this is the restored copy: the same token (another one's is not read)
+        self._path, self._due = path, 0.0
 
 
 def describe(base: TrialScheduler | None) -> str:
@@ -280,10 +343,6 @@ def describe(base: TrialScheduler | None) -> str:
     if base is None:
         return "None"
     return f"<{type(base).__name__} metric={base.metric!r} mode={getattr(base, '_mode', None)!r}>"
-
-
-def is_finished(trial: Trial) -> bool:
-    return trial.status in (Trial.TERMINATED, Trial.ERROR)
 
 
 def has_user_keys(result: Mapping[str, Any]) -> bool:
@@ -295,3 +354,27 @@ def epoch_of(result: Mapping[str, Any]) -> int:
     if epoch is None:
         epoch = result.get(TRAINING_ITERATION, 0)
     return int(epoch)
+
+
+def missing_key_message(owner: str, key: str, time_attr: str, result: Mapping[str, Any]) -> str:
+    """The error for a result that lacks a key the scheduler needs: the key, the fix, the keys reported."""
+    reported = sorted(k for k in result if k not in BOOKKEEPING_KEYS)
+    if key in keys.DECISION_FLAGS.values():
+        fix = (
+            f"{owner} acts on the decision the trial's own NeVe reports in its flags ({', '.join(_FLAG_KEYS)});"
+            " it never decides from a velocity alone. Report `neve.metrics()` whole:"
+            " `tune.report({**neve.metrics(), **your_metrics})`."
+        )
+    elif key == time_attr:
+        fix = (
+            f"Report {key!r} in every result, or pass `time_attr=` one of the keys the trainable "
+            f"reports (`training_iteration` is always there)."
+        )
+    else:
+        fix = (
+            "Measure velocity inside the trainable with `neve = neve_tune.NeVe(model, optimizer, aux)` and"
+            " report it after every epoch with `tune.report({**neve.metrics(), **your_metrics})` (or"
+            " `neve_tune.ray.report_epoch(neve, your_metrics, model=model, optimizer=optimizer)`). If the"
+            f" trainable reports velocity only on some results, pass `{owner}(allow_missing=True)`."
+        )
+    return f"{owner} needs {key!r} in every result, but this result has no such key. {fix} Reported keys: {reported}"

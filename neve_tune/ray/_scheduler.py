@@ -7,6 +7,7 @@ import pickle
 import warnings
 from collections.abc import Mapping
 from numbers import Real
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ray import cloudpickle
@@ -14,27 +15,18 @@ from ray.tune.experiment import Trial
 from ray.tune.result import DEFAULT_METRIC, TRAINING_ITERATION
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
-from neve_tune import StopReason, decide, keys, settings_disagreement
-from neve_tune.ray._composite import (
-    BOOKKEEPING_KEYS,
-    STOP_EPOCH,
-    STOP_REASON,
-    BaseLink,
-    StopInfo,
-    describe,
-    epoch_of,
-    has_user_keys,
-    is_finished,
-)
+from neve_tune import StopReason, decide, keys
+from neve_tune._decide.stopping import settings_disagreement
+from neve_tune.ray._composite import BaseLink, Records, StopInfo, describe, epoch_of, has_user_keys, missing_key_message
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
-_HOW_TO_REPORT = (
-    "Measure velocity inside the trainable with `neve = neve_tune.NeVe(model, optimizer, aux)` and report it "
-    "after every epoch with `tune.report({**neve.metrics(), **your_metrics})` (or "
-    "`neve_tune.ray.report_epoch(neve, your_metrics, model=model, optimizer=optimizer)`)."
-)
+# The decision flags of `NeVe.metrics()`, read in one call (a KeyError when one is missing), and their
+# values when the trial's NeVe decided nothing.
+_FLAGS = tuple(keys.DECISION_FLAGS.values())
+_read_flags = itemgetter(*_FLAGS)
+_NO_FLAG_SET = (0.0,) * len(_FLAGS)
 
 
 class NeVeScheduler(FIFOScheduler):
@@ -67,47 +59,41 @@ class NeVeScheduler(FIFOScheduler):
     scheduler's, else ``TuneConfig``'s. Give the base the same ``max_t`` and ``time_attr`` (a different
     ``time_attr`` is refused). On ``Tuner.restore`` a base with ``save``/``restore`` (ASHA) gets its state
     back (its rungs), kept in the experiment directory as it changes; one without them (HyperBand) starts
-    afresh, as it does alone.
+    afresh, as it does alone. That state is written when it must survive a restore (a trial's error, the
+    end of the last live trial, :meth:`save`), else at most once every few seconds, never per result: a
+    composed decision costs about what the base's alone costs (``benchmarks/scheduler_decision.py``).
 
     ``stop_threshold``: leave it ``None``. The trial's ``NeVe(stop_threshold=...)`` decides. A value given
-    here that differs from the trial's reported ``neve/stop_threshold`` has no effect and raises a
-    ``UserWarning`` once per trial naming both values. It is used only for results of an older producer
-    that reports no decision flags (no ``neve/converged`` key): those are converged when ``V`` is under
-    it (under 1e-3 when it is ``None``).
+    here is only checked: one that differs from the trial's reported ``neve/stop_threshold`` has no effect
+    and raises a ``UserWarning`` once per trial naming both values.
 
     NaN policy: a NaN or infinite velocity (or velocity change) is divergence, never convergence and never
     a value to skip.
 
-    ``metric``/``mode`` follow the contract of ``ASHAScheduler``: pass them here or to
-    ``tune.TuneConfig``, not to both (``set_search_properties`` returns ``False`` on a conflict and Tune
-    raises). NeVe does not need them: its stop decision reads the velocity keys, never the objective, so a
-    scheduler without ``metric``/``mode`` is valid. When a metric is set, Tune's strict metric checking
-    requires it in every result, as for any scheduler.
+    ``metric``/``mode`` follow ``ASHAScheduler``'s contract: pass them here or to ``tune.TuneConfig``, not
+    to both (``set_search_properties`` returns ``False`` on a conflict). NeVe does not need them (it never
+    reads the objective); when one is set, Tune's strict metric check requires it in every result.
 
-    A result without the velocity key raises a ``ValueError`` that names the key and shows how to report
-    it, unless ``allow_missing=True`` (sparse reporting, e.g. velocity measured every k epochs): such a
-    result then continues (``max_t`` still applies). A result with a velocity but without ``time_attr``
-    raises the same way.
+    A result without the velocity key (and without NeVe's flags) raises a ``ValueError`` that names the
+    key and shows how to report it, unless ``allow_missing=True`` (sparse reporting, e.g. velocity
+    measured every k epochs): such a result then continues (``max_t`` still applies). A result with a
+    velocity but without NeVe's decision flags, or without ``time_attr``, raises the same way. A result
+    from ``neve.metrics()`` without a velocity (a step on which NeVe re-took its baseline) continues.
 
     Records: the reason and epoch of every trial it stopped are available as :meth:`stop_info` and
     :attr:`stopped_trials` while the scheduler lives, and are written into the trial's last result as
-    ``neve/stop_reason`` (a :class:`~neve_tune.StopReason` value) and ``neve/stop_epoch``, so
-    ``ResultGrid[i].metrics`` carries them after ``fit()``, in the saved experiment state and after
-    ``Tuner.restore``. :meth:`StopInfo.from_metrics` reads them back.
+    ``neve/stop_reason`` (a :class:`~neve_tune.StopReason` value) and ``neve/stop_epoch``, which
+    ``ResultGrid[i].metrics`` carries after ``fit()`` and ``Tuner.restore``; :meth:`StopInfo.from_metrics`
+    reads them back.
 
-    State and restore: NeVe's decisions depend on each result alone (plus this object's settings), never
-    on history kept in memory (a base's ranking does: see above). Ray 2.60's ``Tuner.restore`` gives the
+    State and restore: per-trial state is keyed by ``trial.trial_id`` (the live trials and the stop
+    records). NeVe's decisions depend on each result alone (plus this object's settings), never on history
+    kept in memory (a base's ranking does: see above), so they cost the same whatever the number of trials
+    (under a microsecond; ``benchmarks/scheduler_decision.py``). Ray 2.60's ``Tuner.restore`` gives the
     scheduler back as it was pickled at construction and does not call :meth:`save`/:meth:`restore`; a
-    restored experiment therefore makes exactly the decisions the interrupted one would have made.
-    Restored trials that had already been stopped are re-recorded from their last results in
-    ``on_trial_add``. Resume the trials themselves with identical NeVe state through
-    ``neve_tune.ray.report_epoch`` / ``restore_from_checkpoint``. ``save`` and ``restore`` still pickle
-    the records (and the base), for callers that use them.
-
-    Per-trial state is keyed by ``trial.trial_id``: the set of live trials (added in ``on_trial_add``,
-    dropped in ``on_trial_complete``/``on_trial_remove``/``on_trial_error``) and the stop records. A
-    decision reads only the result, so it costs the same whatever the number of trials (about a
-    microsecond; ``benchmarks/scheduler_decision.py``).
+    restored experiment makes exactly the decisions the interrupted one would have made, and re-records
+    the trials it had stopped from their last results in ``on_trial_add``. Resume the trials themselves
+    with identical NeVe state through ``report_epoch`` / ``restore_from_checkpoint``.
 
     Args:
         metric: the user's objective, only passed through to Tune (see above).
@@ -117,7 +103,7 @@ class NeVeScheduler(FIFOScheduler):
         grace_period: never stop a trial as converged, stalled or collapsed before
             ``result[time_attr] >= grace_period`` (the trial's own ``min_epochs`` warm-up also applies).
         stop_threshold: ``None`` (default): follow the trial. Otherwise the value you expect the trials
-            to use: a trial reporting another one gets a warning (see above).
+            to use: a trial reporting another one gets a warning (see above); it never changes a decision.
         velocity_key: the result key of the model velocity.
         change_key: the result key of the velocity change (absent at the first epoch).
         allow_missing: continue on results without ``velocity_key`` (or the base's metric) instead of
@@ -131,8 +117,8 @@ class NeVeScheduler(FIFOScheduler):
         >>> tuner = tune.Tuner(  # doctest: +SKIP
         ...     train_fn, tune_config=tune.TuneConfig(scheduler=scheduler, metric="loss", mode="min")
         ... )
-        >>> scheduler.check_result({"training_iteration": 4, "neve/model_velocity": 1e-4, "neve/stalled": 1.0,
-        ...                         "neve/converged": 0.0})
+        >>> flags = {"neve/converged": 0.0, "neve/stalled": 1.0, "neve/collapsed": 0.0, "neve/diverged": 0.0}
+        >>> scheduler.check_result({"training_iteration": 4, "neve/model_velocity": 1e-4, **flags})
         StopInfo(reason=<StopReason.STALLED: 'stalled'>, epoch=4, time=4.0, model_velocity=0.0001)
 
         With ASHA ranking the trials on their training loss (``"train_loss"`` reported with
@@ -172,8 +158,10 @@ class NeVeScheduler(FIFOScheduler):
         for name, value in named:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, but got {name}={value!r}.")
-        if stop_threshold is not None:
-            decide({}, stop_threshold=stop_threshold)  # validates stop_threshold, with decide's message
+        if stop_threshold is not None and not (
+            isinstance(stop_threshold, Real) and not isinstance(stop_threshold, bool) and 0 < stop_threshold < math.inf
+        ):
+            raise ValueError(f"stop_threshold must be None or a finite number > 0, but got {stop_threshold=}.")
         if isinstance(base_scheduler, NeVeScheduler):
             raise ValueError(
                 "base_scheduler must not be another NeVeScheduler: configure one NeVeScheduler with the base"
@@ -181,20 +169,18 @@ class NeVeScheduler(FIFOScheduler):
             )
         link = None
         if base_scheduler is not None:
-            link = BaseLink(base_scheduler, owner="NeVeScheduler", time_attr=time_attr, metric=metric, mode=mode)
+            link = BaseLink(base_scheduler, time_attr=time_attr, metric=metric, mode=mode, allow_missing=allow_missing)
         super().__init__()
         self._metric: str | None = metric
         self._mode: str | None = mode
         self._time_attr: str = time_attr
-        self._max_t: float | None = max_t
+        self._max_t: float = math.inf if max_t is None else float(max_t)
         self._grace_period: float = grace_period
         self._stop_threshold: float | None = None if stop_threshold is None else float(stop_threshold)
         self._velocity_key: str = velocity_key
         self._change_key: str = change_key
         self._allow_missing: bool = bool(allow_missing)
-        self._live: set[str] = set()
-        self._stopped: dict[str, StopInfo] = {}
-        self._warned: set[str] = set()
+        self._records: Records = Records()
         self._base_link: BaseLink | None = link
 
     # ------------------------------------------------------------------ settings
@@ -213,7 +199,7 @@ class NeVeScheduler(FIFOScheduler):
 
     @property
     def max_t(self) -> float | None:
-        return self._max_t
+        return None if self._max_t == math.inf else self._max_t
 
     @property
     def grace_period(self) -> float:
@@ -257,143 +243,118 @@ class NeVeScheduler(FIFOScheduler):
         (e.g. a row of ``Result.metrics_dataframe``).
 
         Raises:
-            ValueError: the result has no ``velocity_key`` (and ``allow_missing`` is off), or has a
-                velocity but no ``time_attr``.
-            TypeError: the velocity or velocity change is not a number.
+            ValueError: the result has no ``velocity_key`` and no decision flags (and ``allow_missing`` is
+                off), has a velocity but no decision flags, or has a velocity but no ``time_attr``.
+            TypeError: the velocity, velocity change or a flag is not a number.
         """
-        velocity = result.get(self._velocity_key)
-        if velocity is None:
-            if not self._allow_missing and has_user_keys(result):
-                raise ValueError(self._missing_key_message(self._velocity_key, result))
-            time = result.get(self._time_attr)
-            if self._max_t is not None and time is not None and time >= self._max_t:
-                return StopInfo(StopReason.MAX_T, epoch_of(result), float(time), None)
-            return None
+        # The common case, in a few dict reads: the trial's NeVe set no flag and measured a finite V (and D).
+        # `x - x == 0.0` is false for NaN and inf, and a non-number raises: `decide` then explains.
+        get = result.get
+        velocity: Any = get(self._velocity_key)
+        change: Any = get(self._change_key)
+        time: Any = get(self._time_attr)
         try:
-            reason = decide(
-                result,
-                stop_threshold=_LEGACY_THRESHOLD if self._stop_threshold is None else self._stop_threshold,
-                velocity_key=self._velocity_key,
-                change_key=self._change_key,
+            quiet = (
+                _read_flags(result) == _NO_FLAG_SET
+                and velocity - velocity == 0.0
+                and (change is None or change - change == 0.0)
+                and time < self._max_t
             )
+        except (KeyError, TypeError):
+            quiet = False
+        return None if quiet else self._decide(result, velocity, time)
+
+    def _decide(self, result: Mapping[str, Any], velocity: Any, time: Any) -> StopInfo | None:
+        flagged = any(flag in result for flag in _FLAGS)
+        if velocity is None:
+            if not flagged and not self._allow_missing and has_user_keys(result):
+                raise ValueError(self._missing(self._velocity_key, result))
+            if time is not None and time >= self._max_t:
+                return StopInfo(StopReason.MAX_T, epoch_of(result), float(time), None)
+            return None  # neve.metrics() without a velocity (a re-baseline), or a sparse result
+        if not flagged:  # decisions come only from the trial's own NeVe
+            raise ValueError(self._missing(keys.CONVERGED, result))
+        try:
+            reason = decide(result, velocity_key=self._velocity_key, change_key=self._change_key)
         except TypeError as err:
             raise TypeError(f"{type(self).__name__}: {err}") from None
         if reason is StopReason.DIVERGED:
-            when = float(result.get(self._time_attr, math.nan))
-            return StopInfo(reason, epoch_of(result), when, float(velocity))
-        time = result.get(self._time_attr)
+            return StopInfo(reason, epoch_of(result), float(result.get(self._time_attr, math.nan)), float(velocity))
         if time is None:
-            raise ValueError(self._missing_key_message(self._time_attr, result))
+            raise ValueError(self._missing(self._time_attr, result))
         time = float(time)
         if reason is not None and time >= self._grace_period:
             return StopInfo(reason, epoch_of(result), time, float(velocity))
-        if self._max_t is not None and time >= self._max_t:
+        if time >= self._max_t:
             return StopInfo(StopReason.MAX_T, epoch_of(result), time, float(velocity))
         return None
 
-    def _missing_key_message(self, key: str, result: Mapping[str, Any]) -> str:
-        reported = sorted(k for k in result if k not in BOOKKEEPING_KEYS)
-        if key == self._time_attr:
-            fix = (
-                f"Report {key!r} in every result, or pass `time_attr=` one of the keys the trainable "
-                f"reports (`training_iteration` is always there)."
-            )
-        else:
-            fix = _HOW_TO_REPORT + (
-                " If the trainable reports velocity only on some results, pass "
-                f"`{type(self).__name__}(allow_missing=True)`."
-            )
-        return (
-            f"{type(self).__name__} needs {key!r} in every result, but this result has no such key. "
-            f"{fix} Reported keys: {reported}"
-        )
+    def _missing(self, key: str, result: Mapping[str, Any]) -> str:
+        return missing_key_message(type(self).__name__, key, self._time_attr, result)
 
     # ------------------------------------------------------------------ records
     def stop_info(self, trial_id: str) -> StopInfo | None:
         """Why and when this scheduler stopped the trial, or ``None`` if it did not (yet)."""
-        return self._stopped.get(trial_id)
+        return self._records.stopped.get(trial_id)
 
     @property
     def stopped_trials(self) -> dict[str, StopInfo]:
         """``trial_id -> StopInfo`` for every trial this scheduler stopped (a copy)."""
-        return dict(self._stopped)
+        return dict(self._records.stopped)
 
     @property
     def num_live_trials(self) -> int:
-        return len(self._live)
+        return len(self._records.live)
 
     # ------------------------------------------------------------------ TrialScheduler hooks
     def on_trial_add(self, tune_controller: TuneController | None, trial: Trial) -> None:
-        if is_finished(trial):
-            # Tuner.restore re-adds finished trials: re-record the ones this scheduler had stopped. The
-            # base never hears of them (they will not run; HyperBand would wait for them in a bracket).
-            info = StopInfo.from_metrics(trial.last_result)
-            if info is not None:
-                self._stopped[trial.trial_id] = info
-            return
-        self._live.add(trial.trial_id)
-        if self._base_link is not None:
+        # Tuner.restore re-adds finished trials: the records re-record the ones this scheduler had stopped.
+        # The base never hears of them (they will not run; HyperBand would wait for them in a bracket).
+        if self._records.add(trial) and self._base_link is not None:
             self._base_link.on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: TuneController | None, trial: Trial, result: dict) -> str:
         # Reads the result and this object's settings only: O(1), and no per-trial memory is touched
         # unless the trial stops (or, once, to warn about a stop_threshold that disagrees).
-        if self._stop_threshold is not None and trial.trial_id not in self._warned:
-            message = settings_disagreement(result, self._stop_threshold, f"NeVeScheduler (trial {trial.trial_id})")
-            if message is not None:
-                self._warned.add(trial.trial_id)
-                warnings.warn(message, UserWarning, stacklevel=2)
+        if self._stop_threshold is not None and trial.trial_id not in self._records.warned:
+            self._warn_once(trial, result)
         info = self.check_result(result)
-        if info is None and self._base_link is not None:
+        link = self._base_link
+        if info is None and link is not None:
             # NeVe's own decision came first; now the cross-trial ranking (it sees every other result).
-            self._base_link.check_result(result, self._allow_missing, has_user_keys(result))
-            decision = self._base_link.on_trial_result(tune_controller, trial, result)
+            decision = link.on_trial_result(tune_controller, trial, result)
             if decision != TrialScheduler.STOP:
                 return decision  # CONTINUE, or PAUSE (HyperBand)
-            info = self._base_stop(result)
+            info = link.stop_info(result, self._time_attr, self._velocity_key)
         if info is None:
             return TrialScheduler.CONTINUE
-        self._stopped[trial.trial_id] = info
+        self._records.stopped[trial.trial_id] = info
         return TrialScheduler.STOP
 
-    def _base_stop(self, result: Mapping[str, Any]) -> StopInfo:
-        """The record of a trial the base stopped: ``MAX_T`` at the base's own cap, else ``PRUNED``."""
-        assert self._base_link is not None
-        time = float(result.get(self._time_attr, math.nan))
-        cap = self._base_link.cap
-        reason = StopReason.MAX_T if cap is not None and time >= cap else StopReason.PRUNED
-        velocity = result.get(self._velocity_key)
-        return StopInfo(reason, epoch_of(result), time, None if velocity is None else float(velocity))
-
-    def _write_record(self, trial: Trial) -> None:
-        info = self._stopped.get(trial.trial_id)
-        if info is not None:
-            # Tune keeps trial.last_result in ResultGrid and in the experiment state: write the record there.
-            last = dict(trial.last_result)
-            last[STOP_REASON] = info.reason.value
-            last[STOP_EPOCH] = info.epoch
-            trial.update_last_result(last)
+    def _warn_once(self, trial: Trial, result: Mapping[str, Any]) -> None:
+        message = settings_disagreement(result, self._stop_threshold, f"NeVeScheduler (trial {trial.trial_id})")
+        if message is not None:
+            self._records.warned.add(trial.trial_id)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def on_trial_complete(self, tune_controller: TuneController | None, trial: Trial, result: dict) -> None:
-        self._live.discard(trial.trial_id)
-        self._write_record(trial)
+        self._records.end(trial)
         if self._base_link is not None:
             self._base_link.on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller: TuneController | None, trial: Trial) -> None:
         link = self._base_link
-        if link is not None and link.forwarding and trial.trial_id not in self._stopped and trial.last_result:
+        if link is not None and link.forwarding and trial.trial_id not in self._records.stopped and trial.last_result:
             # The base stopped this (paused or pending) trial itself, through the controller.
-            self._stopped[trial.trial_id] = self._base_stop(trial.last_result)
-            self._write_record(trial)
-        self._live.discard(trial.trial_id)
-        self._warned.discard(trial.trial_id)
+            info = link.stop_info(trial.last_result, self._time_attr, self._velocity_key)
+            self._records.stopped[trial.trial_id] = info
+        self._records.end(trial)
         if link is not None:
             link.on_trial_remove(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: TuneController | None, trial: Trial) -> None:
         # A retried trial is re-added (on_trial_add) before it runs again.
-        self._live.discard(trial.trial_id)
+        self._records.live.discard(trial.trial_id)
         if self._base_link is not None:
             self._base_link.on_trial_error(tune_controller, trial)
 
@@ -403,43 +364,30 @@ class NeVeScheduler(FIFOScheduler):
         return super().choose_trial_to_run(tune_controller)
 
     def debug_string(self) -> str:
-        counts: dict[str, int] = {}
-        for info in self._stopped.values():
-            counts[info.reason.value] = counts.get(info.reason.value, 0) + 1
-        stopped = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items())) or "none"
         return (
-            f"Using NeVe scheduling (stop_threshold={self.stop_threshold}, "
-            f"grace_period={self._grace_period}, max_t={self._max_t}): stopped {stopped}."
+            f"Using NeVe scheduling (stop_threshold={self.stop_threshold}, grace_period={self._grace_period},"
+            f" max_t={self.max_t}): stopped {self._records.summary()}."
         ) + ("" if self._base_link is None else "\n" + self._base_link.base.debug_string())
 
     def save(self, checkpoint_path: str) -> None:
+        """Pickle this scheduler (records and base) to ``checkpoint_path``; persist the base's state too."""
+        if self._base_link is not None:
+            self._base_link.persist()
         with open(checkpoint_path, "wb") as f:
             cloudpickle.dump(self.__dict__, f)  # a base may hold lambdas (HyperBand does)
 
     def restore(self, checkpoint_path: str) -> None:
+        """Load what :meth:`save` wrote."""
         with open(checkpoint_path, "rb") as f:
-            self.__setstate__(pickle.load(f))
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Schedulers pickled by earlier versions held a NeVeRule (`_rule`) for their stop_threshold.
-        state = dict(state)
-        if "_rule" in state and "_stop_threshold" not in state:
-            state["_stop_threshold"] = float(state.pop("_rule").stop_threshold)
-        state.setdefault("_warned", set())
-        state.setdefault("_base_link", None)
-        self.__dict__.update(state)
+            self.__dict__.update(pickle.load(f))
 
     def __repr__(self) -> str:
         return (
             f"NeVeScheduler(metric={self._metric!r}, mode={self._mode!r}, time_attr={self._time_attr!r}, "
-            f"max_t={self._max_t}, grace_period={self._grace_period}, stop_threshold={self.stop_threshold}, "
+            f"max_t={self.max_t}, grace_period={self._grace_period}, stop_threshold={self.stop_threshold}, "
             f"velocity_key={self._velocity_key!r}, change_key={self._change_key!r}, "
             f"allow_missing={self._allow_missing}, base_scheduler={describe(self.base_scheduler)})"
         )
-
-
-# What flagless results (an older producer) are classified with when no stop_threshold is given here.
-_LEGACY_THRESHOLD = 1e-3
 
 
 def _check_mode(mode: str | None) -> None:
