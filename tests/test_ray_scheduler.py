@@ -31,7 +31,7 @@ from neve_tune.ray import (
     save_training_state,
     trial_device,
 )
-from neve_tune.ray._trainable import select_device
+from neve_tune.ray._trainable import _select_device as select_device
 from neve_tune.studies.builtin.digits import DigitsCNN, load_digits_splits
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP

@@ -15,8 +15,7 @@ from ray.tune.experiment import Trial
 from ray.tune.result import DEFAULT_METRIC, TRAINING_ITERATION
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
-from neve_tune import StopReason, decide, keys
-from neve_tune._decide.stopping import settings_disagreement
+from neve_tune import StopReason, decide, keys, settings_disagreement
 from neve_tune.ray._composite import BaseLink, Records, StopInfo, describe, epoch_of, has_user_keys, missing_key_message
 
 if TYPE_CHECKING:

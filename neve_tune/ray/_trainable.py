@@ -264,4 +264,3 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-select_device = _select_device  # not public: ray/__init__.py still imports it (to drop from its __all__)
