@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from neve_tune import keys as neve_keys
 
-from ._arms import Arm
+from ._arm import Arm
 from ._keys import (
     EPOCH,
     EPOCH_TIME,

@@ -23,7 +23,7 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from ._arms import Arm
+from ._arm import Arm
 from ._backend import ArmJob, Backend
 from ._keys import PRUNED
 from ._records import ArmResult

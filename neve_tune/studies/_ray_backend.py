@@ -122,6 +122,11 @@ class RayBackend(Backend):
     :meth:`open` starts a local Ray (``address`` ``None``/``"local"``) or connects to one, and checks one
     trial's resources fit the cluster; :meth:`close` shuts down a Ray it started. Failed trials restart
     ``budget.max_failures`` times from their last checkpoint (``budget.checkpoint_every``).
+
+    Args:
+        address: ``None``/``"local"`` starts a local Ray with every CPU (and shuts it down at the end); else
+            the cluster to connect to, e.g. ``"auto"`` (``--ray-address``).
+        callbacks: extra Ray Tune callbacks of every arm's ``Tuner``.
     """
 
     name = "ray"
@@ -130,6 +135,10 @@ class RayBackend(Backend):
         self.address = address
         self.callbacks = list(callbacks)
         self._started = False
+
+    @property
+    def runs_here(self) -> bool:
+        return self.address in (None, "", "local")
 
     def open(self, budget: Budget) -> None:
         self._started = init_ray(self.address, budget.cpus_per_trial, budget.gpus_per_trial)

@@ -26,10 +26,11 @@ from torch import Tensor, nn
 
 from neve_tune import VelocityMonitor
 
-from ._arms import Arm, fifo_optuna_pruner, fifo_ray_scheduler
+from ._arm import Arm
 from ._keys import TRAIN_LOSS
 from ._policy import EpochDecision, TrialPolicy, monitored_epoch
 from ._records import TrialRecord, pick_lowest_train_loss
+from ._schedulers import fifo_optuna_pruner, fifo_ray_scheduler
 from ._spec import Budget, StudyError
 
 #: Fraction of the budget's optimizer steps spent in the linear warm-up.
