@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neve_tune.studies import StudyOptions
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -238,7 +239,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         console.print(f"  runs: {_ui_link(result.tracking_uri, result.experiment_id)}")
     console.print(f"Done in {time.perf_counter() - started:.0f} s.")
-    return 0
+    for failure in result.failures:
+        print(f"neve-tune: error: {failure}", file=sys.stderr)
+    return EXIT_FAILED if result.failures else 0
 
 
 def _ui_link(tracking_uri: str, experiment_id: str | None) -> str:

@@ -239,7 +239,9 @@ def test_study_run_options_map_the_command_line() -> None:
     ray = study_options(build_parser().parse_args(["study", "run", "digits", "--ray-address", "auto"])).backend
     assert (ray.name, ray.address, ray.runs_here) == ("ray", "auto", False)  # a Ray option lives on the backend
     with pytest.raises(CLIError, match="--ray-address is an option of the ray backend, but --backend is optuna"):
-        study_options(build_parser().parse_args(["study", "run", "digits", "--ray-address", "auto", "--backend", "optuna"]))
+        study_options(
+            build_parser().parse_args(["study", "run", "digits", "--ray-address", "auto", "--backend", "optuna"])
+        )
 
 
 def test_seed_and_seeds_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:

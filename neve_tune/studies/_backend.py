@@ -72,6 +72,7 @@ class ArmJob:
             train_fraction=self.arm.train_fraction(self.budget),
             max_epochs=self.budget.max_epochs,
             seed=self.spec.seed,
+            failure=self.collector.failure(),
         )
 
 

@@ -70,6 +70,52 @@ class Plan:
         return self.output / "mlflow-unsent"
 
 
+def check_aux_set(plan: Plan) -> None:
+    """Run the study's aux set once through a freshly built model, in the driver, before any trial trains.
+
+    Only when an arm measures velocity (a NeVe arm, or ``budget.monitor_baselines``). A model that cannot
+    take it (float noise into an ``nn.Embedding``) would otherwise fail every such trial at its first
+    measurement. Two samples of ``make_aux`` (or of the default noise) with the first seed, the first
+    sampled configuration, on the CPU; the global RNG is left as it was.
+
+    Raises:
+        StudyError: the forward failed (the message shows the error and names ``make_aux=`` and
+            ``neve_tune.token_aux``).
+    """
+    definition, budget = plan.definition, plan.budget
+    if not (budget.monitor_baselines or any(arm.uses_neve for arm in plan.arms)):
+        return
+    import torch
+
+    from neve_tune import VelocityMonitor
+
+    seed = plan.seeds[0]
+    config = definition.configs(1, seed)[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = definition.build_model(config)
+    try:
+        aux = definition.aux(min(2, budget.neve.aux_samples), seed)
+        monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
+        try:
+            monitor.measure()
+        finally:
+            monitor.close()
+    except Exception as err:
+        given = (
+            f"make_aux={getattr(definition.make_aux, '__qualname__', definition.make_aux)}"
+            if definition.make_aux is not None
+            else f"the default aux set, float noise shaped like input_shape={definition.input_shape}"
+        )
+        raise StudyError(
+            f"The aux set of the study {definition.name!r} does not go through its model ({given}): "
+            f"{type(err).__name__}: {err}. NeVe measures the model's responses to it, so every trial that measures "
+            "velocity would fail. Give StudyDefinition(make_aux=...) a function (n, seed) -> inputs the model takes; "
+            "for token ids (an nn.Embedding first layer): make_aux=lambda n, seed: neve_tune.token_aux(vocab_size, "
+            "seq_len, n=n, seed=seed)."
+        ) from err
+
+
 def make_plan(study: str | StudyDefinition, options: StudyOptions) -> tuple[Plan, Backend]:
     """Check everything that needs no training (study, arms, seeds, backend, resources, tracking scheme)
     and return the plan and its backend (not opened yet). Raises ``StudyError`` / ``UnknownStudyError``."""
@@ -95,4 +141,4 @@ def make_plan(study: str | StudyDefinition, options: StudyOptions) -> tuple[Plan
     return plan, backend
 
 
-__all__ = ["Plan", "check_arms", "make_plan"]
+__all__ = ["Plan", "check_arms", "check_aux_set", "make_plan"]

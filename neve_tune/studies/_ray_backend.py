@@ -102,11 +102,13 @@ class StudyCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.collector is not None:
             self.collector.started(trial.trial_id, trial.config)
-            self.collector.completed(trial.trial_id, error=_trial_error(trial))
+            path = getattr(trial, "error_file", None)
+            where = f"Ray's trial error file {path}" if path else f"the Ray trial's logs ({trial.trial_id})"
+            self.collector.completed(trial.trial_id, error=_trial_error(path), error_at=where)
 
 
-def _trial_error(trial: Any) -> str:
-    path = getattr(trial, "error_file", None)
+def _trial_error(path: str | None) -> str:
+    """The last line of Ray's trial error file (the exception), or a pointer to the logs."""
     try:
         if path and os.path.exists(path):
             text = Path(path).read_text().strip().splitlines()

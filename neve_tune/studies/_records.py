@@ -93,7 +93,11 @@ class TrialRecord:
 
 @dataclass
 class ArmResult:
-    """All trials of one arm in one seed, plus its wall time and the fraction of labelled data it trained on."""
+    """All trials of one arm in one seed, plus its wall time and the fraction of labelled data it trained on.
+
+    ``failure``: set when every trial of the arm failed: the first error, summarised, and where the full one
+    is (``None`` otherwise, and for a study read back from MLflow).
+    """
 
     arm: str
     records: list[TrialRecord]
@@ -101,6 +105,7 @@ class ArmResult:
     train_fraction: float
     max_epochs: int
     seed: int = 0
+    failure: str | None = None
 
 
 #: Stop reasons that disqualify a trial from the validation-free pick (it never learned, or was cut).

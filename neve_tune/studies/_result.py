@@ -56,6 +56,18 @@ class StudyResult:
         return self.runs[0].summaries
 
     @property
+    def failures(self) -> list[str]:
+        """One line per arm (and seed) whose every trial failed: the first error and where the full one is.
+        Empty when every arm ran; ``neve-tune study run`` exits 1 otherwise."""
+        several = len(self.runs) > 1
+        return [
+            f"the {arm.arm} arm{f' (seed {run.seed})' if several else ''}: {arm.failure}"
+            for run in self.runs
+            for arm in run.arms.values()
+            if arm.failure is not None
+        ]
+
+    @property
     def over_seeds(self) -> list[ArmOverSeeds]:
         """Each arm's mean and spread over the seeds (one value each with one seed)."""
         return summarize_over_seeds(self.runs)

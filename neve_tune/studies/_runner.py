@@ -8,6 +8,7 @@ holds each seed's table and the table over seeds.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from ._collect import Collector, Progress
 from ._compare import ArmSummary, summarize_arm
 from ._options import StudyOptions
 from ._outputs import write_study_outputs
-from ._plan import Plan, make_plan
+from ._plan import Plan, check_aux_set, make_plan
 from ._records import ArmResult
 from ._result import StudyResult
 from ._seeds import SeedRun
@@ -28,6 +29,8 @@ from ._trial import TrialSpec
 
 if TYPE_CHECKING:
     from ._tracking import StudyTracker
+
+logger = logging.getLogger(__name__)
 
 
 def run_study(study: str | StudyDefinition, options: StudyOptions | None = None, **changes: Any) -> StudyResult:
@@ -43,14 +46,20 @@ def run_study(study: str | StudyDefinition, options: StudyOptions | None = None,
         options: how to run it (:class:`StudyOptions`; default: its defaults).
         **changes: :class:`StudyOptions` fields to change, e.g. ``run_study("digits", trials=4)``.
 
+    An arm whose every trial failed does not stop the study: the other arms run, the tables and MLflow
+    hold what ran (that arm's run and the study run end FAILED), and :attr:`StudyResult.failures` says
+    which arm, its first error and where the full one is (also logged at ERROR level).
+
     Raises:
-        UnknownStudyError, StudyError, TrackingUnavailableError: before any training.
+        UnknownStudyError, StudyError, TrackingUnavailableError: before any training (``StudyError`` too when
+            the study's aux set does not go through its model: see ``StudyDefinition.make_aux``).
     """
     options = replace(options or StudyOptions(), **changes)
     plan, backend = make_plan(study, options)
     definition = plan.definition
     if definition.prepare is not None:  # before the store is touched: a missing package creates no mlflow.db
         definition.prepare(options.data_root)
+    check_aux_set(plan)
     resolved_uri = None
     if options.track:
         from neve_tune.mlflow import check_tracking_uri
@@ -67,7 +76,9 @@ def run_study(study: str | StudyDefinition, options: StudyOptions | None = None,
             result.experiment_id = tracker.experiment_id
             result.study_run_id = tracker.study_run_id
             log_comparison(tracker, result)
-            tracker.end("FINISHED")
+            tracker.end("FAILED" if result.failures else "FINISHED")
+        for failure in result.failures:
+            logger.error("neve-tune study %s: %s", plan.definition.name, failure)
         return result
     except KeyboardInterrupt:
         abort(tracker, "KILLED")

@@ -78,7 +78,9 @@ def log_arm(arm_run: ArmRun, arm: Arm, arm_result: ArmResult, summary: ArmSummar
     if picked is not None and picked.trial_id is not None:
         arm_run.tag_trial(picked.trial_id, {"picked": "true"})
     arm_run.close_open_trials("KILLED")  # a last sweep: no trial run stays RUNNING after its arm
-    arm_run.end("FINISHED")
+    if arm_result.failure is not None:
+        arm_run.set_tags({"error": arm_result.failure[:5000]})
+    arm_run.end("FAILED" if arm_result.failure is not None else "FINISHED")
 
 
 def log_comparison(tracker: StudyTracker, result: StudyResult) -> None:
