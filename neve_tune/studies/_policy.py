@@ -171,7 +171,7 @@ class AnnealingNeVePolicy(NeVePolicy):
     linear LR cooldown of ``max(3, ceil(t / 10))`` epochs instead of ending the trial at its high LR, and a
     trial that has not converged is annealed into the epoch cap over its last 20% (see
     :class:`neve_tune.Anneal`; measured against the paper's rule and the cosine schedule in
-    ``benchmarks/ranking_signals.md``).
+    ``studies/ranking_signals.md``).
     """
 
     anneal_fraction = 0.1

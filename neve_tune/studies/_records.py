@@ -5,7 +5,7 @@ accuracy is only reported, it never picks a trial or stops one. Each :class:`~ne
 names its rule; the built-in rules are here.
 
 The validation-free rules rank trials on a signal of their training run alone (no validation data). The
-candidates measured in ``benchmarks/ranking_signals.md`` (Spearman rank correlation with test accuracy over
+candidates measured in ``studies/ranking_signals.md`` (Spearman rank correlation with test accuracy over
 every trial of the digits and MNIST-1D studies, with and without label noise, and the regret of the pick):
 
 * the final training loss (:func:`pick_lowest_train_loss`, the ``neve-pure`` arm): a fit criterion; under
