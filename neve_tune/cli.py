@@ -302,7 +302,8 @@ def cmd_mlflow_replay(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``neve-tune`` console script; returns the exit status."""
+    """Entry point of the ``neve-tune`` console script; returns the exit status: 0, 1 when an arm of
+    ``study run`` had every trial fail (after the table), 2 for a usage or setup error, 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "mlflow":

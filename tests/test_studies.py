@@ -526,7 +526,7 @@ def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(local_ra
     from ray import tune
 
     from neve_tune.mlflow import replay_unsent
-    from neve_tune.studies import run_study
+    from neve_tune.studies import get_backend, run_study
 
     server = MlflowServer(tmp_path / "server").start()
 
@@ -549,7 +549,7 @@ def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(local_ra
                 tracking_uri=server.uri,
                 output_dir=tmp_path / "out",
                 progress=False,
-                callbacks=[KillServer(server.proc.pid)],
+                backend=get_backend("ray")(callbacks=[KillServer(server.proc.pid)]),  # a Ray option: on the backend
                 mlflow_drain_timeout_s=0,  # gone for good here: one try at the end (the wait is tested in test_mlflow)
             )
         assert any("unavailable" in str(w.message) for w in caught)

@@ -284,6 +284,10 @@ def test_an_arm_whose_every_trial_failed_fails_the_study_and_says_where(
     assert exp is not None
     arms = {r.data.tags["arm"]: r for r in client.search_runs([exp.experiment_id], "tags.role = 'arm'")}
     assert (arms["neve"].info.status, arms["fifo"].info.status) == ("FAILED", "FINISHED")
+    [study] = client.search_runs([exp.experiment_id], "tags.role = 'study'")
+    assert study.info.status == "FAILED"  # the study ran, but one arm has no result
+    assert study.data.params["aux"] == "tests.test_study_models.make_token_aux"
+    assert study.data.params["optimizer"] == "tests.test_study_models.build_adamw"
     trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{arms['neve'].info.run_id}'")
     assert len(trials) == 2 and {t.info.status for t in trials} == {"FAILED"}
     assert "val_fraction=0" in trials[0].data.tags["error"]

@@ -17,10 +17,12 @@
   records; :func:`load_study` reads a study back from MLflow (:class:`StoredStudy`) and
   :func:`write_study_outputs` writes its tables and plots (``neve-tune study compare``).
 
-The protocol (SPEC §4): every arm gets the same sampled configurations, trial count, seed and epoch cap.
-The ``neve`` arm trains on 100% of the training split with a noise aux set: NeVe decays its LR and anneals
-it at its first convergence, ASHA (Ray) or successive halving (Optuna) prunes on the validation-free
-TSE-EMA of the training loss, and it picks by the lowest mean training loss (TSE / epochs); ``neve-pure``
+The protocol (SPEC §4): every arm gets the same sampled configurations, trial count, seed and epoch cap,
+and builds its optimizer with the study's ``build_optimizer`` (default SGD; ``schedulefree`` keeps its own).
+The ``neve`` arm trains on 100% of the training split with the study's aux set (``make_aux``; default
+noise): NeVe decays its LR and anneals it at its first convergence, ASHA (Ray) or successive halving
+(Optuna) prunes on the validation-free TSE-EMA of the training loss, and it picks by the lowest mean
+training loss (TSE / epochs); ``neve-pure``
 is the paper's rule alone; ``asha`` holds out 10% for validation, uses a fixed LR schedule and ASHA prunes
 on validation accuracy; ``fifo`` is ``asha`` without pruning (the compute reference); ``schedulefree`` is
 Schedule-Free SGD at the fixed budget. ``StudyOptions(seeds=...)`` repeats a study per seed. The test split

@@ -105,7 +105,6 @@ def describe_neve_pure(budget: Budget) -> dict[str, Any]:
         "factor": n.factor,
         "stop_threshold": n.stop_threshold,
         "velocity_momentum": n.momentum,
-        "aux": "noise",
         "aux_samples": n.aux_samples,
     }
 

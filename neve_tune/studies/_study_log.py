@@ -34,6 +34,8 @@ def open_tracker(plan: Plan, tracking_uri: str | None) -> StudyTracker:
             "max_epochs": budget.max_epochs,
             "batch_size": budget.batch_size,
             "momentum": budget.momentum,
+            "aux": _described(definition.make_aux, "noise shaped like input_shape"),
+            "optimizer": _described(definition.build_optimizer, "SGD (budget momentum, config lr and weight_decay)"),
             **search_space_params(definition.search_space),
         },
         arm_params={arm.name: arm.params(budget) for arm in plan.arms},
@@ -41,6 +43,13 @@ def open_tracker(plan: Plan, tracking_uri: str | None) -> StudyTracker:
         fallback_dir=plan.fallback_dir,
         drain_timeout_s=options.mlflow_drain_timeout_s,
     )
+
+
+def _described(function: object, default: str) -> str:
+    """A study's ``make_aux`` / ``build_optimizer`` as an MLflow param: its qualified name, or the default."""
+    if function is None:
+        return default
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
 def abort(tracker: StudyTracker | None, status: str) -> None:
