@@ -339,6 +339,25 @@ def test_backends_are_a_registry_keyed_by_their_name() -> None:
         _REGISTERED.pop("inline")
 
 
+def test_a_backend_of_ones_own_runs_a_study(tmp_path: Path) -> None:
+    from neve_tune.studies import run_study
+
+    result = run_study(
+        "digits", backend=InlineBackend(), arms=["neve", "fifo"], trials=2, max_epochs=2, track=False,
+        output_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    for arm in ("neve", "fifo"):
+        records = result.arms[arm].records
+        assert [r.config_id for r in records] == [0, 1] and all(r.epochs >= 1 for r in records)
+        assert all(r.stop_reason in ("max_t", "converged", "diverged") for r in records)
+    assert [s.trial_epochs for s in result.summaries][1] == 4 and not result.failures
+    import torch
+
+    if torch.cuda.device_count() == 0:  # the trials run here (Backend.runs_here): a GPU request is refused first
+        with pytest.raises(StudyError, match=r"asks for 1 GPU\(s\), but this machine has 0"):
+            run_study("digits", backend=InlineBackend(), gpus_per_trial=1, track=False, output_dir=tmp_path)
+
+
 def test_optuna_threads_never_pop_the_same_enqueued_configuration(tmp_path: Path) -> None:
     optuna = pytest.importorskip("optuna")
     import threading
