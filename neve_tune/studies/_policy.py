@@ -146,9 +146,15 @@ class NeVePolicy(TrialPolicy):
         fraction = self.anneal_fraction
         anneal = None if fraction is None else Anneal(fraction=fraction, max_epochs=budget.max_epochs)
         self.neve = NeVe(
-            model, optimizer, aux, momentum=s.momentum, factor=s.factor, patience=s.patience,
-            stop_threshold=s.stop_threshold, anneal=anneal,
-        )  # fmt: skip
+            model,
+            optimizer,
+            aux,
+            momentum=s.momentum,
+            factor=s.factor,
+            patience=s.patience,
+            stop_threshold=s.stop_threshold,
+            anneal=anneal,
+        )
 
     def after_epoch(self, train_loss: float | None = None) -> EpochDecision:
         assert self.neve is not None
@@ -240,5 +246,10 @@ class FixedSchedulePolicy(TrialPolicy):
 
 
 __all__ = [
-    "AnnealingNeVePolicy", "EpochDecision", "FixedSchedulePolicy", "NeVePolicy", "TrialPolicy", "fixed_lr_schedule",
-]  # fmt: skip
+    "AnnealingNeVePolicy",
+    "EpochDecision",
+    "FixedSchedulePolicy",
+    "NeVePolicy",
+    "TrialPolicy",
+    "fixed_lr_schedule",
+]

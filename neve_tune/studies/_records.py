@@ -44,7 +44,7 @@ from ._keys import (
     TRAIN_TSE,
     VAL_ACC,
     VAL_LOSS,
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -203,6 +203,12 @@ def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
 
 
 __all__ = [
-    "NEVER_PICKED", "ArmResult", "TrialRecord", "describe_mean_loss_pick", "describe_train_loss_pick",
-    "pick_highest_val_acc", "pick_lowest_mean_loss", "pick_lowest_train_loss",
-]  # fmt: skip
+    "NEVER_PICKED",
+    "ArmResult",
+    "TrialRecord",
+    "describe_mean_loss_pick",
+    "describe_train_loss_pick",
+    "pick_highest_val_acc",
+    "pick_lowest_mean_loss",
+    "pick_lowest_train_loss",
+]

@@ -197,5 +197,10 @@ SCHEDULEFREE = Arm(
 )
 
 __all__ = [
-    "BN_BATCHES", "SCHEDULEFREE", "WARMUP_FRACTION", "ScheduleFreePolicy", "recompute_batch_norm", "warmup_steps",
-]  # fmt: skip
+    "BN_BATCHES",
+    "SCHEDULEFREE",
+    "WARMUP_FRACTION",
+    "ScheduleFreePolicy",
+    "recompute_batch_norm",
+    "warmup_steps",
+]

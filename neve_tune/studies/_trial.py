@@ -365,9 +365,11 @@ class _TrialLoop:
         extra: dict[str, Any] = {}
         if self.reporter.needs_state(epoch):  # only when checkpointing: a monitor's state holds its snapshot
             extra = {
-                "generator": self.generator.get_state(), "history": self.history.__dict__, "speed": list(self.speed),
+                "generator": self.generator.get_state(),
+                "history": self.history.__dict__,
+                "speed": list(self.speed),
                 **policy.state_dict(),
-            }  # fmt: skip
+            }
         self.reporter.report(
             metrics, neve=policy.neve, model=self.model, optimizer=self.optimizer, epoch=epoch, extra=extra, final=final
         )
