@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neve_tune.studies import StudyOptions
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -45,6 +46,12 @@ def _seeds(text: str) -> list[int]:
     if not seeds:
         raise ValueError(text)
     return seeds
+
+
+def _backends() -> list[str]:
+    from neve_tune.studies import list_backends
+
+    return list_backends()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="at the end, how long to retry an unreachable MLflow store for unsent records (default 60)",
     )
-    run.add_argument("--ray-address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
-    run.add_argument("--backend", choices=("ray", "optuna"), default="ray", help="tuning backend (default: ray)")
+    run.add_argument(
+        "--ray-address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray; --backend ray)"
+    )
+    run.add_argument("--backend", choices=_backends(), default="ray", help="tuning backend (default: ray)")
     run.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default: the study's)")
     run.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (default: the study's)")
     run.add_argument("--data-root", default=None, help="dataset folder (download target for CIFAR)")
@@ -181,9 +190,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def study_options(args: argparse.Namespace, console: Any = None) -> StudyOptions:
     """The :class:`neve_tune.studies.StudyOptions` of a parsed ``study run`` command line."""
-    from neve_tune.studies import StudyOptions
+    from neve_tune.studies import StudyOptions, get_backend
 
     arms = {} if args.arms is None else {"arms": args.arms}  # None: the default arms
+    backend: Any = args.backend
+    if args.ray_address is not None:
+        if args.backend != "ray":
+            raise CLIError(f"--ray-address is an option of the ray backend, but --backend is {args.backend}.")
+        ray_backend: Any = get_backend("ray")  # its own options: RayBackend(address=..., callbacks=...)
+        backend = ray_backend(address=args.ray_address)
     return StudyOptions(
         trials=args.trials,
         max_epochs=args.max_epochs,
@@ -193,8 +208,7 @@ def study_options(args: argparse.Namespace, console: Any = None) -> StudyOptions
         experiment=args.experiment,
         track=not args.no_mlflow,
         mlflow_drain_timeout_s=args.mlflow_wait,
-        ray_address=args.ray_address,
-        backend=args.backend,
+        backend=backend,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         data_root=args.data_root,
@@ -225,7 +239,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         console.print(f"  runs: {_ui_link(result.tracking_uri, result.experiment_id)}")
     console.print(f"Done in {time.perf_counter() - started:.0f} s.")
-    return 0
+    for failure in result.failures:
+        print(f"neve-tune: error: {failure}", file=sys.stderr)
+    return EXIT_FAILED if result.failures else 0
 
 
 def _ui_link(tracking_uri: str, experiment_id: str | None) -> str:
@@ -240,8 +256,7 @@ def _ui_link(tracking_uri: str, experiment_id: str | None) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from neve_tune.studies._from_mlflow import load_study
-    from neve_tune.studies._runner import write_study_outputs
+    from neve_tune.studies import load_study, write_study_outputs
 
     console = _console()
     experiment = args.experiment or f"neve-tune-{args.study}"
@@ -260,8 +275,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _print_tables(console: Any, runs: Sequence[Any], seed_title: Any, title: str) -> None:
     """Each seed's table with its pick rules, then (several seeds) the table over seeds."""
-    from neve_tune.studies import comparison_table
-    from neve_tune.studies._seeds import seeds_table
+    from neve_tune.studies import comparison_table, seeds_table
 
     for run in runs:
         console.print(comparison_table(run.summaries, title=title if len(runs) == 1 else seed_title(run)))
@@ -288,7 +302,8 @@ def cmd_mlflow_replay(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``neve-tune`` console script; returns the exit status."""
+    """Entry point of the ``neve-tune`` console script; returns the exit status: 0, 1 when an arm of
+    ``study run`` had every trial fail (after the table), 2 for a usage or setup error, 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "mlflow":

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from neve_tune import __version__
-from neve_tune.cli import EXIT_USAGE, main
+from neve_tune.cli import EXIT_USAGE, CLIError, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,8 +132,7 @@ def test_demo_command_with_the_default_sqlite_store_then_compare(tmp_path: Path)
     assert "│ neve │" in out and "│ fifo │" in out
     # 3 epochs: inside NeVe's warm-up nothing converges; the pick-rule line says what the rule did with the
     # records (issue 12), the same line as the arm's own rule gives on the records MLflow holds.
-    from neve_tune.studies import summarize_arm
-    from neve_tune.studies._from_mlflow import load_study
+    from neve_tune.studies import load_study, summarize_arm
 
     stored = {a.arm: a for a in load_study(f"sqlite:///{tmp_path / 'mlflow.db'}", "neve-tune-digits").arms}
     assert "converged" not in {r.stop_reason for r in stored["neve"].records}
@@ -236,6 +235,13 @@ def test_study_run_options_map_the_command_line() -> None:
     seeds = study_options(build_parser().parse_args(["study", "run", "digits", "--seeds", "0, 1,2"]))
     assert seeds.seed_list == (0, 1, 2)
     assert study_options(build_parser().parse_args(["study", "run", "digits", "--seed", "7"])).seed_list == (7,)
+    assert default.backend == "ray"  # by name: the backend's defaults (a local Ray)
+    ray = study_options(build_parser().parse_args(["study", "run", "digits", "--ray-address", "auto"])).backend
+    assert (ray.name, ray.address, ray.runs_here) == ("ray", "auto", False)  # a Ray option lives on the backend
+    with pytest.raises(CLIError, match="--ray-address is an option of the ray backend, but --backend is optuna"):
+        study_options(
+            build_parser().parse_args(["study", "run", "digits", "--ray-address", "auto", "--backend", "optuna"])
+        )
 
 
 def test_seed_and_seeds_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,7 +50,7 @@ from neve_tune.mlflow import (
     replay_unsent,
     resolve_tracking_uri,
 )
-from neve_tune.studies import StudyTracker
+from neve_tune.studies._tracking import StudyTracker
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 

@@ -1,4 +1,4 @@
-"""benchmarks/ranking_signals.py: its statistics and its trial loop are the studies' own (issue 14)."""
+"""studies/ranking_signals.py: its statistics and its trial loop are the studies' own (issue 14)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from neve_tune.studies import get_study
 from neve_tune.studies._trial import training_speed
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "ranking_signals.py"
+_PATH = Path(__file__).resolve().parents[1] / "studies" / "ranking_signals.py"
 _spec = importlib.util.spec_from_file_location("ranking_signals", _PATH)
 assert _spec is not None and _spec.loader is not None
 rs = importlib.util.module_from_spec(_spec)

@@ -17,7 +17,6 @@ import pytest
 
 from neve_tune.studies import (
     ARMS,
-    PICK_RULES,
     ArmResult,
     Backend,
     Budget,
@@ -40,11 +39,11 @@ from neve_tune.studies import (
     pick_trial,
     register_arm,
     run_trial,
-    sample_configs,
     summarize_arm,
 )
 from neve_tune.studies._policy import AnnealingNeVePolicy
 from neve_tune.studies._records import describe_mean_loss_pick
+from neve_tune.studies._spec import sample_configs
 from tests.test_mlflow import MlflowServer
 
 # ---------------------------------------------------------------------------- protocol pieces (fast)
@@ -173,7 +172,6 @@ def test_each_arm_is_one_definition() -> None:
     assert [a.external_stop_reason for a in (neve, asha, fifo)] == ["pruned", "pruned", "stopped"]
     assert [a.compute_reference for a in (neve, asha, fifo)] == [False, False, True]
     assert len({a.color for a in (neve, asha, fifo)}) == 3
-    assert {name: get_arm(name).pick_rule for name in ARMS} == {name: PICK_RULES[name] for name in ARMS}
     assert neve.params(budget)["scheduler"] == "NeVeScheduler + ASHAScheduler"
     assert neve.params(budget)["metric"] == "train/tse_ema" and neve.params(budget)["train_fraction"] == 1.0
     assert get_arm("neve-pure").params(budget)["scheduler"] == "NeVeScheduler"
@@ -201,18 +199,22 @@ def step_fifo() -> Any:
     from neve_tune.studies import _arms
 
     arm = dataclasses.replace(
-        get_arm("fifo"), name="fifo-b", display_name="fifo B", color="C4", compute_reference=False
+        get_arm("fifo"),
+        name="fifo-b",
+        display_name="fifo B",
+        color="C4",
+        compute_reference=False,
+        pick_rule="highest validation accuracy, arm B",
     )
     register_arm(arm)
     yield arm
     _arms._REGISTERED.pop(arm.name)
-    _arms.PICK_RULES.pop(arm.name)
 
 
 def test_a_new_arm_is_one_registration(step_fifo: Any) -> None:
-    from neve_tune.studies._runner import check_arms
+    from neve_tune.studies._plan import check_arms
 
-    assert get_arm("fifo-b") is step_fifo and "fifo-b" in list_arms() and "fifo-b" in PICK_RULES
+    assert get_arm("fifo-b") is step_fifo and "fifo-b" in list_arms()
     with pytest.raises(ValueError, match="exists already"):
         register_arm(step_fifo)
     assert [a.name for a in check_arms(["neve", "fifo-b", "neve"])] == ["neve", "fifo-b"]
@@ -221,9 +223,49 @@ def test_a_new_arm_is_one_registration(step_fifo: Any) -> None:
     ]
     assert pick_trial("fifo-b", records).config_id == 1
     summary = summarize_arm(ArmResult("fifo-b", records, 1.0, 0.9, 3))
-    assert summary.pick_rule == step_fifo.pick_rule and not summary.compute_reference
+    assert summary.pick_rule == "highest validation accuracy, arm B" and not summary.compute_reference
+    # the arm's one pick rule reaches the table's footnote and its MLflow params
+    assert "pick rule, fifo-b: highest validation accuracy, arm B" in comparison_markdown([summary])
+    assert step_fifo.params(get_study("digits").budget)["pick_rule"] == "highest validation accuracy, arm B"
     with pytest.raises(TypeError, match="TrialPolicy"):
         dataclasses.replace(step_fifo, name="bad", policy=object)
+
+
+class _Silent:
+    """A reporter that reports nowhere (the in-process backend below)."""
+
+    def needs_state(self, epoch: int) -> bool:
+        return False
+
+    def restore(self, model: Any, optimizer: Any, neve: Any, extra: dict) -> int:
+        return 0
+
+    def report(self, metrics: dict, **kwargs: Any) -> None:
+        pass
+
+
+class InlineBackend(Backend):
+    """A backend of one's own: every trial in turn, in this process (what `register_backend` is for)."""
+
+    name = "inline"
+
+    def run_arm(self, job: Any) -> ArmResult:
+        import time
+
+        t0 = time.perf_counter()
+        for config in job.configs:
+            trial_id = f"inline-{config['config_id']}"
+            job.collector.started(trial_id, config)
+            error = None
+            try:
+                run_trial(
+                    job.spec, config, _Silent(), trial_id=trial_id,
+                    on_epoch=lambda epoch, metrics, t=trial_id: job.collector.result(t, metrics),
+                )  # fmt: skip
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            job.collector.completed(trial_id, error=error)
+        return job.result(time.perf_counter() - t0)
 
 
 class _Recorder:
@@ -269,14 +311,51 @@ def test_run_trial_follows_its_arms_policy(arm: str) -> None:
     assert last["train/tse_ema"] == pytest.approx(sum(0.9 ** (len(losses) - 1 - i) * x for i, x in enumerate(losses)))
 
 
-def test_both_backends_share_one_interface() -> None:
+def test_backends_are_a_registry_keyed_by_their_name() -> None:
     pytest.importorskip("ray")
     pytest.importorskip("optuna")
-    from neve_tune.studies._optuna_backend import OptunaBackend
-    from neve_tune.studies._ray_backend import RayBackend
+    from neve_tune.studies import get_backend, list_backends, register_backend
+    from neve_tune.studies._backend import _REGISTERED
 
-    assert issubclass(RayBackend, Backend) and issubclass(OptunaBackend, Backend)
-    assert (RayBackend.name, OptunaBackend.name) == ("ray", "optuna")
+    ray_backend, optuna_backend = get_backend("ray"), get_backend("optuna")
+    assert issubclass(ray_backend, Backend) and issubclass(optuna_backend, Backend)
+    assert (ray_backend.name, optuna_backend.name) == ("ray", "optuna") and list_backends()[:2] == ["ray", "optuna"]
+    assert ray_backend().runs_here and not ray_backend(address="auto").runs_here and optuna_backend().runs_here
+    with pytest.raises(StudyError, match=r"Unknown backend 'dask'; the backends are: ray, optuna\."):
+        get_backend("dask")
+    with pytest.raises(ValueError, match="A backend named 'ray' exists already"):
+        register_backend(ray_backend)
+
+    class Nameless(Backend):
+        def run_arm(self, job: Any) -> Any:
+            raise NotImplementedError
+
+    with pytest.raises(ValueError, match="must set a class attribute name"):
+        register_backend(Nameless)
+    register_backend(InlineBackend)
+    try:
+        assert get_backend("inline") is InlineBackend and list_backends()[-1] == "inline"
+    finally:
+        _REGISTERED.pop("inline")
+
+
+def test_a_backend_of_ones_own_runs_a_study(tmp_path: Path) -> None:
+    from neve_tune.studies import run_study
+
+    result = run_study(
+        "digits", backend=InlineBackend(), arms=["neve", "fifo"], trials=2, max_epochs=2, track=False,
+        output_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    for arm in ("neve", "fifo"):
+        records = result.arms[arm].records
+        assert [r.config_id for r in records] == [0, 1] and all(r.epochs >= 1 for r in records)
+        assert all(r.stop_reason in ("max_t", "converged", "diverged") for r in records)
+    assert [s.trial_epochs for s in result.summaries][1] == 4 and not result.failures
+    import torch
+
+    if torch.cuda.device_count() == 0:  # the trials run here (Backend.runs_here): a GPU request is refused first
+        with pytest.raises(StudyError, match=r"asks for 1 GPU\(s\), but this machine has 0"):
+            run_study("digits", backend=InlineBackend(), gpus_per_trial=1, track=False, output_dir=tmp_path)
 
 
 def test_optuna_threads_never_pop_the_same_enqueued_configuration(tmp_path: Path) -> None:
@@ -334,8 +413,7 @@ def _steps(client: Any, run_id: str, key: str) -> list[int]:
 def test_digits_study_end_to_end_against_a_real_mlflow_server(local_ray: Any, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from neve_tune.studies import run_study
-    from neve_tune.studies._from_mlflow import load_study
+    from neve_tune.studies import load_study, run_study
 
     server = MlflowServer(tmp_path / "server").start()
     try:
@@ -467,7 +545,7 @@ def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(local_ra
     from ray import tune
 
     from neve_tune.mlflow import replay_unsent
-    from neve_tune.studies import run_study
+    from neve_tune.studies import get_backend, run_study
 
     server = MlflowServer(tmp_path / "server").start()
 
@@ -490,7 +568,7 @@ def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(local_ra
                 tracking_uri=server.uri,
                 output_dir=tmp_path / "out",
                 progress=False,
-                callbacks=[KillServer(server.proc.pid)],
+                backend=get_backend("ray")(callbacks=[KillServer(server.proc.pid)]),  # a Ray option: on the backend
                 mlflow_drain_timeout_s=0,  # gone for good here: one try at the end (the wait is tested in test_mlflow)
             )
         assert any("unavailable" in str(w.message) for w in caught)

@@ -96,8 +96,7 @@ def test_a_study_over_two_seeds_and_compare_rebuilds_it_from_mlflow(
     from mlflow import MlflowClient
 
     from neve_tune.cli import main
-    from neve_tune.studies import run_study
-    from neve_tune.studies._from_mlflow import load_study
+    from neve_tune.studies import load_study, run_study
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done: list[tuple[str, int, str, int]] = []

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from neve_tune import keys as neve_keys
+from neve_tune.mlflow import TAG_ERROR
 
-from ._arms import Arm
+from ._arm import Arm
 from ._keys import (
     EPOCH,
     EPOCH_TIME,
@@ -125,6 +126,7 @@ class Collector:
         self.configs: dict[str, dict[str, Any]] = {}
         self.results: dict[str, list[dict[str, Any]]] = {}
         self.errors: dict[str, str] = {}
+        self.error_at: dict[str, str] = {}
         self.done = 0
 
     def started(self, trial_id: str, config: Mapping[str, Any]) -> None:
@@ -152,10 +154,14 @@ class Collector:
             return str(rows[-1][STOP_REASON])  # it ended by itself
         return self.arm.external_stop_reason  # its backend stopped it
 
-    def completed(self, trial_id: str, *, error: str | None = None) -> None:
+    def completed(self, trial_id: str, *, error: str | None = None, error_at: str | None = None) -> None:
+        """The trial ended; ``error``: it raised (its message), ``error_at``: where its full error is kept by
+        the backend (e.g. Ray's trial error file)."""
         self.done += 1
         if error is not None:
             self.errors[trial_id] = error
+            if error_at is not None:
+                self.error_at[trial_id] = error_at
         epochs = self.epochs(trial_id)
         reason = self.stop_reason(trial_id, errored=error is not None)
         self.progress.trial_done(self.task, max(0, self.budget.max_epochs - epochs), self.done, self.trials)
@@ -168,6 +174,27 @@ class Collector:
                 stop_threshold=self.budget.neve.stop_threshold,
                 error=error,
             )
+
+    def failure(self) -> str | None:
+        """``None`` unless every trial of the arm failed; then the first error, summarised, and where the full
+        one is (the backend's record and the trial's MLflow run)."""
+        if not self.results or any(trial_id not in self.errors for trial_id in self.results):
+            return None
+        trial_id = next(iter(self.errors))
+        lines = [line.strip() for line in self.errors[trial_id].strip().splitlines() if line.strip()]
+        summary = (lines[-1] if lines else "error")[:300]
+        config_id = self.configs.get(trial_id, {}).get("config_id", "?")
+        text = (
+            f"every one of its {len(self.results)} trials failed; the first (config {config_id}, trial {trial_id}): "
+            f"{summary}. Full error: {self.error_at.get(trial_id, 'the backend log')}"
+        )
+        if self.arm_run is not None:
+            link = self.arm_run.link
+            text += (
+                f"; MLflow: the run tagged trial_id={trial_id} under the arm run {link.parent_run_id} (experiment id "
+                f"{link.experiment_id} at {link.tracking_uri}), tag {TAG_ERROR!r}"
+            )
+        return text + "."
 
     def records(self) -> list[TrialRecord]:
         out = []

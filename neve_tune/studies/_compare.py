@@ -5,7 +5,7 @@ allowed to see:
 
 * ``neve``: no validation data exists. Among the trials that converged or ran to the epoch cap (stalled,
   collapsed, diverged and pruned trials are never picked), the one with the lowest mean training loss over
-  its epochs (``train/tse`` / epochs: a training-speed estimate; ``benchmarks/ranking_signals.md`` measures
+  its epochs (``train/tse`` / epochs: a training-speed estimate; ``studies/ranking_signals.md`` measures
   it against the others). Ties:
   fewer epochs, then lower config id. The pick-rule line says which trials qualified.
 * ``neve-pure`` (the paper's rule alone): among the *converged* trials, the lowest final training loss; if

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neve_tune.mlflow import TAG_ARM, TAG_PARENT, TAG_ROLE, TAG_STOP_EPOCH, TAG_STOP_REASON, TAG_STUDY, TAG_TRIAL_ID
+
 from ._keys import EPOCH, ERROR, STOPPED, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, TRAIN_TSE_EMA, VAL_ACC, VAL_LOSS
 from ._options import check_tracking_scheme
 from ._records import ArmResult, TrialRecord
@@ -58,8 +60,19 @@ def _number(text: str) -> Any:
     return text
 
 
-def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str | None = None) -> StoredStudy:
+def load_study(
+    tracking_uri: str | None,
+    experiment: str,
+    *,
+    study_run_id: str | None = None,
+    page_size: int | None = None,
+) -> StoredStudy:
     """Read the latest study run of ``experiment`` (or ``study_run_id``) and its arms and trials.
+
+    Every run is read, however many: the runs are searched page by page (``page_size`` runs per request;
+    ``None``: MLflow's default page) and the metric histories the table needs are fetched for up to
+    MLflow's bulk limit of runs per request (``get-history-bulk-interval``), one request per metric key.
+    A run whose history reaches MLflow's per-run limit of a bulk request is read whole on its own.
 
     Raises:
         StudyError: no such experiment, or no study run in it (the message lists what exists).
@@ -67,17 +80,7 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
     """
     from mlflow import MlflowClient
 
-    from neve_tune.mlflow import (
-        TAG_ARM,
-        TAG_PARENT,
-        TAG_ROLE,
-        TAG_STOP_EPOCH,
-        TAG_STOP_REASON,
-        TAG_STUDY,
-        TAG_TRIAL_ID,
-        check_tracking_uri,
-        resolve_tracking_uri,
-    )
+    from neve_tune.mlflow import check_tracking_uri, resolve_tracking_uri
 
     check_tracking_scheme(tracking_uri)
     resolved = resolve_tracking_uri(tracking_uri)
@@ -87,102 +90,18 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
             "folder first, or pass the --tracking-uri the study was logged to."
         )
     uri = check_tracking_uri(resolved)
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise StudyError(
-            f"No MLflow experiment named {experiment!r} at {uri}. Experiments there: {', '.join(names) or 'none'}. "
-            "Pass --experiment (and --tracking-uri) of a study you ran."
-        )
-    if study_run_id is not None:
-        study_run = _study_run(client, exp, study_run_id, uri)
-    else:
-        runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.{TAG_ROLE} = 'study'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not runs:
-            raise StudyError(
-                f"The experiment {experiment!r} holds no neve-tune study run; run `neve-tune study run` first."
-            )
-        study_run = runs[0]
-    arm_runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{study_run.info.run_id}' and tags.{TAG_ROLE} = 'arm'",
-        order_by=["attributes.start_time ASC"],
-        max_results=100,
-    )
-    order = (study_run.data.tags.get("arms") or "").split(",")
-
-    def position(run: Any) -> int:  # the arms' order of `study run`
-        arm = run.data.tags.get(TAG_ARM)
-        return order.index(arm) if arm is not None and arm in order else 99
-
-    arm_runs.sort(key=position)
-    arms: list[ArmResult] = []
-    seeds_of: dict[int, int] = {}
-    for arm_run in arm_runs:
-        arm = arm_run.data.tags.get(TAG_ARM, arm_run.info.run_name)
-        trial_runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{arm_run.info.run_id}'",
-            max_results=10_000,
-        )
-        records = []
-        for run in trial_runs:
-            tags, metrics = run.data.tags, run.data.metrics
-            config = {k: _number(v) for k, v in run.data.params.items()}
-            epoch_tag = tags.get(TAG_STOP_EPOCH)
-            epochs = int(epoch_tag) if epoch_tag else int(metrics.get(EPOCH, 0))
-            reason = tags.get(TAG_STOP_REASON) or (ERROR if run.info.status == "FAILED" else STOPPED)
-            # The values at the stop epoch: a trial stopped from outside may have logged one more epoch.
-            final = dict(metrics)
-            curve: list[tuple[int, float]] = []
-            for key in _PICK_KEYS:
-                if key not in metrics:
-                    continue
-                history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-                history = [p for p in history if not epochs or p[0] <= epochs]
-                if history:
-                    final[key] = history[-1][1]
-                if key == TEST_ACC:
-                    curve = history
-            records.append(
-                TrialRecord(
-                    arm=arm,
-                    config_id=int(config.get("config_id", -1)),
-                    config=config,
-                    epochs=epochs,
-                    stop_reason=reason,
-                    final=final,
-                    test_acc_curve=curve,
-                    trial_id=tags.get(TAG_TRIAL_ID),
-                    run_id=run.info.run_id,
-                )
-            )
-        params = arm_run.data.params
-        seeds_of[id(arm_run)] = seed = int(arm_run.data.tags.get("seed", study_run.data.params.get("seed", 0)))
-        arms.append(
-            ArmResult(
-                arm=arm,
-                records=sorted(records, key=lambda r: r.config_id),
-                wall_time_s=float(arm_run.data.metrics.get("wall_time_s", math.nan)),
-                train_fraction=float(params.get("train_fraction", "nan")),
-                max_epochs=int(params.get("max_epochs", max((r.epochs for r in records), default=0))),
-                seed=seed,
-            )
-        )
-    by_seed: dict[int, list[ArmResult]] = {}
-    order_seeds = [int(x) for x in (study_run.data.params.get("seeds") or "").split(",") if x.strip()]
-    for seed in order_seeds:
-        by_seed[seed] = []
-    for arm_run, result in zip(arm_runs, arms, strict=True):
-        by_seed.setdefault(seeds_of[id(arm_run)], []).append(result)
+    reader = _Reader(MlflowClient(tracking_uri=uri), uri, page_size)
+    exp = reader.experiment(experiment)
+    study_run = _study_run(reader.client, exp, study_run_id, uri) if study_run_id else reader.latest_study_run(exp)
+    arm_runs = _in_arm_order(reader.children(exp.experiment_id, study_run.info.run_id, role="arm"), study_run)
+    default_seed = study_run.data.params.get("seed", 0)
+    arms = [reader.arm_result(exp.experiment_id, arm_run, default_seed) for arm_run in arm_runs]
+    by_seed: dict[int, list[ArmResult]] = {
+        int(x): [] for x in (study_run.data.params.get("seeds") or "").split(",") if x.strip()
+    }
+    for result in arms:
+        by_seed.setdefault(result.seed, []).append(result)
     by_seed = {seed: results for seed, results in by_seed.items() if results}
-    first = next(iter(by_seed.values()), [])
     return StoredStudy(
         tracking_uri=uri,
         experiment_id=exp.experiment_id,
@@ -191,17 +110,149 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
         study_run_name=study_run.info.run_name,
         study=study_run.data.tags.get(TAG_STUDY, "?"),
         status=study_run.info.status,
-        arms=first,
+        arms=next(iter(by_seed.values()), []),
         seed=study_run.data.params.get("seed"),
         by_seed=by_seed,
+    )
+
+
+def _in_arm_order(arm_runs: list[Any], study_run: Any) -> list[Any]:
+    """The arm runs in the arms' order of ``study run`` (the study run's ``arms`` tag), then by start time."""
+    order = (study_run.data.tags.get("arms") or "").split(",")
+
+    def position(run: Any) -> int:
+        arm = run.data.tags.get(TAG_ARM)
+        return order.index(arm) if arm is not None and arm in order else len(order)
+
+    return sorted(arm_runs, key=position)
+
+
+class _Reader:
+    """Reads a study's runs from one MLflow store: every page of a search, metric histories in bulk."""
+
+    def __init__(self, client: Any, uri: str, page_size: int | None) -> None:
+        from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
+
+        self.client, self.uri = client, uri
+        self.page_size = SEARCH_MAX_RESULTS_DEFAULT if page_size is None else int(page_size)
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, but got page_size={page_size}.")
+
+    def experiment(self, name: str) -> Any:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            names = sorted(e.name for e in self.client.search_experiments())
+            raise StudyError(
+                f"No MLflow experiment named {name!r} at {self.uri}. Experiments there: {', '.join(names) or 'none'}. "
+                "Pass --experiment (and --tracking-uri) of a study you ran."
+            )
+        return exp
+
+    def latest_study_run(self, exp: Any) -> Any:
+        runs = self.client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.{TAG_ROLE} = 'study'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            raise StudyError(
+                f"The experiment {exp.name!r} holds no neve-tune study run; run `neve-tune study run` first."
+            )
+        return runs[0]
+
+    def search(self, experiment_id: str, filter_string: str) -> list[Any]:
+        """Every run matching ``filter_string``, oldest first, read page by page."""
+        runs: list[Any] = []
+        token: str | None = None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=filter_string,
+                order_by=["attributes.start_time ASC"],
+                max_results=self.page_size,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def children(self, experiment_id: str, parent_run_id: str, *, role: str | None = None) -> list[Any]:
+        where = f"tags.`{TAG_PARENT}` = '{parent_run_id}'" + (f" and tags.{TAG_ROLE} = '{role}'" if role else "")
+        return self.search(experiment_id, where)
+
+    def histories(self, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
+        """``run id -> [(step, value), ...]`` of ``key``, sorted by step, last value per step (a restarted
+        trial logs its replayed epochs again)."""
+        from mlflow.server.handlers import MAX_RESULTS_PER_RUN, MAX_RUNS_GET_METRIC_HISTORY_BULK
+
+        store = self.client._tracking_client.store  # the bulk read MLflow's UI uses; MlflowClient has no wrapper
+        points: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
+        for i in range(0, len(run_ids), MAX_RUNS_GET_METRIC_HISTORY_BULK):
+            batch = run_ids[i : i + MAX_RUNS_GET_METRIC_HISTORY_BULK]
+            for row in store.get_metric_history_bulk_interval(batch, key, MAX_RESULTS_PER_RUN, None, None):
+                points[row.run_id].append(row)  # a Metric with its run_id
+        for run_id, metrics in points.items():
+            if len(metrics) >= MAX_RESULTS_PER_RUN:  # sampled by the bulk read: read this one whole
+                points[run_id] = list(self.client.get_metric_history(run_id, key))
+        out: dict[str, list[tuple[int, float]]] = {}
+        for run_id, metrics in points.items():
+            last = {m.step: m.value for m in sorted(metrics, key=lambda m: (m.step, m.timestamp))}
+            out[run_id] = sorted(last.items())
+        return out
+
+    def arm_result(self, experiment_id: str, arm_run: Any, default_seed: Any) -> ArmResult:
+        """One arm run's :class:`ArmResult`, its trials' records rebuilt from their runs."""
+        arm = arm_run.data.tags.get(TAG_ARM, arm_run.info.run_name)
+        trial_runs = self.children(experiment_id, arm_run.info.run_id)
+        histories = {
+            key: self.histories([r.info.run_id for r in trial_runs if key in r.data.metrics], key) for key in _PICK_KEYS
+        }
+        records = [_record(arm, run, histories) for run in trial_runs]
+        params = arm_run.data.params
+        return ArmResult(
+            arm=arm,
+            records=sorted(records, key=lambda r: r.config_id),
+            wall_time_s=float(arm_run.data.metrics.get("wall_time_s", math.nan)),
+            train_fraction=float(params.get("train_fraction", "nan")),
+            max_epochs=int(params.get("max_epochs", max((r.epochs for r in records), default=0))),
+            seed=int(arm_run.data.tags.get("seed", default_seed)),
+        )
+
+
+def _record(arm: str, run: Any, histories: dict[str, dict[str, list[tuple[int, float]]]]) -> TrialRecord:
+    """A trial run's record: its values at its stop epoch (a trial stopped from outside may have logged one
+    more epoch) and its test-accuracy curve."""
+    tags, metrics = run.data.tags, run.data.metrics
+    config = {k: _number(v) for k, v in run.data.params.items()}
+    epoch_tag = tags.get(TAG_STOP_EPOCH)
+    epochs = int(epoch_tag) if epoch_tag else int(metrics.get(EPOCH, 0))
+    reason = tags.get(TAG_STOP_REASON) or (ERROR if run.info.status == "FAILED" else STOPPED)
+    final = dict(metrics)
+    curve: list[tuple[int, float]] = []
+    for key, by_run in histories.items():
+        history = [p for p in by_run.get(run.info.run_id, []) if not epochs or p[0] <= epochs]
+        if history:
+            final[key] = history[-1][1]
+        if key == TEST_ACC:
+            curve = history
+    return TrialRecord(
+        arm=arm,
+        config_id=int(config.get("config_id", -1)),
+        config=config,
+        epochs=epochs,
+        stop_reason=reason,
+        final=final,
+        test_acc_curve=curve,
+        trial_id=tags.get(TAG_TRIAL_ID),
+        run_id=run.info.run_id,
     )
 
 
 def _study_run(client: Any, exp: Any, run_id: str, uri: str) -> Any:
     """The study run ``run_id`` of ``exp``; ``StudyError`` listing the latest study runs when there is none."""
     from mlflow.exceptions import MlflowException
-
-    from neve_tune.mlflow import TAG_ROLE
 
     try:
         run = client.get_run(run_id)

@@ -16,7 +16,7 @@ TRAINING_ITERATION = "training_iteration"
 #: Mean loss and accuracy over the epoch's training minibatches.
 TRAIN_LOSS, TRAIN_ACC = "train/loss", "train/acc"
 #: Training-speed estimates of the trial so far, from the epochs' mean training losses ``L_1..L_t``
-#: (validation-free; ``benchmarks/ranking_signals.md`` measures how they rank trials): TSE, the sum of
+#: (validation-free; ``studies/ranking_signals.md`` measures how they rank trials): TSE, the sum of
 #: the losses (Lyle et al. 2020), and TSE-EMA, ``sum_s TSE_EMA_GAMMA^(t-s) L_s`` (Ru et al. 2021), which
 #: weights the latest epochs most. The ``neve`` arm prunes and picks on TSE-EMA.
 TRAIN_TSE, TRAIN_TSE_EMA = "train/tse", "train/tse_ema"

@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._arms import ARMS
 from ._spec import Budget, StudyError
@@ -14,6 +14,7 @@ from ._spec import Budget, StudyError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from ._backend import Backend
     from ._compare import ArmSummary
     from ._records import ArmResult
 
@@ -42,15 +43,15 @@ class StudyOptions:
             MLflow store for what the trials could not send (``mlflow-unsent/``) before giving up and saying
             how to send it later (``neve-tune mlflow replay FOLDER``).
         track: log to MLflow (False: only the returned result and the files in ``output_dir``).
-        ray_address: ``None``/``"local"`` starts a local Ray with every CPU; else e.g. ``"auto"``.
-        backend: ``"ray"`` or ``"optuna"``.
+        backend: a backend's name (``"ray"``, ``"optuna"``, or one of :func:`~neve_tune.studies.register_backend`)
+            with its default options, or a :class:`~neve_tune.studies.Backend` carrying its own, e.g.
+            ``get_backend("ray")(address="auto", callbacks=[...])``.
         cpus_per_trial, gpus_per_trial: resources of one trial (default: the study budget's).
         data_root: where the dataset is (or is downloaded to).
         num_workers: DataLoader workers per trial.
         output_dir: Ray results, Optuna storage, comparison table and plots are written under it.
         progress: show progress bars.
         console: the rich console of the progress bars (default: rich's).
-        callbacks: extra Ray Tune callbacks (Ray backend).
         on_arm_done: called after each arm of each seed with its records (``ArmResult``, whose ``seed``
             says which) and its table row (``ArmSummary``).
     """
@@ -64,8 +65,7 @@ class StudyOptions:
     experiment: str | None = None
     mlflow_drain_timeout_s: float = 60.0
     track: bool = True
-    ray_address: str | None = None
-    backend: str = "ray"
+    backend: str | Backend = "ray"
     cpus_per_trial: float | None = None
     gpus_per_trial: float | None = None
     data_root: str | None = None
@@ -73,7 +73,6 @@ class StudyOptions:
     output_dir: str | os.PathLike[str] = "neve_results"
     progress: bool = True
     console: Console | None = None
-    callbacks: Sequence[Any] = ()
     on_arm_done: Callable[[ArmResult, ArmSummary], None] | None = None
 
     @property
@@ -135,23 +134,20 @@ def _local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_resources(budget: Budget, options: StudyOptions) -> None:
+def check_resources(budget: Budget, backend: Backend) -> None:
     """Refuse, before anything starts, a trial asking for GPUs this machine does not have.
 
-    Only where the trials run on this machine (the Optuna backend, or a Ray started here); a Ray cluster's
-    GPUs (``ray_address``) are checked when connecting to it.
+    Only where the trials run on this machine (:attr:`Backend.runs_here`: the Optuna backend, or a Ray
+    started here); a Ray cluster's GPUs are checked when connecting to it.
     """
-    if budget.gpus_per_trial <= 0:
-        return
-    local = options.backend == "optuna" or options.ray_address in (None, "", "local")
-    if not local:
+    if budget.gpus_per_trial <= 0 or not backend.runs_here:
         return
     found = _local_gpus()
     if found < budget.gpus_per_trial:
         raise StudyError(
             f"Each trial asks for {budget.gpus_per_trial:g} GPU(s), but this machine has {found} (PyTorch sees "
             f"{found} CUDA device(s)). Pass --gpus-per-trial 0 to train on CPUs, or --ray-address of a Ray "
-            "cluster with GPUs."
+            "cluster with GPUs (--backend ray)."
         )
 
 

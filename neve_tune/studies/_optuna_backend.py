@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from ._arms import Arm
+from ._arm import Arm
 from ._backend import ArmJob, Backend
 from ._keys import PRUNED
 from ._records import ArmResult
@@ -130,9 +131,15 @@ class OptunaBackend(Backend):
     def run_arm(self, job: ArmJob) -> ArmResult:
         study = self._study(job)
         errors: dict[int, str] = {}
+        journal = job.output / "optuna" / JOURNAL_FILE
 
         def trial_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            job.collector.completed(f"optuna-{trial.number}", error=errors.pop(trial.number, None))
+            error = errors.pop(trial.number, None)
+            where = (
+                f"the user attr 'error' of trial {trial.number} of the Optuna study {study.study_name!r} in {journal}"
+                f" (optuna.load_study(study_name=..., storage=study_storage(...)).trials[{trial.number}])"
+            )
+            job.collector.completed(f"optuna-{trial.number}", error=error, error_at=where if error else None)
 
         budget = job.budget
         n_jobs = self.n_jobs or max(1, int((os.cpu_count() or 1) // max(budget.cpus_per_trial, 1)))
@@ -194,6 +201,7 @@ class OptunaBackend(Backend):
                 raise
             except Exception as exc:
                 errors[trial.number] = f"{type(exc).__name__}: {exc}"
+                trial.set_user_attr("error", traceback.format_exc()[-10_000:])  # the full one, kept in the journal
                 raise
             value = float(outcome.final.get(arm.objective, math.nan))
             return value if math.isfinite(value) else math.nan  # not finite: the trial ends FAIL

@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,10 @@ from torch import Tensor, nn
 from neve_tune import Anneal, NeVe, VelocityMonitor
 
 from ._keys import MONITOR_CHANGE, MONITOR_VELOCITY
-from ._spec import Budget
+from ._spec import Budget, BuildOptimizer, StudyError
+
+if TYPE_CHECKING:
+    from neve_tune._measure.inputs import AuxInput
 
 
 @dataclass
@@ -64,7 +67,7 @@ class TrialPolicy(ABC):
     neve: NeVe | None = None
 
     @abstractmethod
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: AuxInput, budget: Budget) -> None:
         """Set the policy up for a fresh trial (before the first epoch)."""
 
     @abstractmethod
@@ -91,14 +94,30 @@ class TrialPolicy(ABC):
 
     @classmethod
     def build_optimizer(
-        cls, model: nn.Module, hp: Mapping[str, Any], budget: Budget, steps_per_epoch: int
+        cls,
+        model: nn.Module,
+        hp: Mapping[str, Any],
+        budget: Budget,
+        steps_per_epoch: int,
+        build: BuildOptimizer | None = None,
     ) -> torch.optim.Optimizer:
-        """The trial's optimizer, built before the policy (default: SGD with the budget's momentum and the
-        trial's ``lr`` and ``weight_decay``). ``steps_per_epoch``: optimizer steps in one epoch."""
-        return torch.optim.SGD(
-            model.parameters(), lr=float(hp["lr"]), momentum=budget.momentum,
-            weight_decay=float(hp.get("weight_decay", 0)),
-        )  # fmt: skip
+        """The trial's optimizer, built before the policy: ``build(model.parameters(), hp)`` (the study's
+        ``build_optimizer``), or SGD with the budget's momentum and the trial's ``lr`` and ``weight_decay``.
+        ``steps_per_epoch``: optimizer steps in one epoch (for a policy that brings its own optimizer)."""
+        if build is None:
+            return torch.optim.SGD(
+                model.parameters(),
+                lr=float(hp["lr"]),
+                momentum=budget.momentum,
+                weight_decay=float(hp.get("weight_decay", 0)),
+            )
+        optimizer = build(model.parameters(), hp)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise StudyError(
+                f"build_optimizer must return a torch.optim.Optimizer, but returned {type(optimizer).__name__}."
+                " Return e.g. torch.optim.AdamW(params, lr=config['lr'])."
+            )
+        return optimizer
 
     def before_train(self) -> None:  # noqa: B027 - a hook, empty by default
         """Called before each epoch's training (e.g. put a schedule-free optimizer in train mode)."""
@@ -122,14 +141,20 @@ class NeVePolicy(TrialPolicy):
     #: ``None``: the paper's rule.
     anneal_fraction: float | None = None
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: AuxInput, budget: Budget) -> None:
         s = budget.neve
         fraction = self.anneal_fraction
         anneal = None if fraction is None else Anneal(fraction=fraction, max_epochs=budget.max_epochs)
         self.neve = NeVe(
-            model, optimizer, aux, momentum=s.momentum, factor=s.factor, patience=s.patience,
-            stop_threshold=s.stop_threshold, anneal=anneal,
-        )  # fmt: skip
+            model,
+            optimizer,
+            aux,
+            momentum=s.momentum,
+            factor=s.factor,
+            patience=s.patience,
+            stop_threshold=s.stop_threshold,
+            anneal=anneal,
+        )
 
     def after_epoch(self, train_loss: float | None = None) -> EpochDecision:
         assert self.neve is not None
@@ -152,7 +177,7 @@ class AnnealingNeVePolicy(NeVePolicy):
     linear LR cooldown of ``max(3, ceil(t / 10))`` epochs instead of ending the trial at its high LR, and a
     trial that has not converged is annealed into the epoch cap over its last 20% (see
     :class:`neve_tune.Anneal`; measured against the paper's rule and the cosine schedule in
-    ``benchmarks/ranking_signals.md``).
+    ``studies/ranking_signals.md``).
     """
 
     anneal_fraction = 0.1
@@ -186,7 +211,7 @@ class FixedSchedulePolicy(TrialPolicy):
     no decision uses it. State: the schedule's and the monitor's ``state_dict``.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: AuxInput, budget: Budget) -> None:
         self.schedule = fixed_lr_schedule(budget, optimizer)
         self.monitor: VelocityMonitor | None = None
         if budget.monitor_baselines:
@@ -221,5 +246,10 @@ class FixedSchedulePolicy(TrialPolicy):
 
 
 __all__ = [
-    "AnnealingNeVePolicy", "EpochDecision", "FixedSchedulePolicy", "NeVePolicy", "TrialPolicy", "fixed_lr_schedule",
-]  # fmt: skip
+    "AnnealingNeVePolicy",
+    "EpochDecision",
+    "FixedSchedulePolicy",
+    "NeVePolicy",
+    "TrialPolicy",
+    "fixed_lr_schedule",
+]

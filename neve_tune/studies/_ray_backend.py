@@ -102,11 +102,13 @@ class StudyCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.collector is not None:
             self.collector.started(trial.trial_id, trial.config)
-            self.collector.completed(trial.trial_id, error=_trial_error(trial))
+            path = getattr(trial, "error_file", None)
+            where = f"Ray's trial error file {path}" if path else f"the Ray trial's logs ({trial.trial_id})"
+            self.collector.completed(trial.trial_id, error=_trial_error(path), error_at=where)
 
 
-def _trial_error(trial: Any) -> str:
-    path = getattr(trial, "error_file", None)
+def _trial_error(path: str | None) -> str:
+    """The last line of Ray's trial error file (the exception), or a pointer to the logs."""
     try:
         if path and os.path.exists(path):
             text = Path(path).read_text().strip().splitlines()
@@ -122,6 +124,11 @@ class RayBackend(Backend):
     :meth:`open` starts a local Ray (``address`` ``None``/``"local"``) or connects to one, and checks one
     trial's resources fit the cluster; :meth:`close` shuts down a Ray it started. Failed trials restart
     ``budget.max_failures`` times from their last checkpoint (``budget.checkpoint_every``).
+
+    Args:
+        address: ``None``/``"local"`` starts a local Ray with every CPU (and shuts it down at the end); else
+            the cluster to connect to, e.g. ``"auto"`` (``--ray-address``).
+        callbacks: extra Ray Tune callbacks of every arm's ``Tuner``.
     """
 
     name = "ray"
@@ -130,6 +137,10 @@ class RayBackend(Backend):
         self.address = address
         self.callbacks = list(callbacks)
         self._started = False
+
+    @property
+    def runs_here(self) -> bool:
+        return self.address in (None, "", "local")
 
     def open(self, budget: Budget) -> None:
         self._started = init_ray(self.address, budget.cpus_per_trial, budget.gpus_per_trial)

@@ -5,7 +5,7 @@ accuracy is only reported, it never picks a trial or stops one. Each :class:`~ne
 names its rule; the built-in rules are here.
 
 The validation-free rules rank trials on a signal of their training run alone (no validation data). The
-candidates measured in ``benchmarks/ranking_signals.md`` (Spearman rank correlation with test accuracy over
+candidates measured in ``studies/ranking_signals.md`` (Spearman rank correlation with test accuracy over
 every trial of the digits and MNIST-1D studies, with and without label noise, and the regret of the pick):
 
 * the final training loss (:func:`pick_lowest_train_loss`, the ``neve-pure`` arm): a fit criterion; under
@@ -44,7 +44,7 @@ from ._keys import (
     TRAIN_TSE,
     VAL_ACC,
     VAL_LOSS,
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -93,7 +93,11 @@ class TrialRecord:
 
 @dataclass
 class ArmResult:
-    """All trials of one arm in one seed, plus its wall time and the fraction of labelled data it trained on."""
+    """All trials of one arm in one seed, plus its wall time and the fraction of labelled data it trained on.
+
+    ``failure``: set when every trial of the arm failed: the first error, summarised, and where the full one
+    is (``None`` otherwise, and for a study read back from MLflow).
+    """
 
     arm: str
     records: list[TrialRecord]
@@ -101,6 +105,7 @@ class ArmResult:
     train_fraction: float
     max_epochs: int
     seed: int = 0
+    failure: str | None = None
 
 
 #: Stop reasons that disqualify a trial from the validation-free pick (it never learned, or was cut).
@@ -198,6 +203,12 @@ def pick_highest_val_acc(records: Sequence[TrialRecord]) -> TrialRecord | None:
 
 
 __all__ = [
-    "NEVER_PICKED", "ArmResult", "TrialRecord", "describe_mean_loss_pick", "describe_train_loss_pick",
-    "pick_highest_val_acc", "pick_lowest_mean_loss", "pick_lowest_train_loss",
-]  # fmt: skip
+    "NEVER_PICKED",
+    "ArmResult",
+    "TrialRecord",
+    "describe_mean_loss_pick",
+    "describe_train_loss_pick",
+    "pick_highest_val_acc",
+    "pick_lowest_mean_loss",
+    "pick_lowest_train_loss",
+]

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from neve_tune import VelocityMonitor
 
-from ._arms import Arm, fifo_optuna_pruner, fifo_ray_scheduler
+from ._arm import Arm
 from ._keys import TRAIN_LOSS
 from ._policy import EpochDecision, TrialPolicy, monitored_epoch
 from ._records import TrialRecord, pick_lowest_train_loss
-from ._spec import Budget, StudyError
+from ._schedulers import fifo_optuna_pruner, fifo_ray_scheduler
+from ._spec import Budget, BuildOptimizer, StudyError
+
+if TYPE_CHECKING:
+    from neve_tune._measure.inputs import AuxInput
 
 #: Fraction of the budget's optimizer steps spent in the linear warm-up.
 WARMUP_FRACTION = 0.05
@@ -79,15 +83,17 @@ class ScheduleFreePolicy(TrialPolicy):
     """Schedule-Free SGD at a constant LR: no schedule, never stops a trial (it runs to ``max_epochs``).
 
     The optimizer (:meth:`build_optimizer`) is ``schedulefree.SGDScheduleFree`` with the trial's ``lr`` and
-    ``weight_decay``, the budget's momentum and a warm-up of :func:`warmup_steps`. :meth:`before_train` and
-    :meth:`before_eval` switch it between its training and evaluation points (see the module docstring).
+    ``weight_decay``, the budget's momentum and a warm-up of :func:`warmup_steps`: this arm keeps its own
+    optimizer (it is the method compared), so a study's ``build_optimizer`` does not apply to it.
+    :meth:`before_train` and :meth:`before_eval` switch it between its training and evaluation points (see
+    the module docstring).
     With ``budget.monitor_baselines`` it also *measures* velocity (``monitor/*``, for the plots only).
 
     NaN policy: it reports what it measures as it is; the loop stops a trial whose training loss is not
     finite. State: the optimizer's own (saved in eval mode) and the monitor's ``state_dict``.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: Tensor, budget: Budget) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, aux: AuxInput, budget: Budget) -> None:
         self.model, self.optimizer = model, optimizer
         self.monitor: VelocityMonitor | None = None
         if budget.monitor_baselines:
@@ -110,8 +116,14 @@ class ScheduleFreePolicy(TrialPolicy):
 
     @classmethod
     def build_optimizer(
-        cls, model: nn.Module, hp: Mapping[str, Any], budget: Budget, steps_per_epoch: int
+        cls,
+        model: nn.Module,
+        hp: Mapping[str, Any],
+        budget: Budget,
+        steps_per_epoch: int,
+        build: BuildOptimizer | None = None,
     ) -> torch.optim.Optimizer:
+        """Schedule-Free SGD, whatever ``build`` (the study's ``build_optimizer``) says: the arm's method."""
         cls.check_available()
         from schedulefree import SGDScheduleFree
 
@@ -185,5 +197,10 @@ SCHEDULEFREE = Arm(
 )
 
 __all__ = [
-    "BN_BATCHES", "SCHEDULEFREE", "WARMUP_FRACTION", "ScheduleFreePolicy", "recompute_batch_norm", "warmup_steps",
-]  # fmt: skip
+    "BN_BATCHES",
+    "SCHEDULEFREE",
+    "WARMUP_FRACTION",
+    "ScheduleFreePolicy",
+    "recompute_batch_norm",
+    "warmup_steps",
+]

@@ -232,6 +232,12 @@ def seeds_table(runs: Sequence[SeedRun], *, title: str | None = None) -> Table:
 
 
 __all__ = [
-    "ArmOverSeeds", "SeedRun", "Spread", "seeds_csv", "seeds_markdown", "seeds_rows", "seeds_table",
+    "ArmOverSeeds",
+    "SeedRun",
+    "Spread",
+    "seeds_csv",
+    "seeds_markdown",
+    "seeds_rows",
+    "seeds_table",
     "summarize_over_seeds",
-]  # fmt: skip
+]

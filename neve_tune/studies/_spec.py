@@ -10,10 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from neve_tune._measure.inputs import AuxInput
+
+#: ``StudyDefinition.make_aux``: ``(n, seed) -> aux set``.
+MakeAux = Callable[[int, int], "AuxInput"]
+#: ``StudyDefinition.build_optimizer``: ``(params, config) -> optimizer``.
+BuildOptimizer = Callable[[Iterable[nn.Parameter], Mapping[str, Any]], torch.optim.Optimizer]
 
 
 class StudyError(RuntimeError):
@@ -301,16 +309,33 @@ class StudyDefinition:
     Attributes:
         name: registry name (``neve-tune study run NAME``).
         description: one line for ``neve-tune study list``.
-        input_shape: one input's shape (the noise aux set of the NeVe arm has this shape).
+        input_shape: one input's shape (the default aux set, float noise, has this shape).
         num_classes: number of classes.
         build_model: trial config -> a fresh, untrained model.
         load_data: :class:`DataRequest` -> :class:`StudyData`. Runs inside each trial.
         search_space: hyperparameter name -> :class:`LogUniform` / :class:`Uniform` / :class:`Choice`.
-            ``lr`` and ``weight_decay`` feed the SGD optimizer; everything goes to ``build_model``.
+            Every trial config goes to ``build_model`` and ``build_optimizer`` (the default optimizer reads
+            ``lr`` and ``weight_decay``).
         budget: the default :class:`Budget`.
         prepare: optional, called once in the driver before any trial (e.g. download the dataset), with
             the data root.
         data_note: what ``load_data`` needs on disk (shown in errors).
+        make_aux: ``(n, seed) -> aux set``: the ``n`` inputs whose responses NeVe measures (the ``neve``
+            arms, and the baselines' velocity monitor), anything :class:`neve_tune.NeVe` accepts: a tensor,
+            a dict of tensors (``model(**batch)``), an iterable of batches. The same ``(n, seed)`` must give
+            the same set. ``None``: ``neve_tune.noise_aux(input_shape, n=n, seed=seed)``, float noise, which
+            a model with an ``nn.Embedding`` first layer cannot take: give it token ids, e.g.
+            ``make_aux=lambda n, seed: neve_tune.token_aux(vocab_size, seq_len, n=n, seed=seed)`` (a
+            module-level function pickles to Ray workers; a lambda does only inside the definition's module
+            when the study is passed by name). ``run_study`` runs it once through a fresh model before any
+            trial trains.
+        build_optimizer: ``(params, config) -> torch.optim.Optimizer``: every trial's optimizer, from its
+            model's parameters and its sampled configuration (``lr``, ``weight_decay``, ``betas``, ... and
+            ``config_id``), e.g. ``lambda params, c: torch.optim.AdamW(params, lr=c["lr"],
+            weight_decay=c["weight_decay"])``. Every arm uses it, except ``schedulefree``, whose optimizer is
+            the method. ``None``: SGD with the budget's momentum and the config's ``lr`` and
+            ``weight_decay``. NeVe's decay, the baselines' cosine/step schedules and the anneal change the
+            ``lr`` of every param group.
     """
 
     name: str
@@ -323,6 +348,17 @@ class StudyDefinition:
     budget: Budget
     prepare: Callable[[str | None], None] | None = None
     data_note: str = ""
+    make_aux: MakeAux | None = None
+    build_optimizer: BuildOptimizer | None = None
+
+    def aux(self, n: int, seed: int) -> AuxInput:
+        """The aux set of ``n`` samples for ``seed``: ``make_aux(n, seed)``, or float noise shaped like
+        ``input_shape``."""
+        if self.make_aux is not None:
+            return self.make_aux(n, seed)
+        from neve_tune import noise_aux
+
+        return noise_aux(self.input_shape, n=n, seed=seed)
 
     def configs(self, trials: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
         """The trial configurations every arm trains (see :func:`sample_configs`)."""
@@ -336,11 +372,13 @@ def search_space_params(space: Mapping[str, Domain]) -> dict[str, str]:
 
 __all__: Sequence[str] = [
     "Budget",
+    "BuildOptimizer",
     "Choice",
     "DataRequest",
     "DatasetData",
     "Domain",
     "LogUniform",
+    "MakeAux",
     "NeVeSettings",
     "StudyData",
     "StudyDefinition",

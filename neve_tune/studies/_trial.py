@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from neve_tune import NeVe, noise_aux
+from neve_tune import NeVe
 from neve_tune.mlflow import MlflowLink
 from neve_tune.mlflow._plots import VelocityHistory
 
@@ -310,8 +310,10 @@ class _TrialLoop:
             torch.manual_seed(seed)
             self.model = definition.build_model(hp).to(self.device)
         steps_per_epoch = max(1, math.ceil(self.data.num_train / budget.batch_size))
-        self.optimizer = self.arm.policy.build_optimizer(self.model, hp, budget, steps_per_epoch)
-        aux = noise_aux(definition.input_shape, n=budget.neve.aux_samples, seed=spec.seed).to(self.device)
+        self.optimizer = self.arm.policy.build_optimizer(
+            self.model, hp, budget, steps_per_epoch, definition.build_optimizer
+        )
+        aux = definition.aux(budget.neve.aux_samples, spec.seed)  # the monitor moves it to the model's device
         self.policy = policy = self.arm.policy(self.model, self.optimizer, aux, budget)
         self.generator = torch.Generator().manual_seed(seed)
         extra: dict[str, Any] = {}
@@ -363,9 +365,11 @@ class _TrialLoop:
         extra: dict[str, Any] = {}
         if self.reporter.needs_state(epoch):  # only when checkpointing: a monitor's state holds its snapshot
             extra = {
-                "generator": self.generator.get_state(), "history": self.history.__dict__, "speed": list(self.speed),
+                "generator": self.generator.get_state(),
+                "history": self.history.__dict__,
+                "speed": list(self.speed),
                 **policy.state_dict(),
-            }  # fmt: skip
+            }
         self.reporter.report(
             metrics, neve=policy.neve, model=self.model, optimizer=self.optimizer, epoch=epoch, extra=extra, final=final
         )

@@ -5,6 +5,7 @@
 * :mod:`.cifar`: CIFAR-10 / CIFAR-100 with the CIFAR ResNets (``cifar10``, ``cifar100``);
 * :mod:`.imagenet100`: ImageNet-100 from an image folder, ResNet-50 (``imagenet100``).
 
-They are registered by name in :data:`neve_tune.studies.BUILTIN_STUDIES` and imported on first use, so
+They are registered by name in ``neve_tune/studies/_registry.py`` (``BUILTIN_STUDIES``: name ->
+``"module:ATTRIBUTE"``) and imported on first use, so
 ``digits`` never imports torchvision.
 """

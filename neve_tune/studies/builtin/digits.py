@@ -105,9 +105,14 @@ def load_data(request: DataRequest) -> TensorData:
     """Digits as in-memory tensors: 25% test, ``request.val_fraction`` of the rest held out (baselines)."""
     splits = load_digits_splits(val_fraction=request.val_fraction, seed=request.seed)
     return TensorData(
-        splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test,
+        splits.x_train,
+        splits.y_train,
+        splits.x_val,
+        splits.y_val,
+        splits.x_test,
+        splits.y_test,
         batch_size=request.batch_size,
-    )  # fmt: skip
+    )
 
 
 #: lr up to 1.0 with SGD momentum 0.9: the top of the range diverges for some widths, on purpose.

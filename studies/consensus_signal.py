@@ -1,7 +1,7 @@
 """A cross-trial signal on the *training inputs* against label noise: measured, not shipped (issue 14).
 
 Every validation-free signal of one trial's own run (the training-loss family, velocity, flatness) picks a
-memorising configuration under label noise (``benchmarks/ranking_signals.md``). This script measures one
+memorising configuration under label noise (``studies/ranking_signals.md``). This script measures one
 that pools the trials instead: each trial's predicted labels on the training inputs (eval mode) are kept at
 epochs 4 and 12 (``grace`` and ``3 grace``, ASHA's first rungs) and at its end; the majority vote of the
 pickable trials at epoch ``k`` is a set of proxy labels made before most trials memorise, and a trial scores
@@ -12,7 +12,7 @@ Every configuration of the study's own sample (study seed 0) is trained under th
 policy (``Anneal(fraction=0.1)``, ``anneal-linear-0.1`` in ``ranking_signals.py``), with that script's model,
 data and seeds. Run (one thread, a few minutes per study)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/consensus_signal.py --studies mnist1d-noisy,mnist1d,digits
+    OMP_NUM_THREADS=1 .venv/bin/python studies/consensus_signal.py --studies mnist1d-noisy,mnist1d,digits
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ rung sees).
 
 Run (one thread; a few minutes per study and policy)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ranking_signals.py --studies digits,mnist1d,mnist1d-noisy \\
-        --policies fifo,pure,anneal-linear-0.1 --out benchmarks/ranking_signals.md
+    OMP_NUM_THREADS=1 .venv/bin/python studies/ranking_signals.py --studies digits,mnist1d,mnist1d-noisy \\
+        --policies fifo,pure,anneal-linear-0.1 --out studies/ranking_signals.md
 """
 
 from __future__ import annotations

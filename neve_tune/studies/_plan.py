@@ -1,0 +1,144 @@
+"""One study run as checked before any training: the definition, arms, budget, seeds and backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._arm import Arm
+from ._arms import get_arm, list_arms
+from ._backend import Backend, resolve_backend
+from ._options import StudyOptions, check_resources, check_seeds, check_tracking_scheme
+from ._registry import BUILTIN_STUDIES, get_study
+from ._spec import Budget, StudyDefinition, StudyError
+
+
+def _resolve(study: str | StudyDefinition) -> tuple[StudyDefinition, str | StudyDefinition]:
+    if isinstance(study, StudyDefinition):
+        return study, (study.name if study.name in BUILTIN_STUDIES else study)
+    definition = get_study(study)
+    return definition, study
+
+
+def check_arms(arms: Sequence[str]) -> list[Arm]:
+    """The registered arms of these names (order kept, duplicates dropped); ``UnknownArmError`` otherwise."""
+    out: list[Arm] = []
+    for name in arms:
+        arm = get_arm(name)
+        if arm.name not in [a.name for a in out]:
+            out.append(arm)
+    if not out:
+        raise StudyError(f"Give at least one arm ({', '.join(list_arms())}).")
+    for arm in out:
+        arm.policy.check_available()  # e.g. the schedulefree package
+    return out
+
+
+def _budget(definition: StudyDefinition, options: StudyOptions) -> Budget:
+    budget = definition.budget.with_overrides(
+        trials=options.trials,
+        max_epochs=options.max_epochs,
+        cpus_per_trial=options.cpus_per_trial,
+        gpus_per_trial=options.gpus_per_trial,
+    )
+    if budget.cpus_per_trial <= 0 or budget.gpus_per_trial < 0:
+        raise StudyError(
+            f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, but got {budget.cpus_per_trial} and "
+            f"{budget.gpus_per_trial}."
+        )
+    return budget
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One study run, as checked before any training."""
+
+    definition: StudyDefinition
+    spec_study: str | StudyDefinition
+    arms: list[Arm]
+    budget: Budget
+    seeds: tuple[int, ...]
+    options: StudyOptions
+    backend_name: str
+    output: Path
+    stamp: str
+
+    @property
+    def fallback_dir(self) -> Path:
+        return self.output / "mlflow-unsent"
+
+
+def check_aux_set(plan: Plan) -> None:
+    """Run the study's aux set once through a freshly built model, in the driver, before any trial trains.
+
+    Only when an arm measures velocity (a NeVe arm, or ``budget.monitor_baselines``). A model that cannot
+    take it (float noise into an ``nn.Embedding``) would otherwise fail every such trial at its first
+    measurement. Two samples of ``make_aux`` (or of the default noise) with the first seed, the first
+    sampled configuration, on the CPU; the global RNG is left as it was.
+
+    Raises:
+        StudyError: the forward failed (the message shows the error and names ``make_aux=`` and
+            ``neve_tune.token_aux``).
+    """
+    definition, budget = plan.definition, plan.budget
+    if not (budget.monitor_baselines or any(arm.uses_neve for arm in plan.arms)):
+        return
+    import torch
+
+    from neve_tune import VelocityMonitor
+
+    seed = plan.seeds[0]
+    config = definition.configs(1, seed)[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = definition.build_model(config)
+    try:
+        aux = definition.aux(min(2, budget.neve.aux_samples), seed)
+        monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
+        try:
+            monitor.measure()
+        finally:
+            monitor.close()
+    except Exception as err:
+        given = (
+            f"make_aux={getattr(definition.make_aux, '__qualname__', definition.make_aux)}"
+            if definition.make_aux is not None
+            else f"the default aux set, float noise shaped like input_shape={definition.input_shape}"
+        )
+        raise StudyError(
+            f"The aux set of the study {definition.name!r} does not go through its model ({given}): "
+            f"{type(err).__name__}: {err}. NeVe measures the model's responses to it, so every trial that measures "
+            "velocity would fail. Give StudyDefinition(make_aux=...) a function (n, seed) -> inputs the model takes; "
+            "for token ids (an nn.Embedding first layer): make_aux=lambda n, seed: neve_tune.token_aux(vocab_size, "
+            "seq_len, n=n, seed=seed)."
+        ) from err
+
+
+def make_plan(study: str | StudyDefinition, options: StudyOptions) -> tuple[Plan, Backend]:
+    """Check everything that needs no training (study, arms, seeds, backend, resources, tracking scheme)
+    and return the plan and its backend (not opened yet). Raises ``StudyError`` / ``UnknownStudyError``."""
+    definition, spec_study = _resolve(study)
+    arms = check_arms(options.arms)
+    seeds = check_seeds(options)
+    backend = resolve_backend(options.backend)
+    budget = _budget(definition, options)
+    check_resources(budget, backend)
+    if options.track:
+        check_tracking_scheme(options.tracking_uri)
+    plan = Plan(
+        definition=definition,
+        spec_study=spec_study,
+        arms=arms,
+        budget=budget,
+        seeds=seeds,
+        options=options,
+        backend_name=backend.name,
+        output=Path(options.output_dir).resolve(),
+        stamp=time.strftime("%Y%m%d-%H%M%S"),
+    )
+    return plan, backend
+
+
+__all__ = ["Plan", "check_arms", "check_aux_set", "make_plan"]
