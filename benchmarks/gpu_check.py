@@ -1,4 +1,4 @@
-"""The GPU check: every item of the GPU path in one process, one PASSED/FAILED/SKIPPED line per check (issue 24).
+"""The GPU check: every item of the GPU path in one process, one PASSED/FAILED/SKIPPED line per check.
 
 Items 1-4 (velocities against the float64 reference, cost ratios, host synchronisations, memory) are in
 ``gpu_check_measure.py``, items 5-6 (Ray Tune with NeVeScheduler, the CLI study) in ``gpu_check_tune.py``;
