@@ -1,8 +1,8 @@
 """The GPU check: every item of the GPU path in one process, one PASSED/FAILED/SKIPPED line per check.
 
-Items 1-4 (velocities against the float64 reference, cost ratios, host synchronisations, memory) are in
-``gpu_check_measure.py``, items 5-6 (Ray Tune with NeVeScheduler, the CLI study) in ``gpu_check_tune.py``;
-``benchmarks/README.md`` says what each line means.
+Item 1 (velocities against the float64 reference) is in ``gpu_check_velocity.py``, items 2-4 (cost ratios,
+host synchronisations, memory) in ``gpu_check_cost.py``, items 5-6 (Ray Tune with NeVeScheduler, the CLI
+study) in ``gpu_check_tune.py``; ``benchmarks/README.md`` says what each line means.
 
 ``--device cpu --quick`` runs every line with small shapes (the test suite does); ``--out`` writes the lines
 as JSON. Exits 1 when a check FAILED, 2 when ``--device cuda`` finds no CUDA device. Every dataset is generated
@@ -21,10 +21,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import gpu_check_measure
+import gpu_check_cost
 import gpu_check_tune
+import gpu_check_velocity
 import torch
-from gpu_check_measure import Check
+from gpu_check_velocity import Check
 
 
 def run(check: Check) -> dict[str, Any]:
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     lines = []
     try:
-        for check in gpu_check_measure.checks(dev, args.quick) + gpu_check_tune.checks(dev, args.quick):
+        modules = (gpu_check_velocity, gpu_check_cost, gpu_check_tune)
+        for check in [check for module in modules for check in module.checks(dev, args.quick)]:
             if int(check[0][0]) in items:
                 lines.append(run(check))
     finally:

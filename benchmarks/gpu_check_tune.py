@@ -17,11 +17,11 @@ import csv
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check_velocity import Check, Result
 from torch import Tensor, nn
 
 from neve_tune import NeVe, StopReason, noise_aux
@@ -29,7 +29,6 @@ from neve_tune.studies import Budget, DataRequest, LogUniform, NeVeSettings, Stu
 from neve_tune.studies.builtin.cifar import resnet20
 
 MiB = 2**20
-Result = tuple[str, str, dict[str, Any]]  # as in gpu_check_measure
 
 
 def generated_cifar(n: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -220,7 +219,7 @@ def check_cli(dev: torch.device, quick: bool) -> Result:
     return "PASSED" if ok else "FAILED", f"exit {code}, {where}, generated data: {figure}", {"rows": rows}
 
 
-def checks(dev: torch.device, quick: bool) -> list[tuple[str, str, Callable[[], Result]]]:
+def checks(dev: torch.device, quick: bool) -> list[Check]:
     """Items 5 and 6 (5b reads what 5a measured)."""
     memory: dict[str, Any] = {}
     return [

@@ -1,186 +1,36 @@
-"""Items 1-4 of the GPU check, run by ``gpu_check.py`` (benchmarks/README.md says what each line means):
-velocities against the test suite's float64 reference, cost ratios, host synchronisations, memory.
+"""Items 2-4 of the GPU check: cost as ratios, host synchronisations per measurement, memory (and the
+bounded-memory mode). ``gpu_check.py`` runs them; benchmarks/README.md says what each line means.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib
 import statistics
-import sys
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+from gpu_check_velocity import (
+    Check,
+    Result,
+    amp,
+    first_tensor,
+    seconds,
+    sync,
+    velocity_cases,
+    verdict,
+)
 from torch import Tensor, nn
 
 from neve_tune import VelocityMonitor, noise_aux
 from neve_tune.studies.builtin.cifar import resnet20, resnet32
 
-#: A check's outcome: status (PASSED, FAILED or SKIPPED), its figure, and details for the JSON.
-Result = tuple[str, str, dict[str, Any]]
-#: One line of the check: its id ("2a": item 2), its name, and what runs it.
-Check = tuple[str, str, Callable[[], Result]]
-
-ROOT = Path(__file__).resolve().parents[1]
-REL = 1e-4  # item 1: relative agreement; denominators are floored at FLOOR (the tests' atol 1e-7 at rel 1e-4)
-FLOOR = 1e-3
 RATIO_TARGET, EPOCH_TARGET = 1.3, 0.005
 BOUNDED_ERROR = 0.05  # item 4: the bounded-memory mode's V may differ from the exact V by this much (relative)
 
 
-def verdict(ok: bool) -> str:
-    return "PASSED" if ok else "FAILED"
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def seconds(fn: Callable[[], object], dev: torch.device) -> float:
-    """Wall time of ``fn`` on a GPU (synchronised); on the CPU, this process's CPU time, which other
-    processes on a shared machine inflate less."""
-    clock = time.perf_counter if dev.type == "cuda" else time.process_time
-    sync(dev)
-    t0 = clock()
-    fn()
-    sync(dev)
-    return clock() - t0
-
-
-def amp(dev: torch.device, on: bool) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on)
-
-
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    """Item 1 compares with float64: TF32 convolutions and matmuls (10-bit mantissa) would dominate it."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def tests_module(name: str) -> Any:
-    """A module of the test suite (its models and float64 reference), imported from the repository root."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module(name)
-
-
-def first_tensor(out: Any) -> Tensor:
-    """The first tensor of a model output (a tensor, a tuple, or a Hugging Face ModelOutput)."""
-    return out if isinstance(out, Tensor) else out[0]
-
-
-def train_steps(model: nn.Module, inputs: Any, dev: torch.device, autocast: bool, lr: float) -> None:
-    """Three SGD steps (cross-entropy of the output's last dim against fixed random targets), as in the
-    tests: moves weights and BatchNorm statistics."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(2)
-    model.train()
-    for _ in range(3):
-        with amp(dev, autocast):
-            out = first_tensor(model(inputs)).float()
-        target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=gen).to(dev)
-        loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
-# ---------------------------------------------------------------------------------------------- item 1
-class Case(NamedTuple):
-    """A model of item 1 with its aux set and the test suite's float64 response capture."""
-
-    factory: Callable[[], nn.Module]
-    aux: Tensor
-    batch: int | None
-    capture: Callable[..., dict[str, Tensor]]
-    lr: float  # of the training steps between measurements: moves each model without blowing it up
-
-
-def velocity_cases(quick: bool) -> dict[str, Case]:
-    tv, tl = tests_module("tests.test_velocity"), tests_module("tests.test_layers")
-    capture = tests_module("tests.velocity_reference").capture_responses
-    slow = {"sequence_NTC", "lstm_bidirectional", "transformer_encoder"}  # barely move at lr 0.05
-    cases: dict[str, Case] = {}
-    for name, (factory, shape, n_aux, batch, _) in tv.CASES.items():
-        cases[name] = Case(factory, noise_aux(shape, n=n_aux, seed=1), batch, capture, 0.5 if name in slow else 0.05)
-    gen = torch.Generator().manual_seed(1)
-    for name, (factory, make_aux, _) in tl.CASES.items():
-        cases[name] = Case(factory, make_aux(gen), 3, tl.reference_responses, 0.5 if name in slow else 0.05)
-    cl = torch.channels_last
-    aux = noise_aux((3, 32, 32), n=8 if quick else 100, seed=1).contiguous(memory_format=cl)
-    cases["resnet20_channels_last"] = Case(lambda: resnet20().to(memory_format=cl), aux, None, capture, 0.05)
-    return cases
-
-
-def compare_case(case: Case, dev: torch.device, autocast: bool) -> dict[str, Any]:
-    """Train on the device, copy the weights to a CPU model, and compare 2 measurements with the test
-    suite's reference (float64 velocities of the CPU model's responses): the worst
-    |device - reference| / max(|reference|, FLOOR) over V, D and every neuron's v."""
-    factory, aux, batch, capture, lr = case
-    reference = tests_module("tests.velocity_reference").ReferenceVelocity(momentum=0.5)
-    torch.manual_seed(0)
-    model = factory().to(dev)
-    ref_model = copy.deepcopy(model).cpu()
-    batches = list(aux.split(batch or len(aux)))
-    monitor = VelocityMonitor(model, aux, batch_size=batch)
-    with amp(dev, autocast):
-        monitor.measure()
-    names = monitor.layer_names
-    reference.update(capture(ref_model, names, batches))
-    worst, smallest_v, inputs = 0.0, float("inf"), aux[: batch or len(aux)].to(dev)
-    for _ in range(2):  # V, then V and D
-        train_steps(model, inputs, dev, autocast, lr)
-        ref_model.load_state_dict(model.state_dict())
-        with amp(dev, autocast):
-            m = monitor.measure()
-        assert m is not None
-        V, D, v = reference.update(capture(ref_model, names, batches))
-        got = torch.tensor([m.model_velocity, m.velocity_change if D is not None else 0.0], dtype=torch.float64)
-        want = torch.tensor([V, D if D is not None else 0.0], dtype=torch.float64)
-        got, want = torch.cat([got, *(m.layers[n] for n in names)]), torch.cat([want, *(v[n] for n in names)])
-        worst = max(worst, float(((got - want).abs() / want.abs().clamp_min(FLOOR)).max()))
-        smallest_v = min(smallest_v, V)
-    state = monitor.state_dict(snapshot="full")
-    kept = [t for layer in state["layers"] for row in layer["snapshots"] for t in row if t is not None]
-    return {
-        "rel": worst,
-        "V": smallest_v,
-        "on_device": state["v"].device.type == dev.type and all(t.device.type == dev.type for t in kept),
-        "channels_last": kept[0].is_contiguous(memory_format=torch.channels_last),
-    }
-
-
-def check_velocities(dev: torch.device, quick: bool) -> Result:
-    results = {}
-    with no_tf32():
-        for name, case in velocity_cases(quick).items():
-            for mode, autocast in (("fp32", False), ("bf16_autocast", True)):
-                results[f"{name}/{mode}"] = compare_case(case, dev, autocast)
-    worst = max(r["rel"] for r in results.values())
-    moved = min(r["V"] for r in results.values())
-    on_device = all(r["on_device"] for r in results.values())
-    layout = all(r["channels_last"] for k, r in results.items() if k.startswith("resnet20_channels_last"))
-    ok = worst <= REL and moved > 1e-4 and on_device and layout
-    figure = (
-        f"max rel. difference {worst:.2e} (target <= {REL:g}) over {len(results)} model x precision cases;"
-        f" smallest V {moved:.2e}; state and snapshot on {dev.type}: {on_device}; channels_last kept: {layout}"
-    )
-    return verdict(ok), figure, {"cases": results}
-
-
-# ---------------------------------------------------------------------------------------------- items 2-4
 @dataclass
 class CostCase:
     """A model with its aux set and a monitor that has taken its baseline, and the memory that took."""
@@ -379,7 +229,7 @@ def check_bounded_memory(case: CostCase, dev: torch.device, quick: bool) -> Resu
 
 
 def checks(dev: torch.device, quick: bool) -> list[Check]:
-    """Items 1-4; the models of items 2-4 are built by the first of them that runs."""
+    """Items 2-4; their models are built by the first of them that runs."""
     cases: list[CostCase] = []
 
     def on_cases(check: Callable[[list[CostCase]], Result]) -> Callable[[], Result]:
@@ -391,7 +241,6 @@ def checks(dev: torch.device, quick: bool) -> list[Check]:
         return run
 
     return [
-        ("1", "velocities on the device = float64 CPU reference", lambda: check_velocities(dev, quick)),
         ("2a", "measure() / bare no_grad forward", on_cases(lambda c: check_forward_ratio(c, dev, quick))),
         ("2b", "measure() / one CIFAR-10-sized epoch", on_cases(lambda c: check_epoch_ratio(c[0], dev, quick))),
         ("3", "host synchronisations per measurement", on_cases(lambda c: check_syncs(c, dev, quick))),
