@@ -34,7 +34,9 @@ def run(check: Check) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         status, figure, details = fn()
-    except Exception as err:  # one broken check must not hide the others
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # one broken check must not hide the others (pytest.importorskip's is a BaseException)
         traceback.print_exc()
         status, figure, details = "FAILED", f"raised {type(err).__name__}: {err}", {}
     print(f"[{line}] {status:7s} {name}: {figure}", flush=True)
