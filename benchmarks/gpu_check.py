@@ -1,114 +1,87 @@
-"""One short GPU check of the measurement path (run it where a CUDA device exists).
+"""The GPU check: every item of the GPU path in one process, one PASSED/FAILED/SKIPPED line per check.
 
-Checks that velocities measured on the GPU equal a CPU measurement of the same weights (to 1e-4
-relative), that a measurement synchronises once and keeps everything on the device, and times
-``measure()`` against a bare ``no_grad`` forward (ratios, plus absolute times since this is a GPU).
+Item 1 (velocities against the float64 reference) is in ``gpu_check_velocity.py``, items 2-4 (cost ratios,
+host synchronisations, memory) in ``gpu_check_cost.py``, items 5-6 (Ray Tune with NeVeScheduler, the CLI
+study) in ``gpu_check_tune.py``; ``benchmarks/README.md`` says what each line means.
 
-Also checks a ``channels_last`` copy of the model: its snapshot keeps that layout and its velocities equal
-the CPU ones.
+``--device cpu --quick`` runs every line with small shapes (the test suite does); ``--out`` writes the lines
+as JSON. Exits 1 when a check FAILED, 2 when ``--device cuda`` finds no CUDA device. Every dataset is generated
+from tensors: nothing is downloaded.
 
-Run: ``python benchmarks/gpu_check.py``. Exits 0 with a note when no CUDA device is present.
-``--device cpu`` runs the same checks on the CPU (to try the script itself on a machine without a GPU).
+Run: ``python benchmarks/gpu_check.py --device cuda --out gpu_check.json``
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
 import time
+import traceback
+from pathlib import Path
+from typing import Any
 
+import gpu_check_cost
+import gpu_check_tune
+import gpu_check_velocity
 import torch
-
-from neve_tune import VelocityMonitor, noise_aux
-from neve_tune.studies.builtin.cifar import resnet20
+from gpu_check_velocity import Check
 
 
-def device_time(fn, dev: torch.device, repeats: int = 20) -> float:
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+def run(check: Check) -> dict[str, Any]:
+    """One line, printed; an exception is its FAILED line, so that the next checks still run."""
+    line, name, fn = check
+    started = time.perf_counter()
+    try:
+        status, figure, details = fn()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # one broken check must not hide the others (pytest.importorskip's is a BaseException)
+        traceback.print_exc()
+        status, figure, details = "FAILED", f"raised {type(err).__name__}: {err}", {}
+    print(f"[{line}] {status:7s} {name}: {figure}", flush=True)
+    took = round(time.perf_counter() - started, 1)
+    return {
+        "item": int(line[0]),
+        "check": line,
+        "name": name,
+        "status": status,
+        "figure": figure,
+        "seconds": took,
+        "details": details,
+    }
 
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to try the script itself")
-    dev = torch.device(parser.parse_args().device)
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to run every line on the CPU")
+    parser.add_argument("--quick", action="store_true", help="small shapes: every code path, in seconds")
+    parser.add_argument("--out", type=Path, help="also write the lines as JSON to this file")
+    parser.add_argument("--items", default="1,2,3,4,5,6", help="which items to run (default: all)")
+    args = parser.parse_args(argv)
+    items = {int(i) for i in args.items.split(",")}
+    dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here: nothing to check (the CPU path is covered by the test suite)")
-        return 0
+        print(f"--device {args.device}: torch sees no CUDA device here; pass --device cpu to run on the CPU.")
+        return 2
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"device: {name}, torch {torch.__version__}")
-    torch.manual_seed(0)
-    cpu_model = resnet20().eval()
-    gpu_model = resnet20().to(dev).eval()
-    gpu_model.load_state_dict(cpu_model.state_dict())
-    cl_model = resnet20().to(dev).eval()
-    cl_model.load_state_dict(cpu_model.state_dict())
-    cl_model.to(memory_format=torch.channels_last)
-    aux = noise_aux((3, 32, 32), n=100)
-    cl_aux = aux.contiguous(memory_format=torch.channels_last)
-    cpu_mon, gpu_mon, cl_mon = (
-        VelocityMonitor(cpu_model, aux),
-        VelocityMonitor(gpu_model, aux),
-        VelocityMonitor(cl_model, cl_aux),
-    )
-    cpu_mon.measure(), gpu_mon.measure(), cl_mon.measure()
-    assert gpu_mon._sums is not None and gpu_mon._sums.v.device.type == dev.type, "per-neuron state on the device"
-    ok = cl_mon._layers[0].snapshots[0][0].is_contiguous(memory_format=torch.channels_last)
-    print(f"channels_last model: its snapshot keeps the layout = {ok}")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        deltas = [0.02 * p.abs().mean() * torch.randn(p.shape, generator=gen) for p in cpu_model.parameters()]
-        for p, d in zip(cpu_model.parameters(), deltas, strict=True):
-            p.add_(d)
-        for model in (gpu_model, cl_model):
-            for p, d in zip(model.parameters(), deltas, strict=True):
-                p.add_(d.to(dev))
-    c, g, cl = cpu_mon.measure(), gpu_mon.measure(), cl_mon.measure()
-    for label, m in (("gpu", g), ("gpu channels_last", cl)):
-        rel = abs(c.model_velocity - m.model_velocity) / c.model_velocity
-        print(f"V cpu {c.model_velocity:.6g}  V {label} {m.model_velocity:.6g}  relative difference {rel:.2e}")
-        ok = ok and rel < 1e-4
-
-    for label, model, inputs, batch_size in (
-        ("", gpu_model, aux, None),
-        ("", gpu_model, aux, 25),
-        (" channels_last", cl_model, cl_aux, None),
-    ):
-        mon = VelocityMonitor(model, inputs, batch_size=batch_size)
-        mon.measure()
-        aux_dev = inputs.to(dev)
-        chunk = batch_size or len(inputs)
-
-        def bare(model=model, aux_dev=aux_dev, size=chunk) -> None:
-            with torch.no_grad():
-                for b in aux_dev.split(size):
-                    model(b)
-
-        bare_s = device_time(bare, dev)
-        measure_s = device_time(mon.measure, dev)
-        print(
-            f"batch_size={batch_size}{label}: forward {bare_s * 1e3:.2f} ms, measure {measure_s * 1e3:.2f} ms,"
-            f" ratio {measure_s / bare_s:.3f}"
-        )
-    with torch.autocast(dev.type, dtype=torch.bfloat16):
-        amp = VelocityMonitor(gpu_model, aux)
-        amp.measure()
-        m = amp.measure()
-    print(f"bf16 autocast: V of an unchanged model {m.model_velocity:.2e} (expect 0)")
-    ok = ok and m.model_velocity < 1e-6
-    print("GPU CHECK", "PASSED" if ok else "FAILED")
-    return 0 if ok else 1
+    print(f"device: {name}, torch {torch.__version__}, {'quick' if args.quick else 'full'} mode", flush=True)
+    started = time.perf_counter()
+    lines = []
+    try:
+        modules = (gpu_check_velocity, gpu_check_cost, gpu_check_tune)
+        for check in [check for module in modules for check in module.checks(dev, args.quick)]:
+            if int(check[0][0]) in items:
+                lines.append(run(check))
+    finally:
+        gpu_check_tune.stop_ray()
+    failed = [line["check"] for line in lines if line["status"] == "FAILED"]
+    elapsed = time.perf_counter() - started
+    print(f"GPU CHECK {'FAILED: ' + ', '.join(failed) if failed else 'PASSED'} ({elapsed:.0f} s)")
+    if args.out:
+        summary = {"device": name, "torch": torch.__version__, "quick": args.quick, "seconds": round(elapsed, 1)}
+        args.out.write_text(json.dumps({**summary, "passed": not failed, "lines": lines}, indent=2) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
