@@ -1,0 +1,293 @@
+"""Scoring functions of ``memorization_signals.py``: the LabelWave detector and the cross-trial signals (issue 22).
+
+Everything here is a pure function of the JSON rows that ``memorization_signals.py`` records per trial, so the
+signals can be re-scored (and tested on synthetic rows) without training anything.
+
+A trial record (``dict``) holds:
+
+* ``rows``: one dict per epoch of the NeVe anneal run (``anneal-linear-0.1``, today's ``neve`` arm): ``epoch``,
+  ``loss`` and ``acc`` (running means of the training pass), ``flips`` (the fraction of training samples whose
+  training-pass predicted class changed since the previous epoch; ``None`` at epoch 1), ``test``, ``lr``,
+  ``susc`` (the susceptibility step with the trial's own optimizer) and ``susc_probe`` (with a fixed plain-SGD
+  probe LR);
+* ``reason``: how today's policy ended the run (``converged``, ``max_t``, ``stalled``, ...);
+* ``wave``: the LabelWave stop, ``None`` when it never fired, else ``{"min_epoch", "stop_epoch", "anneal": rows
+  of the cooldown after the restore, "susc_probe_restored", "susc_probe_final", ...}``;
+* ``preds``: eval-mode predictions on the training inputs (``"4"``, ``"12"``, ``"restored"``, ``"final"`` of
+  the new policy, ``"today"``: today's final model) and ``labels``: the (possibly noisy) training labels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+Trial = dict[str, Any]
+
+K_SMOOTH = 3
+PATIENCE = 5
+PICKABLE = ("converged", "max_t")
+
+
+# ---------------------------------------------------------------------------- LabelWave
+
+
+def smoothed(flips: Sequence[float | None], k: int = K_SMOOTH) -> list[float | None]:
+    """Moving average of the last ``k`` flip fractions; ``None`` until ``k`` defined values are there."""
+    out: list[float | None] = []
+    for i in range(len(flips)):
+        window = flips[max(0, i - k + 1) : i + 1]
+        out.append(None if len(window) < k or any(x is None for x in window) else sum(window) / k)  # type: ignore[misc]
+    return out
+
+
+def labelwave(
+    flips: Sequence[float | None], k: int = K_SMOOTH, patience: int = PATIENCE
+) -> tuple[int | None, int | None]:
+    """(epoch of the running minimum of the smoothed count, epoch the stop fires) over 1-based epochs.
+
+    Algorithm 1 of LabelWave (Yuan, Feng, Liu, ICLR 2024): the smoothed count's running minimum; the stop fires
+    ``patience`` epochs after the last new minimum. ``(m, None)`` when it has not fired (yet), ``(None, None)``
+    while no smoothed value exists.
+    """
+    best, best_epoch, wait = math.inf, None, 0
+    for i, s in enumerate(smoothed(flips, k)):
+        if s is None:
+            continue
+        if s < best:
+            best, best_epoch, wait = s, i + 1, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return best_epoch, i + 1
+    return best_epoch, None
+
+
+def memorization_point(trial: Trial) -> int:
+    """The epoch the new policy restores (the LabelWave minimum) or, when it never fired, the run's last."""
+    wave = trial.get("wave")
+    return int(wave["min_epoch"]) if wave else len(trial["rows"])
+
+
+def rise(trial: Trial) -> float:
+    """How far the smoothed flip curve climbs after its minimum: max(after) / min - 1 (0 when it never turns up)."""
+    s = [x for x in smoothed([r["flips"] for r in trial["rows"]]) if x is not None]
+    if not s:
+        return 0.0
+    i = min(range(len(s)), key=lambda j: s[j])
+    after = s[i:]
+    return max(after) / s[i] - 1 if s[i] > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- the new policy's outcome
+
+
+def outcome(trial: Trial, variant: str) -> tuple[float, int]:
+    """(test accuracy, epochs trained) of ``variant``: ``today`` (the anneal run's final model), ``restore``
+    (LabelWave stop, weights of its minimum) or ``restore+anneal`` (then a linear cooldown)."""
+    rows, wave = trial["rows"], trial.get("wave")
+    if variant == "today" or not wave:
+        return float(rows[-1]["test"]), len(rows)
+    m, s = int(wave["min_epoch"]), int(wave["stop_epoch"])
+    if variant == "restore":
+        return float(rows[m - 1]["test"]), s
+    assert variant == "restore+anneal", variant
+    return float(wave["anneal"][-1]["test"]), s + len(wave["anneal"])
+
+
+# ---------------------------------------------------------------------------- signals (higher is better)
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def vote(predictions: Sequence[Sequence[int]]) -> list[int]:
+    """Per-sample majority vote (ties: the class seen first)."""
+    return [Counter(column).most_common(1)[0][0] for column in zip(*predictions, strict=True)]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def zeta(trial: Trial) -> float:
+    """Forouzesh et al.'s susceptibility zeta(t): the running mean over epochs 1..t of the one-step loss drop on
+    randomly labelled training inputs (own optimizer), at t = the memorisation point."""
+    m = memorization_point(trial)
+    return _mean([float(r["susc"]) for r in trial["rows"][:m]])
+
+
+def final_preds(trial: Trial, variant: str) -> list[int]:
+    if variant == "today" or not trial.get("wave"):
+        return trial["preds"]["today"]
+    return trial["preds"]["restored" if variant == "restore" else "final"]
+
+
+def final_probe(trial: Trial, variant: str) -> float:
+    """Susceptibility with the fixed probe LR at the variant's final weights."""
+    wave = trial.get("wave")
+    if variant == "today" or not wave:
+        return float(trial["rows"][-1]["susc_probe"])
+    return float(wave["susc_probe_restored" if variant == "restore" else "susc_probe_final"])
+
+
+def stable_fitted(trial: Trial, span: int = 3) -> float:
+    """Fraction of training samples whose training-pass prediction was the same over the ``span`` epochs ending
+    at the memorisation point and equals the given label (needs ``pass_preds``)."""
+    m = memorization_point(trial)
+    seq = trial["pass_preds"][max(0, m - span) : m]
+    labels = trial["labels"]
+    return _mean([float(all(p[i] == seq[0][i] for p in seq) and seq[0][i] == y) for i, y in enumerate(labels)])
+
+
+def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]]:
+    """Every candidate signal of every trial of the pool, oriented so that higher is better."""
+    upto = [t["rows"][: memorization_point(t)] for t in trials]
+    out: dict[str, list[float]] = {
+        "(a) mean train loss to the memorisation point": [-_mean([r["loss"] for r in u]) for u in upto],
+        "today: mean train loss of the whole run (shipped pick)": [
+            -_mean([r["loss"] for r in t["rows"]]) for t in trials
+        ],
+        "train loss at the memorisation point": [-float(u[-1]["loss"]) for u in upto],
+        "train acc at the memorisation point": [float(u[-1]["acc"]) for u in upto],
+    }
+    finals = [final_preds(t, variant) for t in trials]
+    for key, label in (("12", "epoch-12 consensus"), ("restored", "consensus of the restored models")):
+        have = [t["preds"].get(key) or t["preds"]["today"] for t in trials]
+        v = vote(have)
+        out[f"(b) agreement with the {label}"] = [agreement(f, v) for f in finals]
+    out["(c) susceptibility zeta to the memorisation point (low)"] = [-zeta(t) for t in trials]
+    out["(c) susceptibility, probe LR, final weights (low)"] = [-final_probe(t, variant) for t in trials]
+    z = [zeta(t) for t in trials]
+    acc = [float(u[-1]["acc"]) for u in upto]
+    zm, am = _mean(z), _mean(acc)
+    # the paper's selection: the quadrant of high train accuracy and low susceptibility first, then low zeta
+    out["(c) quadrant: acc >= mean and zeta <= mean, then low zeta"] = [
+        (1.0 if (a >= am and zz <= zm) else 0.0) * 1e6 - zz for a, zz in zip(acc, z, strict=True)
+    ]
+    s_min = [
+        min((x for x in smoothed([r["flips"] for r in t["rows"]]) if x is not None), default=math.nan) for t in trials
+    ]
+    out["(d) min smoothed flip fraction (low)"] = [-x for x in s_min]
+    out["(d) mean flip fraction to the memorisation point (low)"] = [
+        -_mean([float(r["flips"]) for r in u if r["flips"] is not None]) for u in upto
+    ]
+    if all("pass_preds" in t for t in trials):
+        out["(d) stable-and-fitted fraction at the memorisation point"] = [stable_fitted(t) for t in trials]
+    out["(d) flip curve rise after its minimum (low)"] = [-rise(t) for t in trials]
+    return out
+
+
+# ---------------------------------------------------------------------------- rank correlation, regret
+
+
+def ranking_signals() -> Any:
+    """``benchmarks/ranking_signals.py`` as a module (its studies, controller and Spearman rho)."""
+    if "ranking_signals" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ranking_signals", Path(__file__).with_name("ranking_signals.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ranking_signals"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["ranking_signals"]
+
+
+def rho_and_regret(values: Sequence[float], tests: Sequence[float]) -> tuple[float, float, int]:
+    """(Spearman rho, regret of the highest value's pick = best test - picked test, index picked)."""
+    ok = [i for i, v in enumerate(values) if math.isfinite(v)]
+    pick = max(ok, key=lambda i: values[i])
+    return ranking_signals().spearman(values, tests), max(tests) - tests[pick], pick
+
+
+def pool(trials: Sequence[Trial]) -> list[Trial]:
+    """The trials the arm may pick: today's run ended converged or at the cap (never stalled/collapsed/diverged)."""
+    return [t for t in trials if t["reason"] in PICKABLE]
+
+
+def score_table(trials: Sequence[Trial], variant: str) -> list[tuple[str, float, float, float]]:
+    """Per signal: (name, rho with the variant's test accuracy over the pool, regret, picked test accuracy)."""
+    p = pool(trials)
+    tests = [outcome(t, variant)[0] for t in p]
+    rows = []
+    for name, values in pool_signals(p, variant).items():
+        rho, regret, i = rho_and_regret(values, tests)
+        rows.append((name, rho, regret, tests[i]))
+    return rows
+
+
+# ---------------------------------------------------------------------------- report
+
+VARIANTS = ("today", "restore", "restore+anneal")
+
+
+def policy_lines(name: str, trials: Sequence[Trial]) -> list[str]:
+    """The in-trial effect: each variant's mean/best test accuracy and epochs, and the per-configuration rows."""
+    p = pool(trials)
+    out = [
+        f"#### {name}: in-trial policies ({len(trials)} configurations, {len(p)} pickable;"
+        f" LabelWave fired in {sum(1 for t in trials if t.get('wave'))}, in {sum(1 for t in p if t.get('wave'))}"
+        " pickable)",
+        "",
+        "| policy | mean test acc (all) | mean test acc (pickable) | best | epochs (sum) | epochs (pickable) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        res = [outcome(t, v) for t in trials]
+        resp = [outcome(t, v) for t in p]
+        out.append(
+            f"| {v} | {_mean([r[0] for r in res]):.4f} | {_mean([r[0] for r in resp]):.4f} |"
+            f" {max(r[0] for r in res):.4f} | {sum(r[1] for r in res)} | {sum(r[1] for r in resp)} |"
+        )
+    out += [
+        "",
+        "| config | lr | wd | width | today (epochs, reason) | LabelWave min / stop | restore | restore+anneal (epochs)"
+        " | flip rise after min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in trials:
+        c, w = t["config"], t.get("wave")
+        today, _ = outcome(t, "today")
+        ra, ra_e = outcome(t, "restore+anneal")
+        cells = [
+            f"{c['config_id']}",
+            f"{c['lr']:.3g}",
+            f"{c.get('weight_decay', 0):.3g}",
+            f"{c.get('width', '')}",
+            f"{today:.3f} ({len(t['rows'])}, {t['reason']})",
+            f"{w['min_epoch']} / {w['stop_epoch']}" if w else "-",
+            f"{outcome(t, 'restore')[0]:.3f}" if w else "-",
+            f"{ra:.3f} ({ra_e})" if w else "-",
+            f"{rise(t):.2f}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def signal_lines(name: str, trials: Sequence[Trial]) -> list[str]:
+    """rho / regret (picked test accuracy) of every signal against each variant's test accuracy (pickable pool)."""
+    tables = {v: score_table(trials, v) for v in VARIANTS}
+    out = [
+        f"#### {name}: signals over the {len(pool(trials))} pickable trials: rho / regret (picked test acc)",
+        "",
+        "| signal (higher is better unless marked low) | " + " | ".join(f"vs `{v}` test acc" for v in VARIANTS) + " |",
+        "|---|---|---|---|",
+    ]
+    for i, (sig, *_) in enumerate(tables[VARIANTS[0]]):
+        cells = []
+        for v in VARIANTS:
+            _, rho, regret, picked = tables[v][i]
+            cells.append(f"{rho:+.2f} / {100 * regret:.1f} pp ({picked:.3f})")
+        out.append(f"| {sig} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def report(name: str, trials: Sequence[Trial]) -> list[str]:
+    """The markdown section of one study."""
+    return [f"### {name}", "", *policy_lines(name, trials), *signal_lines(name, trials)]

@@ -1,0 +1,105 @@
+"""benchmarks/memorization_scoring.py: the LabelWave detector and the cross-trial signals, on synthetic rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "memorization_scoring.py"
+_spec = importlib.util.spec_from_file_location("memorization_scoring", _PATH)
+assert _spec is not None and _spec.loader is not None
+ms = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ms)
+
+# a flip curve that falls to its minimum at epoch 7 (smoothed over 3 epochs) and then climbs: memorisation
+V_CURVE = [None, 0.8, 0.6, 0.4, 0.2, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.9]
+
+
+def _trial(flips, losses, tests, *, reason="converged", susc=0.1, acc=0.5, wave=None, preds=None):
+    rows = [
+        {"epoch": i + 1, "loss": loss, "acc": acc, "flips": f, "test": t, "susc": susc, "susc_probe": susc / 10}
+        for i, (f, loss, t) in enumerate(zip(flips, losses, tests, strict=True))
+    ]
+    p = preds or [0, 1, 2, 3]
+    return {
+        "config": {"config_id": 0, "lr": 0.1},
+        "reason": reason,
+        "rows": rows,
+        "wave": wave,
+        "preds": {"12": p, "today": p, "restored": p, "final": p},
+        "labels": [0, 1, 2, 3],
+    }
+
+
+def test_smoothing_waits_for_k_defined_counts():
+    assert ms.smoothed([None, 0.6, 0.3, 0.3, 0.0]) == [None, None, None, pytest.approx(0.4), pytest.approx(0.2)]
+
+
+def test_labelwave_fires_patience_epochs_after_the_minimum_of_the_smoothed_count():
+    assert ms.labelwave(V_CURVE) == (7, 12)
+    assert ms.labelwave(V_CURVE[:11]) == (7, None)  # four epochs past the minimum: not yet
+    assert ms.labelwave([None, 0.5, 0.4, 0.3, 0.2, 0.1]) == (6, None)  # a falling count never fires
+    assert ms.labelwave([None, 0.5]) == (None, None)
+
+
+def test_rise_measures_the_climb_after_the_minimum():
+    t = _trial(V_CURVE, [1.0] * 12, [0.5] * 12)
+    assert ms.rise(t) == pytest.approx((0.8 + 0.9 + 0.9) / 3 / 0.2 - 1)
+    assert ms.rise(_trial([None, 0.5, 0.4, 0.3, 0.2, 0.1], [1.0] * 6, [0.5] * 6)) == 0.0
+
+
+def test_outcome_of_each_variant():
+    wave = {"min_epoch": 7, "stop_epoch": 12, "anneal": [{"test": 0.7}, {"test": 0.8}, {"test": 0.9}]}
+    tests = [0.1 * i / 2 for i in range(12)]
+    t = _trial(V_CURVE, [1.0] * 12, tests, wave=wave)
+    assert ms.outcome(t, "today") == (tests[-1], 12)
+    assert ms.outcome(t, "restore") == (tests[6], 12)
+    assert ms.outcome(t, "restore+anneal") == (0.9, 15)
+    assert ms.memorization_point(t) == 7
+    assert ms.outcome(_trial(V_CURVE, [1.0] * 12, tests), "restore+anneal") == (tests[-1], 12)  # never fired
+
+
+def test_rho_and_regret_pick_the_highest_value():
+    rho, regret, pick = ms.rho_and_regret([1.0, 2.0, 3.0, 4.0], [0.1, 0.3, 0.2, 0.4])
+    assert rho == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert (regret, pick) == (0.0, 3)
+    rho, regret, pick = ms.rho_and_regret([4.0, math.nan, 3.0], [0.5, 0.9, 0.7])
+    assert (regret, pick) == (pytest.approx(0.4), 0)
+
+
+def test_signals_use_the_rows_up_to_the_memorisation_point_and_skip_stalled_trials():
+    wave = {
+        "min_epoch": 2,
+        "stop_epoch": 7,
+        "anneal": [{"test": 0.6}],
+        "susc_probe_final": 0.02,
+        "susc_probe_restored": 0.05,
+    }
+    memorises = _trial([None, 0.3, 0.2, 0.2], [2.0, 1.0, 0.1, 0.01], [0.5] * 4, wave=wave, susc=0.4)
+    resists = _trial([None, 0.3, 0.2, 0.2], [2.0, 1.0, 0.8, 0.6], [0.7] * 4, susc=0.2)
+    stalled = _trial([None, 0.0, 0.0, 0.0], [2.3] * 4, [0.1] * 4, reason="stalled")
+    assert ms.pool([memorises, resists, stalled]) == [memorises, resists]
+    sig = ms.pool_signals([memorises, resists], "restore+anneal")
+    assert sig["(a) mean train loss to the memorisation point"] == [pytest.approx(-1.5), pytest.approx(-1.1)]
+    assert sig["today: mean train loss of the whole run (shipped pick)"] == [
+        pytest.approx(-3.11 / 4),
+        pytest.approx(-1.1),
+    ]
+    assert sig["(c) susceptibility zeta to the memorisation point (low)"] == [pytest.approx(-0.4), pytest.approx(-0.2)]
+    assert sig["(c) susceptibility, probe LR, final weights (low)"] == [pytest.approx(-0.02), pytest.approx(-0.02)]
+    table = {
+        name: (rho, regret, picked)
+        for name, rho, regret, picked in ms.score_table([memorises, resists, stalled], "restore+anneal")
+    }
+    # the memorising trial ends at 0.6 after its restore and cooldown, the other at 0.7: today's pick takes the
+    # memorising one (its whole run's mean loss is lower), (a) the other
+    assert table["today: mean train loss of the whole run (shipped pick)"][1:] == (pytest.approx(0.1), 0.6)
+    assert table["(a) mean train loss to the memorisation point"][1:] == (0.0, 0.7)
+
+
+def test_consensus_agreement_and_vote():
+    assert ms.vote([[0, 1, 2], [0, 2, 2], [1, 2, 2]]) == [0, 2, 2]
+    assert ms.agreement([0, 1, 2, 3], [0, 1, 0, 0]) == 0.5
