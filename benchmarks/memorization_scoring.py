@@ -42,8 +42,8 @@ def smoothed(flips: Sequence[float | None], k: int = K_SMOOTH) -> list[float | N
     """Moving average of the last ``k`` flip fractions; ``None`` until ``k`` defined values are there."""
     out: list[float | None] = []
     for i in range(len(flips)):
-        window = flips[max(0, i - k + 1) : i + 1]
-        out.append(None if len(window) < k or any(x is None for x in window) else sum(window) / k)  # type: ignore[misc]
+        window = [x for x in flips[max(0, i - k + 1) : i + 1] if x is not None]
+        out.append(sum(window) / k if len(window) == k else None)
     return out
 
 
@@ -75,14 +75,27 @@ def memorization_point(trial: Trial) -> int:
     return int(wave["min_epoch"]) if wave else len(trial["rows"])
 
 
+def constant_phase(trial: Trial) -> list[Row]:
+    """The rows trained at the initial LR (before any cooldown of today's policy)."""
+    rows = trial["rows"]
+    lr0 = float(rows[0]["lr"])
+    n = next((i for i, r in enumerate(rows) if float(r["lr"]) < lr0 * (1 - 1e-9)), len(rows))
+    return rows[:n]
+
+
+def min_smoothed(trial: Trial) -> float:
+    """The minimum of the smoothed flip fraction over the constant-LR phase (NaN when it is too short)."""
+    return min((x for x in smoothed([r["flips"] for r in constant_phase(trial)]) if x is not None), default=math.nan)
+
+
 def rise(trial: Trial) -> float:
-    """How far the smoothed flip curve climbs after its minimum: max(after) / min - 1 (0 when it never turns up)."""
-    s = [x for x in smoothed([r["flips"] for r in trial["rows"]]) if x is not None]
+    """How far the smoothed flip curve climbs after its minimum within the constant-LR phase: max(after) / min - 1
+    (0 when it never turns up or is too short)."""
+    s = [x for x in smoothed([r["flips"] for r in constant_phase(trial)]) if x is not None]
     if not s:
         return 0.0
     i = min(range(len(s)), key=lambda j: s[j])
-    after = s[i:]
-    return max(after) / s[i] - 1 if s[i] > 0 else 0.0
+    return max(s[i:]) / s[i] - 1 if s[i] > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------- the new policy's outcome
@@ -130,6 +143,14 @@ def final_preds(trial: Trial, variant: str) -> list[int]:
     return trial["preds"]["restored" if variant == "restore" else "final"]
 
 
+def last_row(trial: Trial, variant: str) -> Row:
+    """The last training row of the variant's run (the cooldown's last for ``restore+anneal``)."""
+    wave = trial.get("wave")
+    if variant == "today" or not wave:
+        return trial["rows"][-1]
+    return trial["rows"][int(wave["min_epoch"]) - 1] if variant == "restore" else wave["anneal"][-1]
+
+
 def final_probe(trial: Trial, variant: str) -> float:
     """Susceptibility with the fixed probe LR at the variant's final weights."""
     wave = trial.get("wave")
@@ -157,13 +178,18 @@ def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]
         ],
         "train loss at the memorisation point": [-float(u[-1]["loss"]) for u in upto],
         "train acc at the memorisation point": [float(u[-1]["acc"]) for u in upto],
+        "final train loss of the variant's run": [-float(last_row(t, variant)["loss"]) for t in trials],
     }
     finals = [final_preds(t, variant) for t in trials]
-    for key, label in (("12", "epoch-12 consensus"), ("restored", "consensus of the restored models")):
-        have = [t["preds"].get(key) or t["preds"]["today"] for t in trials]
-        v = vote(have)
+    votes = {
+        "epoch-12 consensus": vote([t["preds"].get("12") or t["preds"]["today"] for t in trials]),
+        "consensus of the restored models": vote([final_preds(t, "restore") for t in trials]),
+        "consensus of the variant's final models": vote(finals),
+    }
+    for label, v in votes.items():
         out[f"(b) agreement with the {label}"] = [agreement(f, v) for f in finals]
     out["(c) susceptibility zeta to the memorisation point (low)"] = [-zeta(t) for t in trials]
+    out["(c) zeta / LR (low)"] = [-_mean([r["susc"] / r["lr"] for r in u]) for u in upto]
     out["(c) susceptibility, probe LR, final weights (low)"] = [-final_probe(t, variant) for t in trials]
     z = [zeta(t) for t in trials]
     acc = [float(u[-1]["acc"]) for u in upto]
@@ -172,10 +198,7 @@ def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]
     out["(c) quadrant: acc >= mean and zeta <= mean, then low zeta"] = [
         (1.0 if (a >= am and zz <= zm) else 0.0) * 1e6 - zz for a, zz in zip(acc, z, strict=True)
     ]
-    s_min = [
-        min((x for x in smoothed([r["flips"] for r in t["rows"]]) if x is not None), default=math.nan) for t in trials
-    ]
-    out["(d) min smoothed flip fraction (low)"] = [-x for x in s_min]
+    out["(d) min smoothed flip fraction, constant-LR phase (low)"] = [-min_smoothed(t) for t in trials]
     out["(d) mean flip fraction to the memorisation point (low)"] = [
         -_mean([float(r["flips"]) for r in u if r["flips"] is not None]) for u in upto
     ]
@@ -288,6 +311,76 @@ def signal_lines(name: str, trials: Sequence[Trial]) -> list[str]:
     return [*out, ""]
 
 
+def noise_features(trials: Sequence[Trial]) -> dict[str, float]:
+    """Study-level features of the pickable trials' flip curves, candidates to detect label noise."""
+    p = pool(trials)
+    rises = sorted(rise(t) for t in p)
+    mins = sorted(min_smoothed(t) for t in p)
+    fitted = max(p, key=lambda t: min(r["loss"] for r in t["rows"]))
+    return {
+        "fired (share of pickable)": sum(1 for t in p if t.get("wave")) / len(p),
+        "median rise after the minimum": rises[len(rises) // 2],
+        "max rise after the minimum": rises[-1],
+        "median min smoothed flips": mins[len(mins) // 2],
+        "min smoothed flips of the lowest-loss trial": min_smoothed(min(p, key=lambda t: t["rows"][-1]["loss"])),
+        "lowest min smoothed flips": mins[0],
+        "highest-loss trial's min smoothed flips": min_smoothed(fitted),
+    }
+
+
+def guarded(trial: Trial, delta: float, k: int = K_SMOOTH, patience: int = PATIENCE) -> tuple[int | None, int | None]:
+    """LabelWave with a rise gate: fire only when, ``patience`` or more epochs after the minimum, the smoothed count
+    is at least ``(1 + delta)`` times its minimum (the curve turned up, not a plateau)."""
+    best, best_epoch, wait = math.inf, None, 0
+    for i, s in enumerate(smoothed([r["flips"] for r in trial["rows"]], k)):
+        if s is None:
+            continue
+        if s < best:
+            best, best_epoch, wait = s, i + 1, 0
+            continue
+        wait += 1
+        if wait >= patience and s >= (1 + delta) * best:
+            return best_epoch, i + 1
+    return best_epoch, None
+
+
+def guard_lines(name: str, trials: Sequence[Trial], deltas: Sequence[float] = (0.0, 0.1, 0.2, 0.3)) -> list[str]:
+    """Offline: the restore-only outcome of the rise-gated stop (delta 0 = LabelWave as run) over all trials."""
+    out = [
+        f"#### {name}: the stop with a rise gate (offline, restore only: the weights of the minimum, no cooldown)",
+        "",
+        "| delta | fired | mean test acc (all) | vs today (pp) | mean test acc (pickable) | epochs (sum) |",
+        "|---|---|---|---|---|---|",
+    ]
+    today = [outcome(t, "today")[0] for t in trials]
+    for delta in deltas:
+        tests, epochs, fired = [], 0, 0
+        for t in trials:
+            m, s = guarded(t, delta)
+            if s is None or m is None:
+                tests.append(float(t["rows"][-1]["test"]))
+                epochs += len(t["rows"])
+            else:
+                tests.append(float(t["rows"][m - 1]["test"]))
+                epochs += s
+                fired += 1
+        pk = [x for x, t in zip(tests, trials, strict=True) if t["reason"] in PICKABLE]
+        gain = 100 * (_mean(tests) - _mean(today))
+        out.append(f"| {delta} | {fired} | {_mean(tests):.4f} | {gain:+.2f} | {_mean(pk):.4f} | {epochs} |")
+    return [*out, ""]
+
+
 def report(name: str, trials: Sequence[Trial]) -> list[str]:
     """The markdown section of one study."""
-    return [f"### {name}", "", *policy_lines(name, trials), *signal_lines(name, trials)]
+    feats = noise_features(trials)
+    lines = [f"#### {name}: flip-curve features of the pickable trials", ""]
+    lines += [f"- {k}: {v:.3f}" for k, v in feats.items()]
+    return [
+        f"### {name}",
+        "",
+        *policy_lines(name, trials),
+        *signal_lines(name, trials),
+        *lines,
+        "",
+        *guard_lines(name, trials),
+    ]

@@ -20,7 +20,16 @@ V_CURVE = [None, 0.8, 0.6, 0.4, 0.2, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.9]
 
 def _trial(flips, losses, tests, *, reason="converged", susc=0.1, acc=0.5, wave=None, preds=None):
     rows = [
-        {"epoch": i + 1, "loss": loss, "acc": acc, "flips": f, "test": t, "susc": susc, "susc_probe": susc / 10}
+        {
+            "epoch": i + 1,
+            "loss": loss,
+            "acc": acc,
+            "flips": f,
+            "test": t,
+            "susc": susc,
+            "susc_probe": susc / 10,
+            "lr": 0.1,
+        }
         for i, (f, loss, t) in enumerate(zip(flips, losses, tests, strict=True))
     ]
     p = preds or [0, 1, 2, 3]
@@ -51,6 +60,15 @@ def test_rise_measures_the_climb_after_the_minimum():
     assert ms.rise(_trial([None, 0.5, 0.4, 0.3, 0.2, 0.1], [1.0] * 6, [0.5] * 6)) == 0.0
 
 
+def test_rise_and_minimum_only_see_the_constant_lr_phase():
+    t = _trial([*V_CURVE, 0.0, 0.0, 0.0], [1.0] * 15, [0.5] * 15)
+    for row in t["rows"][12:]:
+        row["lr"] = 0.05  # a cooldown: flips vanish, which is no minimum of the memorisation curve
+    assert len(ms.constant_phase(t)) == 12
+    assert ms.min_smoothed(t) == pytest.approx(0.2)
+    assert ms.rise(t) == pytest.approx((0.8 + 0.9 + 0.9) / 3 / 0.2 - 1)
+
+
 def test_outcome_of_each_variant():
     wave = {"min_epoch": 7, "stop_epoch": 12, "anneal": [{"test": 0.7}, {"test": 0.8}, {"test": 0.9}]}
     tests = [0.1 * i / 2 for i in range(12)]
@@ -74,7 +92,7 @@ def test_signals_use_the_rows_up_to_the_memorisation_point_and_skip_stalled_tria
     wave = {
         "min_epoch": 2,
         "stop_epoch": 7,
-        "anneal": [{"test": 0.6}],
+        "anneal": [{"test": 0.6, "loss": 0.9}],
         "susc_probe_final": 0.02,
         "susc_probe_restored": 0.05,
     }
@@ -90,6 +108,8 @@ def test_signals_use_the_rows_up_to_the_memorisation_point_and_skip_stalled_tria
     ]
     assert sig["(c) susceptibility zeta to the memorisation point (low)"] == [pytest.approx(-0.4), pytest.approx(-0.2)]
     assert sig["(c) susceptibility, probe LR, final weights (low)"] == [pytest.approx(-0.02), pytest.approx(-0.02)]
+    assert sig["(c) zeta / LR (low)"] == [pytest.approx(-4.0), pytest.approx(-2.0)]
+    assert sig["final train loss of the variant's run"] == [-0.9, -0.6]
     table = {
         name: (rho, regret, picked)
         for name, rho, regret, picked in ms.score_table([memorises, resists, stalled], "restore+anneal")
@@ -103,3 +123,10 @@ def test_signals_use_the_rows_up_to_the_memorisation_point_and_skip_stalled_tria
 def test_consensus_agreement_and_vote():
     assert ms.vote([[0, 1, 2], [0, 2, 2], [1, 2, 2]]) == [0, 2, 2]
     assert ms.agreement([0, 1, 2, 3], [0, 1, 0, 0]) == 0.5
+
+
+def test_stable_and_fitted_counts_unchanged_predictions_that_match_the_label():
+    t = _trial([None, 0.5, 0.5, 0.5], [1.0] * 4, [0.5] * 4)
+    t["pass_preds"] = [[9, 9, 9, 9], [0, 1, 0, 3], [0, 1, 2, 3], [0, 2, 2, 3]]
+    # span 3 ending at epoch 4: sample 0 (stable, label 0), sample 3 (stable, label 3); 1 and 2 changed
+    assert ms.stable_fitted(t) == 0.5
