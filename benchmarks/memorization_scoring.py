@@ -205,6 +205,7 @@ def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]
     if all("pass_preds" in t for t in trials):
         out["(d) stable-and-fitted fraction at the memorisation point"] = [stable_fitted(t) for t in trials]
     out["(d) flip curve rise after its minimum (low)"] = [-rise(t) for t in trials]
+    out["switch: (b) final consensus if the noise estimate > 0.05, else mean loss"] = switch_values(trials, variant)[2]
     return out
 
 
@@ -370,11 +371,88 @@ def guard_lines(name: str, trials: Sequence[Trial], deltas: Sequence[float] = (0
     return [*out, ""]
 
 
+NOISE_THRESHOLD = 0.05
+
+
+def loss_signal(trial: Trial, variant: str) -> float:
+    """Minus the mean training loss over the epochs the variant's model saw: the whole run for ``today`` (the
+    shipped pick), else up to the memorisation point (signal (a))."""
+    rows = trial["rows"] if variant == "today" else trial["rows"][: memorization_point(trial)]
+    return -_mean([r["loss"] for r in rows])
+
+
+def noise_estimate(trials: Sequence[Trial], variant: str, samples: Sequence[int] | None = None) -> float:
+    """1 - agreement of the given training labels with the majority vote of the trials' final predictions on the
+    training inputs (``samples``: only those indices): an estimate of the label-noise rate."""
+    finals = [final_preds(t, variant) for t in trials]
+    idx = range(len(finals[0])) if samples is None else samples
+    v = vote([[f[i] for i in idx] for f in finals])
+    return 1 - agreement(v, [trials[0]["labels"][i] for i in idx])
+
+
+def switch_values(
+    trials: Sequence[Trial], variant: str, samples: Sequence[int] | None = None
+) -> tuple[float, str, list[float]]:
+    """The shipped-candidate rule: (noise estimate, the signal used, its values over ``trials``, higher better).
+
+    Labels look noisy (estimate > ``NOISE_THRESHOLD``): agreement of each trial's final predictions with the
+    trials' majority vote (on ``samples``); else :func:`loss_signal` (the lowest mean training loss)."""
+    est = noise_estimate(trials, variant, samples)
+    if est > NOISE_THRESHOLD:
+        finals = [final_preds(t, variant) for t in trials]
+        idx = list(range(len(finals[0]))) if samples is None else list(samples)
+        v = vote([[f[i] for i in idx] for f in finals])
+        return est, "consensus agreement", [agreement([f[i] for i in idx], v) for f in finals]
+    return est, "mean train loss", [loss_signal(t, variant) for t in trials]
+
+
+def subpool_lines(
+    name: str, trials: Sequence[Trial], variant: str, sizes: Sequence[int] = (3, 5, 8), draws: int = 300
+) -> list[str]:
+    """Robustness: random pools of a few pickable trials (what survives pruning); mean regret of each rule."""
+    import random
+
+    p = pool(trials)
+    rng = random.Random(0)
+    out = [
+        f"#### {name}: pools of a few pickable trials ({draws} random draws each, `{variant}` test acc;"
+        " consensus on a random 1,000 training inputs)",
+        "",
+        "| pool size | mean train loss (`today`: whole run; else to the memorisation point) | agreement with the final"
+        " consensus | switch rule | noise estimate (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    n = len(p[0]["labels"])
+    for k in sizes:
+        if k > len(p):
+            continue
+        regrets: dict[str, list[float]] = {"loss": [], "cons": [], "switch": []}
+        ests = []
+        for _ in range(draws):
+            sub = rng.sample(p, k)
+            samples = rng.sample(range(n), min(1000, n))
+            tests = [outcome(t, variant)[0] for t in sub]
+            finals = [final_preds(t, variant) for t in sub]
+            v = vote([[f[i] for i in samples] for f in finals])
+            cons = [agreement([f[i] for i in samples], v) for f in finals]
+            loss = [loss_signal(t, variant) for t in sub]
+            est, _, sw = switch_values(sub, variant, samples)
+            ests.append(est)
+            for key, vals in (("loss", loss), ("cons", cons), ("switch", sw)):
+                regrets[key].append(max(tests) - tests[max(range(k), key=lambda i: vals[i])])
+        cells = [f"{100 * _mean(regrets[key]):.2f} pp" for key in ("loss", "cons", "switch")]
+        out.append(f"| {k} | " + " | ".join(cells) + f" | {_mean(ests):.3f} |")
+    return [*out, ""]
+
+
 def report(name: str, trials: Sequence[Trial]) -> list[str]:
     """The markdown section of one study."""
     feats = noise_features(trials)
     lines = [f"#### {name}: flip-curve features of the pickable trials", ""]
     lines += [f"- {k}: {v:.3f}" for k, v in feats.items()]
+    for v in VARIANTS:
+        est = noise_estimate(pool(trials), v)
+        lines.append(f"- noise estimate (1 - agreement of the `{v}` final models' vote with the labels): {est:.3f}")
     return [
         f"### {name}",
         "",
@@ -382,5 +460,7 @@ def report(name: str, trials: Sequence[Trial]) -> list[str]:
         *signal_lines(name, trials),
         *lines,
         "",
+        *subpool_lines(name, trials, "today"),
+        *subpool_lines(name, trials, "restore+anneal"),
         *guard_lines(name, trials),
     ]

@@ -130,3 +130,22 @@ def test_stable_and_fitted_counts_unchanged_predictions_that_match_the_label():
     t["pass_preds"] = [[9, 9, 9, 9], [0, 1, 0, 3], [0, 1, 2, 3], [0, 2, 2, 3]]
     # span 3 ending at epoch 4: sample 0 (stable, label 0), sample 3 (stable, label 3); 1 and 2 changed
     assert ms.stable_fitted(t) == 0.5
+
+
+def test_noise_estimate_and_the_switch_between_loss_and_consensus():
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    noisy = [0, 1, 2, 3, 4, 5, 6, 7, 9, 8]  # the trials agree on the true classes; two labels are flipped
+
+    def trial(preds, loss):
+        t = _trial([None, 0.5, 0.5, 0.5], [loss] * 4, [0.5] * 4, preds=preds)
+        t["labels"] = labels
+        return t
+
+    majority = [trial(noisy, 1.0), trial(noisy, 0.9), trial([0, 1, 2, 3, 4, 5, 6, 7, 8, 8], 0.2)]
+    assert ms.noise_estimate(majority, "restore+anneal") == pytest.approx(0.2)
+    est, used, values = ms.switch_values(majority, "restore+anneal")
+    # noisy labels: the vote decides; the memoriser (lowest loss, fits label 8) agrees with it on 9 of 10
+    assert (est, used, values) == (pytest.approx(0.2), "consensus agreement", [1.0, 1.0, 0.9])
+    clean = [trial(labels, 1.0), trial(labels, 0.9), trial(labels, 0.2)]
+    assert ms.switch_values(clean, "restore+anneal") == (0.0, "mean train loss", [-1.0, -0.9, -0.2])
+    assert ms.noise_estimate(majority, "today", samples=[8, 9]) == 1.0
