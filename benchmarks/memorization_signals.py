@@ -40,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import memorization_scoring as ms
+from memorization_report import report
 
 from neve_tune import noise_aux
 from neve_tune.studies import DataRequest, StudyDefinition, TensorData
@@ -259,8 +260,6 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    report = ms.report
-
     lines: list[str] = []
     for name in args.studies.split(","):
         lines += report(name, trials(name, Path(args.cache)))

@@ -92,7 +92,7 @@ def test_signals_use_the_rows_up_to_the_memorisation_point_and_skip_stalled_tria
     wave = {
         "min_epoch": 2,
         "stop_epoch": 7,
-        "anneal": [{"test": 0.6, "loss": 0.9}],
+        "anneal": [{"test": 0.6, "loss": 0.9, "acc": 0.6}],
         "susc_probe_final": 0.02,
         "susc_probe_restored": 0.05,
     }
@@ -149,3 +149,14 @@ def test_noise_estimate_and_the_switch_between_loss_and_consensus():
     clean = [trial(labels, 1.0), trial(labels, 0.9), trial(labels, 0.2)]
     assert ms.switch_values(clean, "restore+anneal") == (0.0, "mean train loss", [-1.0, -0.9, -0.2])
     assert ms.noise_estimate(majority, "today", samples=[8, 9]) == 1.0
+
+
+def test_the_rise_gate_waits_for_the_count_to_climb_above_its_minimum():
+    plateau = [None, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2, 0.21, 0.2, 0.2, 0.21, 0.2, 0.2]  # flat after its minimum
+    t = _trial(plateau, [1.0] * 13, [0.5] * 13)
+    assert ms.labelwave(plateau)[1] is not None  # plain LabelWave stops on the plateau
+    assert ms.guarded(t, 0.2) == (7, None)  # the gate does not (the minimum, 0.2, came at epoch 7)
+    v = _trial(V_CURVE, [1.0] * 12, [0.5] * 12)
+    assert ms.guarded(v, 0.0) == ms.labelwave(V_CURVE) == (7, 12)
+    assert ms.guarded(v, 2.0) == (7, 12)  # 0.867 >= 3 x 0.2 at epoch 12
+    assert ms.guarded(v, 4.0) == (7, None)
