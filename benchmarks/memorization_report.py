@@ -12,6 +12,7 @@ from memorization_scoring import (
     _mean,
     agreement,
     final_preds,
+    flip_level,
     guarded,
     loss_signal,
     min_smoothed,
@@ -134,37 +135,42 @@ def guard_lines(name: str, trials: Sequence[Trial], deltas: Sequence[float] = (0
 def subpool_lines(
     name: str, trials: Sequence[Trial], variant: str, sizes: Sequence[int] = (3, 5, 8), draws: int = 300
 ) -> list[str]:
-    """Robustness: random pools of a few pickable trials (what survives pruning); mean regret of each rule."""
+    """Robustness: random pools of a few pickable trials (what survives pruning); mean regret of each rule and how
+    often each detector calls the labels noisy."""
     p = pool(trials)
     rng = random.Random(0)
     out = [
         f"#### {name}: pools of a few pickable trials ({draws} random draws each, `{variant}` test acc;"
-        " consensus on a random 1,000 training inputs)",
+        " consensus on a random 1,000 training inputs): mean regret, and the share of pools called noisy",
         "",
         "| pool size | mean train loss (`today`: whole run; else to the memorisation point) | agreement with the final"
-        " consensus | switch rule | noise estimate (mean) |",
-        "|---|---|---|---|---|",
+        " consensus | switch, flip detector | switch, vote detector | noisy by flips | noisy by vote |",
+        "|---|---|---|---|---|---|---|",
     ]
     n = len(p[0]["labels"])
     for k in sizes:
         if k > len(p):
             continue
-        regrets: dict[str, list[float]] = {"loss": [], "cons": [], "switch": []}
-        ests = []
+        regrets: dict[str, list[float]] = {"loss": [], "cons": [], "flips": [], "vote": []}
+        called = {"flips": 0, "vote": 0}
         for _ in range(draws):
             sub = rng.sample(p, k)
             samples = rng.sample(range(n), min(1000, n))
             tests = [outcome(t, variant)[0] for t in sub]
             finals = [final_preds(t, variant) for t in sub]
             v = vote([[f[i] for i in samples] for f in finals])
-            cons = [agreement([f[i] for i in samples], v) for f in finals]
-            loss = [loss_signal(t, variant) for t in sub]
-            est, _, sw = switch_values(sub, variant, samples)
-            ests.append(est)
-            for key, vals in (("loss", loss), ("cons", cons), ("switch", sw)):
+            values = {
+                "cons": [agreement([f[i] for i in samples], v) for f in finals],
+                "loss": [loss_signal(t, variant) for t in sub],
+            }
+            for det in ("flips", "vote"):
+                noisy, _, values[det] = switch_values(sub, variant, samples, detector=det)
+                called[det] += noisy
+            for key, vals in values.items():
                 regrets[key].append(max(tests) - tests[max(range(k), key=lambda i: vals[i])])
-        cells = [f"{100 * _mean(regrets[key]):.2f} pp" for key in ("loss", "cons", "switch")]
-        out.append(f"| {k} | " + " | ".join(cells) + f" | {_mean(ests):.3f} |")
+        cells = [f"{100 * _mean(regrets[key]):.2f} pp" for key in ("loss", "cons", "flips", "vote")]
+        cells += [f"{100 * called[d] / draws:.0f}%" for d in ("flips", "vote")]
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
     return [*out, ""]
 
 
@@ -173,6 +179,9 @@ def report(name: str, trials: Sequence[Trial]) -> list[str]:
     feats = noise_features(trials)
     lines = [f"#### {name}: flip-curve features of the pickable trials", ""]
     lines += [f"- {k}: {v:.3f}" for k, v in feats.items()]
+    lines.append(
+        f"- flip level (the lowest minimum smoothed flip fraction at the initial LR): {flip_level(pool(trials)):.3f}"
+    )
     for v in VARIANTS:
         est = noise_estimate(pool(trials), v)
         lines.append(f"- noise estimate (1 - agreement of the `{v}` final models' vote with the labels): {est:.3f}")

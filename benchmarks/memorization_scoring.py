@@ -151,6 +151,15 @@ def last_row(trial: Trial, variant: str) -> Row:
     return trial["rows"][int(wave["min_epoch"]) - 1] if variant == "restore" else wave["anneal"][-1]
 
 
+def trained_rows(trial: Trial, variant: str) -> list[Row]:
+    """Every epoch the variant trained: today's whole run; or epochs 1..stop (then the cooldown's)."""
+    wave = trial.get("wave")
+    if variant == "today" or not wave:
+        return list(trial["rows"])
+    rows = list(trial["rows"][: int(wave["stop_epoch"])])
+    return rows + list(wave["anneal"]) if variant == "restore+anneal" else rows
+
+
 def final_probe(trial: Trial, variant: str) -> float:
     """Susceptibility with the fixed probe LR at the variant's final weights."""
     wave = trial.get("wave")
@@ -175,6 +184,9 @@ def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]
         "(a) mean train loss to the memorisation point": [-_mean([r["loss"] for r in u]) for u in upto],
         "today: mean train loss of the whole run (shipped pick)": [
             -_mean([r["loss"] for r in t["rows"]]) for t in trials
+        ],
+        "shipped rule on the variant's run: mean train loss over every epoch it trained": [
+            -_mean([r["loss"] for r in trained_rows(t, variant)]) for t in trials
         ],
         "train loss at the memorisation point": [-float(u[-1]["loss"]) for u in upto],
         "train acc at the memorisation point": [float(u[-1]["acc"]) for u in upto],
@@ -211,7 +223,10 @@ def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]
     if all("pass_preds" in t for t in trials):
         out["(d) stable-and-fitted fraction at the memorisation point"] = [stable_fitted(t) for t in trials]
     out["(d) flip curve rise after its minimum (low)"] = [-rise(t) for t in trials]
-    out["switch: (b) final consensus if the noise estimate > 0.05, else mean loss"] = switch_values(trials, variant)[2]
+    out["switch: (b) final consensus if the flip level > 0.1, else mean loss"] = switch_values(trials, variant)[2]
+    out["switch: (b) final consensus if the vote's noise estimate > 0.05, else mean loss"] = switch_values(
+        trials, variant, detector="vote"
+    )[2]
     return out
 
 
@@ -272,6 +287,7 @@ def guarded(trial: Trial, delta: float, k: int = K_SMOOTH, patience: int = PATIE
 
 
 NOISE_THRESHOLD = 0.05
+FLIP_THRESHOLD = 0.1
 
 
 def loss_signal(trial: Trial, variant: str) -> float:
@@ -290,17 +306,27 @@ def noise_estimate(trials: Sequence[Trial], variant: str, samples: Sequence[int]
     return 1 - agreement(v, [trials[0]["labels"][i] for i in idx])
 
 
-def switch_values(
-    trials: Sequence[Trial], variant: str, samples: Sequence[int] | None = None
-) -> tuple[float, str, list[float]]:
-    """The shipped-candidate rule: (noise estimate, the signal used, its values over ``trials``, higher better).
+def flip_level(trials: Sequence[Trial]) -> float:
+    """The lowest, over ``trials``, of each one's minimum smoothed flip fraction at its initial LR: how stable the
+    best-settled trial's training-pass predictions ever got (label noise keeps it high)."""
+    return min(min_smoothed(t) for t in trials)
 
-    Labels look noisy (estimate > ``NOISE_THRESHOLD``): agreement of each trial's final predictions with the
+
+def switch_values(
+    trials: Sequence[Trial], variant: str, samples: Sequence[int] | None = None, detector: str = "flips"
+) -> tuple[bool, str, list[float]]:
+    """The shipped-candidate rule: (labels look noisy, the signal used, its values over ``trials``, higher better).
+
+    The labels look noisy when ``detector="flips"``: :func:`flip_level` > ``FLIP_THRESHOLD``; ``"vote"``:
+    :func:`noise_estimate` > ``NOISE_THRESHOLD``. Then: agreement of each trial's final predictions with the
     trials' majority vote (on ``samples``); else :func:`loss_signal` (the lowest mean training loss)."""
-    est = noise_estimate(trials, variant, samples)
-    if est > NOISE_THRESHOLD:
+    if detector == "flips":
+        noisy = flip_level(trials) > FLIP_THRESHOLD
+    else:
+        noisy = noise_estimate(trials, variant, samples) > NOISE_THRESHOLD
+    if noisy:
         finals = [final_preds(t, variant) for t in trials]
         idx = list(range(len(finals[0]))) if samples is None else list(samples)
         v = vote([[f[i] for i in idx] for f in finals])
-        return est, "consensus agreement", [agreement([f[i] for i in idx], v) for f in finals]
-    return est, "mean train loss", [loss_signal(t, variant) for t in trials]
+        return True, "consensus agreement", [agreement([f[i] for i in idx], v) for f in finals]
+    return False, "mean train loss", [loss_signal(t, variant) for t in trials]

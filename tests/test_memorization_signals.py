@@ -108,6 +108,11 @@ def test_signals_use_the_rows_up_to_the_memorisation_point_and_skip_stalled_tria
     ]
     assert sig["(c) susceptibility zeta to the memorisation point (low)"] == [pytest.approx(-0.4), pytest.approx(-0.2)]
     assert sig["(c) susceptibility, probe LR, final weights (low)"] == [pytest.approx(-0.02), pytest.approx(-0.02)]
+    # what today's pick rule would see under the new policy: epochs 1..stop and the cooldown
+    assert sig["shipped rule on the variant's run: mean train loss over every epoch it trained"] == [
+        pytest.approx(-4.01 / 5),
+        pytest.approx(-1.1),
+    ]
     assert sig["(c) zeta / LR (low)"] == [pytest.approx(-4.0), pytest.approx(-2.0)]
     assert sig["final train loss of the variant's run"] == [-0.9, -0.6]
     table = {
@@ -143,11 +148,18 @@ def test_noise_estimate_and_the_switch_between_loss_and_consensus():
 
     majority = [trial(noisy, 1.0), trial(noisy, 0.9), trial([0, 1, 2, 3, 4, 5, 6, 7, 8, 8], 0.2)]
     assert ms.noise_estimate(majority, "restore+anneal") == pytest.approx(0.2)
-    est, used, values = ms.switch_values(majority, "restore+anneal")
+    noisy, used, values = ms.switch_values(majority, "restore+anneal", detector="vote")
     # noisy labels: the vote decides; the memoriser (lowest loss, fits label 8) agrees with it on 9 of 10
-    assert (est, used, values) == (pytest.approx(0.2), "consensus agreement", [1.0, 1.0, 0.9])
+    assert (noisy, used, values) == (True, "consensus agreement", [1.0, 1.0, 0.9])
+    # the flip detector: every trial's flip count stayed at 0.5 (> 0.1): noisy too
+    assert ms.flip_level(majority) == pytest.approx(0.5)
+    assert ms.switch_values(majority, "restore+anneal")[:2] == (True, "consensus agreement")
     clean = [trial(labels, 1.0), trial(labels, 0.9), trial(labels, 0.2)]
-    assert ms.switch_values(clean, "restore+anneal") == (0.0, "mean train loss", [-1.0, -0.9, -0.2])
+    assert ms.switch_values(clean, "restore+anneal", detector="vote") == (False, "mean train loss", [-1.0, -0.9, -0.2])
+    for row in clean[1]["rows"][1:]:
+        row["flips"] = 0.0  # one trial whose training-pass predictions settle: clean labels by the flip level
+    assert ms.flip_level(clean) == 0.0
+    assert ms.switch_values(clean, "restore+anneal")[:2] == (False, "mean train loss")
     assert ms.noise_estimate(majority, "today", samples=[8, 9]) == 1.0
 
 
