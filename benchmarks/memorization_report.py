@@ -144,7 +144,8 @@ def subpool_lines(
         " consensus on a random 1,000 training inputs): mean regret, and the share of pools called noisy",
         "",
         "| pool size | mean train loss (`today`: whole run; else to the memorisation point) | agreement with the final"
-        " consensus | switch, flip detector | switch, vote detector | noisy by flips | noisy by vote |",
+        " consensus (ties by the mean loss) | switch, flip detector | switch, vote detector | noisy by flips |"
+        " noisy by vote |",
         "|---|---|---|---|---|---|---|",
     ]
     n = len(p[0]["labels"])
@@ -160,7 +161,10 @@ def subpool_lines(
             finals = [final_preds(t, variant) for t in sub]
             v = vote([[f[i] for i in samples] for f in finals])
             values = {
-                "cons": [agreement([f[i] for i in samples], v) for f in finals],
+                "cons": [
+                    agreement([f[i] for i in samples], v) + 1e-6 * loss_signal(t, variant)
+                    for f, t in zip(finals, sub, strict=True)
+                ],
                 "loss": [loss_signal(t, variant) for t in sub],
             }
             for det in ("flips", "vote"):

@@ -200,6 +200,10 @@ def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]
     }
     for label, v in votes.items():
         out[f"(b) agreement with the {label}"] = [agreement(f, v) for f in finals]
+    out["(b) agreement with the final models' consensus, ties by the mean loss"] = [
+        agreement(f, votes["consensus of the variant's final models"]) + 1e-6 * loss_signal(t, variant)
+        for f, t in zip(finals, trials, strict=True)
+    ]
     out["(c) susceptibility zeta to the memorisation point (low)"] = [-zeta(t) for t in trials]
     out["(c) zeta / LR (low)"] = [-_mean([r["susc"] / r["lr"] for r in u]) for u in upto]
     out["(c) susceptibility, probe LR, final weights (low)"] = [-final_probe(t, variant) for t in trials]
@@ -319,7 +323,8 @@ def switch_values(
 
     The labels look noisy when ``detector="flips"``: :func:`flip_level` > ``FLIP_THRESHOLD``; ``"vote"``:
     :func:`noise_estimate` > ``NOISE_THRESHOLD``. Then: agreement of each trial's final predictions with the
-    trials' majority vote (on ``samples``); else :func:`loss_signal` (the lowest mean training loss)."""
+    trials' majority vote (on ``samples``), equal agreement broken by :func:`loss_signal`; else :func:`loss_signal`
+    (the lowest mean training loss)."""
     if detector == "flips":
         noisy = flip_level(trials) > FLIP_THRESHOLD
     else:
@@ -328,5 +333,14 @@ def switch_values(
         finals = [final_preds(t, variant) for t in trials]
         idx = list(range(len(finals[0]))) if samples is None else list(samples)
         v = vote([[f[i] for i in idx] for f in finals])
-        return True, "consensus agreement", [agreement([f[i] for i in idx], v) for f in finals]
+        # equal agreement (common on clean data, where many trials fit the vote exactly): the lower mean loss first;
+        # 1e-6 x loss stays below one sample's 1 / len(idx) for any idx under 100,000 samples
+        return (
+            True,
+            "consensus agreement",
+            [
+                agreement([f[i] for i in idx], v) + 1e-6 * loss_signal(t, variant)
+                for f, t in zip(finals, trials, strict=True)
+            ],
+        )
     return False, "mean train loss", [loss_signal(t, variant) for t in trials]
