@@ -1,4 +1,4 @@
-"""benchmarks/memorization_scoring.py: the LabelWave detector and the cross-trial signals, on synthetic rows."""
+"""studies/memorization_scoring.py: the LabelWave detector and the cross-trial signals, on synthetic rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "memorization_scoring.py"
+_PATH = Path(__file__).resolve().parents[1] / "studies" / "memorization_scoring.py"
 _spec = importlib.util.spec_from_file_location("memorization_scoring", _PATH)
 assert _spec is not None and _spec.loader is not None
 ms = importlib.util.module_from_spec(_spec)

@@ -59,4 +59,4 @@ def test_the_folder_is_not_a_python_package_and_the_analyses_moved_with_their_sc
     assert not (ROOT / "benchmarks" / "results").exists()
     for path in STUDIES.rglob("*"):
         if path.suffix in (".py", ".md"):
-            assert "benchmarks/ranking_signals" not in path.read_text(), path
+            assert "studies/ranking_signals" not in path.read_text(), path

@@ -12,7 +12,7 @@ not converged starts a cooldown of ``max(min_length, ceil(cap_fraction * max_epo
 finish it at the cap, so it also ends annealed (the loop then stops it at its cap, not as converged).
 The two lengths differ on purpose: a converged network has settled at its LR and a short decay collects
 the gain, while one still moving at the cap needs the longer decay of a schedule (measured in
-``benchmarks/ranking_signals.md``).
+``studies/ranking_signals.md``).
 
 :class:`Annealer` is the pure state machine (no torch), stepped by :class:`neve_tune.NeVeRule`.
 """
@@ -36,7 +36,7 @@ class Anneal:
     Attributes:
         fraction: the cooldown lasts ``ceil(fraction * t)`` epochs after a convergence at epoch ``t``
             (the WSD literature's 10-20% of the run; 0.1 and 0.25 measured in
-            ``benchmarks/ranking_signals.md``: the same accuracy, 0.1 for 4-8% fewer epochs).
+            ``studies/ranking_signals.md``: the same accuracy, 0.1 for 4-8% fewer epochs).
         cap_fraction: the cooldown of a trial that reaches the cap unconverged lasts
             ``ceil(cap_fraction * max_epochs)`` epochs (20% of the run, a schedule's decay phase).
         min_length: a cooldown lasts at least this many epochs.

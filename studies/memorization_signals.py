@@ -18,7 +18,7 @@ the loss drop of one SGD step on a fixed batch of training inputs with uniformly
 plain-SGD probe LR (``susc_probe``); mean over ``PROBE_BATCHES`` fixed batches, the weights put back after.
 Scoring lives in ``memorization_scoring.py``. Run (one thread; each configuration cached as JSON)::
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/memorization_signals.py \\
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python studies/memorization_signals.py \\
         --studies mnist1d-noisy,mnist1d,digits --out /tmp/memorization.md
 """
 

@@ -238,7 +238,7 @@ def pool_signals(trials: Sequence[Trial], variant: str) -> dict[str, list[float]
 
 
 def ranking_signals() -> Any:
-    """``benchmarks/ranking_signals.py`` as a module (its studies, controller and Spearman rho)."""
+    """``studies/ranking_signals.py`` as a module (its studies, controller and Spearman rho)."""
     if "ranking_signals" not in sys.modules:
         spec = importlib.util.spec_from_file_location("ranking_signals", Path(__file__).with_name("ranking_signals.py"))
         assert spec is not None and spec.loader is not None
