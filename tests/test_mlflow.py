@@ -24,32 +24,28 @@ pytest.importorskip("mlflow")
 from mlflow import MlflowClient
 
 from neve_tune.mlflow import (
-    EXPERIMENT_KIND_TAG,
+    MlflowLink,
+    MlflowUnavailableWarning,
+    TrackingUnavailableError,
+    TrialLogger,
+    VelocityHistory,
+    check_tracking_uri,
+    experiment_ui_url,
+    get_or_create_experiment,
+    replay_unsent,
+)
+from neve_tune.mlflow._experiment import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from neve_tune.mlflow._logger import (
     LAYER_HEATMAP_ARTIFACT,
-    MODEL_TRAINING_KIND,
     TAG_ERROR,
     TAG_PARENT,
     TAG_STOP_EPOCH,
     TAG_STOP_REASON,
     VELOCITY_CURVE_ARTIFACT,
-    MlflowLink,
-    MlflowUnavailableWarning,
-    Op,
-    RunOutbox,
-    TrackingUnavailableError,
-    TrialLogger,
-    UnsentFile,
-    VelocityHistory,
-    check_tracking_uri,
-    chunk_batch,
-    experiment_ui_url,
-    get_or_create_experiment,
-    op_handler,
-    register_op,
-    replay_folder,
-    replay_unsent,
-    resolve_tracking_uri,
 )
+from neve_tune.mlflow._outbox import Op, RunOutbox, chunk_batch, op_handler, register_op
+from neve_tune.mlflow._replay import UnsentFile, replay_folder
+from neve_tune.mlflow._uri import resolve_tracking_uri
 from neve_tune.studies import StudyTracker
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -212,6 +208,18 @@ def test_close_open_trials_and_restarted_trial_reuses_its_run(sqlite_uri: str) -
     assert client.get_run(first.run_id).info.status == "KILLED"
     assert client.get_run(stray.run_id).info.status == "KILLED"
     assert len(_children(client, tracker.experiment_id, arm.link.parent_run_id)) == 2
+
+
+def test_batches_follow_mlflows_own_request_limits() -> None:
+    from mlflow.utils import validation
+
+    metrics = [(f"m{i}", float(i), 0, 1) for i in range(2 * validation.MAX_METRICS_PER_BATCH + 5)]
+    params = {f"p{i}": "x" * 7000 for i in range(validation.MAX_PARAMS_TAGS_PER_BATCH + 1)}
+    ops = chunk_batch(metrics, params=params, tags={"note": "y" * 9000})
+    sizes = [len(op.data.get("metrics") or op.data.get("params") or op.data["tags"]) for op in ops]
+    assert sizes == [1000, 1000, 5, 100, 1, 1]
+    assert {len(v) for op in ops[3:5] for v in op.data["params"].values()} == {validation.MAX_PARAM_VAL_LENGTH}
+    assert len(ops[5].data["tags"]["note"]) == validation.MAX_TAG_VAL_LENGTH == 8000
 
 
 def test_tracking_uri_checks_fail_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

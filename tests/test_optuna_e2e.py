@@ -184,7 +184,7 @@ def test_mlflow_callback_ends_a_pruned_trial_finished_with_its_reason_in_a_new_m
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from neve_tune.mlflow import EXPERIMENT_KIND_TAG
+    from neve_tune.mlflow._experiment import EXPERIMENT_KIND_TAG
     from neve_tune.optuna import NeVeMLflowCallback
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

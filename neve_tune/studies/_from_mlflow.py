@@ -67,7 +67,8 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
     """
     from mlflow import MlflowClient
 
-    from neve_tune.mlflow import (
+    from neve_tune.mlflow import check_tracking_uri
+    from neve_tune.mlflow._logger import (
         TAG_ARM,
         TAG_PARENT,
         TAG_ROLE,
@@ -75,9 +76,8 @@ def load_study(tracking_uri: str | None, experiment: str, *, study_run_id: str |
         TAG_STOP_REASON,
         TAG_STUDY,
         TAG_TRIAL_ID,
-        check_tracking_uri,
-        resolve_tracking_uri,
     )
+    from neve_tune.mlflow._uri import resolve_tracking_uri
 
     check_tracking_scheme(tracking_uri)
     resolved = resolve_tracking_uri(tracking_uri)
@@ -201,7 +201,7 @@ def _study_run(client: Any, exp: Any, run_id: str, uri: str) -> Any:
     """The study run ``run_id`` of ``exp``; ``StudyError`` listing the latest study runs when there is none."""
     from mlflow.exceptions import MlflowException
 
-    from neve_tune.mlflow import TAG_ROLE
+    from neve_tune.mlflow._logger import TAG_ROLE
 
     try:
         run = client.get_run(run_id)
