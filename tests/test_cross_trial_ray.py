@@ -16,7 +16,6 @@ import tempfile
 import time
 
 import pytest
-import ray
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialScheduler
@@ -25,13 +24,6 @@ from neve_tune import StopReason, keys
 from neve_tune.ray import STOP_EPOCH, STOP_REASON, NeVeScheduler, StopInfo
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def scripted_trainable(config: dict) -> None:
@@ -163,6 +155,7 @@ def test_save_and_restore_carry_the_base_and_its_rungs(tmp_path):
     assert other.on_trial_result(None, late, _result(1, 0.9)) == STOP  # ranked against the restored rung
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_a_base_without_any_metric_fails_the_run_with_the_fix(tmp_path):
     tuner = tune.Tuner(
         scripted_trainable,
@@ -174,6 +167,7 @@ def test_a_base_without_any_metric_fails_the_run_with_the_fix(tmp_path):
         tuner.fit()
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_a_result_without_the_bases_metric_fails_the_run_with_the_key(tmp_path):
     scheduler = NeVeScheduler(base_scheduler=ASHAScheduler(metric="trian_loss", mode="min", max_t=4))
     tuner = tune.Tuner(
@@ -188,6 +182,7 @@ def test_a_result_without_the_bases_metric_fails_the_run_with_the_key(tmp_path):
 
 # ----------------------------------------------------------------------------------- real runs
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_asha_inside_neve_prunes_on_the_training_loss_and_neve_still_decides(tmp_path):
     """Five trials, one at a time. ASHA (rungs at epochs 1, 2, 4, 8; reduction factor 2: a trial below the
     median of its rung is cut) ranks ``train_loss``; NeVe's own decisions come first."""
@@ -235,6 +230,7 @@ def _infos(scheduler: NeVeScheduler, by_name: dict):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_hyperband_inside_neve_pauses_resumes_and_prunes(tmp_path):
     """HyperBand (max_t=3, reduction factor 3) fills two brackets in the order trials are added: the first
     (2 trials) runs both to 3 epochs; the second (3 trials) runs each 1 epoch, pausing it, then keeps the
@@ -278,6 +274,7 @@ def test_hyperband_inside_neve_pauses_resumes_and_prunes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_tuner_restore_gives_asha_its_rungs_back(tmp_path):
     """ASHA rungs at epochs 1, 2, 4, 8. Trial ``first`` sets them all; trial ``crashes`` is the best at
     rung 1, then the run is interrupted (an error after epoch 1, max_failures=0). Restored, it resumes at

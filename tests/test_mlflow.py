@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,58 +44,7 @@ from neve_tune.mlflow._outbox import Op, RunOutbox, chunk_batch, op_handler, reg
 from neve_tune.mlflow._replay import UnsentFile, replay_folder
 from neve_tune.mlflow._uri import resolve_tracking_uri
 from neve_tune.studies import StudyTracker
-
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 (its own process group, so `stop` ends all its processes)."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        self.folder = folder
-        self.port = port or free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90) -> MlflowServer:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        cmd = [
-            MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-            "--artifacts-destination", str(self.folder / "artifacts"),
-        ]  # fmt: skip
-        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer within {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group of the server this object started
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+from tests.conftest import MlflowServer, free_port
 
 
 @pytest.fixture
@@ -251,6 +197,7 @@ def test_missing_mlflow_gives_an_actionable_error(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
 def test_server_outage_does_not_stop_logging_and_nothing_is_lost(tmp_path: Path) -> None:
     """Against a real server: it goes away mid-trial and comes back; then it goes away for good."""
@@ -424,6 +371,7 @@ def _back_in(server: MlflowServer, seconds: float) -> threading.Thread:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
 def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: Path) -> None:
     """Trials end while the server is down (leaving files); it comes back while the driver ends the study."""
@@ -473,6 +421,7 @@ def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: P
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
 def test_driver_gives_up_after_its_wait_names_what_is_left_and_the_cli_sends_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

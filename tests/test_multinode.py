@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # its own Ray nodes, started with `ray start`
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_RESOURCE = "neve_head"

@@ -212,12 +212,13 @@ def test_mlflow_callback_ends_a_pruned_trial_finished_with_its_reason_in_a_new_m
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_mlflow_callback_buffers_an_outage_and_sends_it_with_the_next_trial(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from neve_tune.optuna import NeVeMLflowCallback
-    from tests.test_mlflow import MlflowServer
+    from tests.conftest import MlflowServer
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     server = MlflowServer(tmp_path / "server").start()
