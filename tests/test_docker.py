@@ -514,17 +514,17 @@ def test_docs_scale_out_matches_the_stack(raw: dict[str, Any]) -> None:
         assert known, f"docs/scale-out.md names {variable}, which docker/.env.example and compose.yaml do not have"
 
 
-def test_the_cli_options_used_by_compose_and_docs_exist(compose: dict[str, Any]) -> None:
+def test_the_cli_options_used_by_compose_and_docs_exist(
+    compose: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     """The study service and docs/scale-out.md call `neve-tune study run` with options the real CLI accepts."""
-    run = subprocess.run(
-        [sys.executable, "-c", "from neve_tune.cli import main; main()", "study", "run", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, f"`neve-tune study run --help` failed:\n{run.stderr[-3000:]}"
-    accepted = set(re.findall(r"--[a-z][a-z0-9-]*", run.stdout))
+    from neve_tune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", "run", "--help"])
+    help_text = capsys.readouterr().out
+    assert exit_.value.code == 0, f"`neve-tune study run --help` failed:\n{help_text[-3000:]}"
+    accepted = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
     used = {a for a in _command(compose["services"]["study"]) if a.startswith("--")}
     used |= set(re.findall(r"--[a-z][a-z0-9-]*", _scale_out_section().split("neve-tune study run", 1)[1][:400]))
     assert used <= accepted, f"options the CLI does not accept: {sorted(used - accepted)}"

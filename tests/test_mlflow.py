@@ -311,6 +311,7 @@ def _finalize_file(tracker: StudyTracker, folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_study_operations_replay_in_a_fresh_process_through_their_registered_handler(
     sqlite_uri: str, tmp_path: Path
 ) -> None:
