@@ -1,13 +1,22 @@
 # Two set-up commands: `make demo` (the main job) and `make test` (the whole suite).
+#   make test-fast  the unit tests only: no Ray, no mlflow server, no slow end-to-end run (under 3 minutes);
+#                   installs the test extras first if `make test` has not.
+#   make docs       the documentation site (MkDocs, Material theme, API reference from the docstrings) in site/.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# Written once `pip install -e ".[test]"` succeeded; pyproject.toml changing makes it stale.
+TEST_DEPS := $(VENV)/.test-deps
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast docs lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+
+$(TEST_DEPS): pyproject.toml | $(PY)
+	$(PIP) install -e ".[test]"
+	touch $@
 
 demo: $(PY)
 	$(PIP) install -e ".[all]"
@@ -15,9 +24,17 @@ demo: $(PY)
 
 test: $(PY)
 	$(PIP) install -e ".[test]"
+	touch $(TEST_DEPS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest
+
+test-fast: $(TEST_DEPS)
+	$(PY) -m pytest -m "not slow and not ray and not server"
+
+docs: $(TEST_DEPS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .
@@ -28,4 +45,4 @@ bench: $(PY)
 	$(PY) benchmarks/scheduler_decision.py
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf build dist site *.egg-info .pytest_cache .ruff_cache

@@ -289,7 +289,8 @@ def _print_tables(console: Any, runs: Sequence[Any], seed_title: Any, title: str
 def cmd_mlflow_replay(args: argparse.Namespace) -> int:
     """``neve-tune mlflow replay FOLDER``: 0 when everything was sent, 1 when something is left."""
     _quiet_libraries()
-    from neve_tune.mlflow import replay_folder, resolve_tracking_uri
+    from neve_tune.mlflow._replay import replay_folder
+    from neve_tune.mlflow._uri import resolve_tracking_uri
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else None

@@ -114,6 +114,7 @@ def test_bad_options_are_clear(in_tmp: Path, capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # the CLI starts its own Ray, in a subprocess
 def test_demo_command_with_the_default_sqlite_store_then_compare(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import pytest
-import ray
 from ray import tune
 from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
@@ -28,14 +27,6 @@ from neve_tune.ray import NeVeScheduler, StopInfo
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 STOP_REASON, STOP_EPOCH = keys.STOP_REASON, keys.STOP_EPOCH
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """A local Ray instance, for the tests that run a Tuner or need Tune's storage paths."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def scripted_trainable(config: dict) -> None:
@@ -176,6 +167,7 @@ def _rungs(asha: ASHAScheduler) -> dict:
     return {milestone: dict(recorded) for milestone, recorded in asha._brackets[0]._rungs if recorded}
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_the_bases_state_is_written_when_it_must_survive_a_restore_not_on_every_result(tmp_path):
     """Trials with Tune's real storage context. The state file is written at the first add, then not for
@@ -223,6 +215,7 @@ def test_the_bases_state_is_written_when_it_must_survive_a_restore_not_on_every_
     assert _rungs(other.base_scheduler) == {} and other._base_link.state_file() != path
 
 
+@pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_the_bases_state_is_written_at_most_once_per_interval_and_never_for_a_base_without_save(tmp_path):
     storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="interval")

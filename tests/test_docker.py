@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -413,16 +414,10 @@ def test_entrypoint_refuses_a_ray_node_without_token_and_runs_commands() -> None
     assert (passed.returncode, passed.stdout) == (7, "through\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def mlflow_role(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
     """The image's ``mlflow`` role, run by docker/entrypoint.sh on loopback with a SQLite store."""
-    port = str(_free_port())
+    port = str(free_port())
     artifacts = tmp_path / "mlartifacts"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
@@ -463,6 +458,7 @@ def _http(url: str, host: str) -> tuple[int, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_mlflow_role_is_healthy_checks_hosts_and_stores_artifacts(
     mlflow_role: tuple[str, Path, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -498,40 +494,37 @@ def test_mlflow_role_is_healthy_checks_hosts_and_stores_artifacts(
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
 
 
-# ------------------------------------------------------------------------------- README and the real CLI
+# ------------------------------------------------------------------- the docs' scale-out page and the real CLI
 
 
 def _scale_out_section() -> str:
-    text = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- section: scale-out -->(.*?)<!-- /section: scale-out -->", text, re.S)
-    assert match is not None, "README.md has no scale-out section"
-    return match.group(1)
+    return (REPO / "docs" / "scale-out.md").read_text()
 
 
-def test_readme_scale_out_matches_the_stack(raw: dict[str, Any]) -> None:
+def test_docs_scale_out_matches_the_stack(raw: dict[str, Any]) -> None:
     section = _scale_out_section()
     assert "docker compose --env-file docker/.env -f docker/compose.yaml up" in section
     for service in raw["services"]:
-        assert f"| `{service}` |" in section, f"the README's service table misses {service}"
+        assert f"| `{service}` |" in section, f"the docs' service table misses {service}"
     # Every variable the compose part names is a setting of docker/.env or of a service.
-    compose_part = section.split("### The compose stack", 1)[1]
+    compose_part = section.split("## The compose stack", 1)[1]
     example = _env_example()
     for variable in set(re.findall(r"\b(?:NEVE|POSTGRES|RAY|MLFLOW|OPTUNA)_[A-Z_]+\b", compose_part)):
         known = variable in example or any(variable in _environment(s) for s in raw["services"].values())
-        assert known, f"the README names {variable}, which docker/.env.example and compose.yaml do not have"
+        assert known, f"docs/scale-out.md names {variable}, which docker/.env.example and compose.yaml do not have"
 
 
-def test_the_cli_options_used_by_compose_and_readme_exist(compose: dict[str, Any]) -> None:
-    """The study service and the README call `neve-tune study run` with options the real CLI accepts."""
-    run = subprocess.run(
-        [sys.executable, "-c", "from neve_tune.cli import main; main()", "study", "run", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, f"`neve-tune study run --help` failed:\n{run.stderr[-3000:]}"
-    accepted = set(re.findall(r"--[a-z][a-z0-9-]*", run.stdout))
+def test_the_cli_options_used_by_compose_and_docs_exist(
+    compose: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The study service and docs/scale-out.md call `neve-tune study run` with options the real CLI accepts."""
+    from neve_tune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", "run", "--help"])
+    help_text = capsys.readouterr().out
+    assert exit_.value.code == 0, f"`neve-tune study run --help` failed:\n{help_text[-3000:]}"
+    accepted = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
     used = {a for a in _command(compose["services"]["study"]) if a.startswith("--")}
     used |= set(re.findall(r"--[a-z][a-z0-9-]*", _scale_out_section().split("neve-tune study run", 1)[1][:400]))
     assert used <= accepted, f"options the CLI does not accept: {sorted(used - accepted)}"

@@ -367,23 +367,18 @@ def _ray_trainable(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_ray_tune_stops_lightning_trials_on_their_neve_reports(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
+def test_ray_tune_stops_lightning_trials_on_their_neve_reports(ray_session: Any, tmp_path: Path) -> None:
     from ray import tune
 
     from neve_tune.ray import NeVeScheduler
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        tuner = tune.Tuner(
-            _ray_trainable,
-            param_space={"lr": tune.grid_search([0.1, 1e-5])},
-            tune_config=tune.TuneConfig(scheduler=NeVeScheduler(grace_period=3, max_t=40)),
-            run_config=tune.RunConfig(storage_path=str(tmp_path), name="lightning", verbose=0),
-        )
-        results = {r.config["lr"]: r.metrics for r in tuner.fit()}
-    finally:
-        ray.shutdown()
+    tuner = tune.Tuner(
+        _ray_trainable,
+        param_space={"lr": tune.grid_search([0.1, 1e-5])},
+        tune_config=tune.TuneConfig(scheduler=NeVeScheduler(grace_period=3, max_t=40)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="lightning", verbose=0),
+    )
+    results = {r.config["lr"]: r.metrics for r in tuner.fit()}
     healthy, tiny = results[0.1], results[1e-5]
     assert healthy[keys.STOP_REASON] == "converged" and 8 <= healthy[keys.STOP_EPOCH] < 40
     assert healthy[keys.CONVERGED] == 1.0 and healthy["training_iteration"] == healthy[keys.STOP_EPOCH]

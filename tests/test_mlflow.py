@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,85 +21,30 @@ pytest.importorskip("mlflow")
 from mlflow import MlflowClient
 
 from neve_tune.mlflow import (
-    EXPERIMENT_KIND_TAG,
+    MlflowLink,
+    MlflowUnavailableWarning,
+    TrackingUnavailableError,
+    TrialLogger,
+    VelocityHistory,
+    check_tracking_uri,
+    experiment_ui_url,
+    get_or_create_experiment,
+    replay_unsent,
+)
+from neve_tune.mlflow._experiment import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from neve_tune.mlflow._logger import (
     LAYER_HEATMAP_ARTIFACT,
-    MODEL_TRAINING_KIND,
     TAG_ERROR,
     TAG_PARENT,
     TAG_STOP_EPOCH,
     TAG_STOP_REASON,
     VELOCITY_CURVE_ARTIFACT,
-    MlflowLink,
-    MlflowUnavailableWarning,
-    Op,
-    RunOutbox,
-    TrackingUnavailableError,
-    TrialLogger,
-    UnsentFile,
-    VelocityHistory,
-    check_tracking_uri,
-    chunk_batch,
-    experiment_ui_url,
-    get_or_create_experiment,
-    op_handler,
-    register_op,
-    replay_folder,
-    replay_unsent,
-    resolve_tracking_uri,
 )
+from neve_tune.mlflow._outbox import Op, RunOutbox, chunk_batch, op_handler, register_op
+from neve_tune.mlflow._replay import UnsentFile, replay_folder
+from neve_tune.mlflow._uri import resolve_tracking_uri
 from neve_tune.studies._tracking import StudyTracker
-
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 (its own process group, so `stop` ends all its processes)."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        self.folder = folder
-        self.port = port or free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90) -> MlflowServer:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        cmd = [
-            MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-            "--artifacts-destination", str(self.folder / "artifacts"),
-        ]  # fmt: skip
-        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer within {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group of the server this object started
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+from tests.conftest import MlflowServer, free_port
 
 
 @pytest.fixture
@@ -214,6 +156,18 @@ def test_close_open_trials_and_restarted_trial_reuses_its_run(sqlite_uri: str) -
     assert len(_children(client, tracker.experiment_id, arm.link.parent_run_id)) == 2
 
 
+def test_batches_follow_mlflows_own_request_limits() -> None:
+    from mlflow.utils import validation
+
+    metrics = [(f"m{i}", float(i), 0, 1) for i in range(2 * validation.MAX_METRICS_PER_BATCH + 5)]
+    params = {f"p{i}": "x" * 7000 for i in range(validation.MAX_PARAMS_TAGS_PER_BATCH + 1)}
+    ops = chunk_batch(metrics, params=params, tags={"note": "y" * 9000})
+    sizes = [len(op.data.get("metrics") or op.data.get("params") or op.data["tags"]) for op in ops]
+    assert sizes == [1000, 1000, 5, 100, 1, 1]
+    assert {len(v) for op in ops[3:5] for v in op.data["params"].values()} == {validation.MAX_PARAM_VAL_LENGTH}
+    assert len(ops[5].data["tags"]["note"]) == validation.MAX_TAG_VAL_LENGTH == 8000
+
+
 def test_tracking_uri_checks_fail_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -243,6 +197,7 @@ def test_missing_mlflow_gives_an_actionable_error(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
 def test_server_outage_does_not_stop_logging_and_nothing_is_lost(tmp_path: Path) -> None:
     """Against a real server: it goes away mid-trial and comes back; then it goes away for good."""
@@ -356,6 +311,7 @@ def _finalize_file(tracker: StudyTracker, folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_study_operations_replay_in_a_fresh_process_through_their_registered_handler(
     sqlite_uri: str, tmp_path: Path
 ) -> None:
@@ -416,6 +372,7 @@ def _back_in(server: MlflowServer, seconds: float) -> threading.Thread:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
 def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: Path) -> None:
     """Trials end while the server is down (leaving files); it comes back while the driver ends the study."""
@@ -465,6 +422,7 @@ def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: P
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
 def test_driver_gives_up_after_its_wait_names_what_is_left_and_the_cli_sends_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

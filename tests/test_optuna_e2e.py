@@ -85,6 +85,7 @@ def cnn_objective(data, max_epochs=20):
 # --- a digits study, logged to MLflow -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_digits_study_converged_complete_diverged_pruned_and_every_epoch_in_mlflow(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
@@ -177,7 +178,7 @@ def test_mlflow_callback_ends_a_pruned_trial_finished_with_its_reason_in_a_new_m
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from neve_tune.mlflow import EXPERIMENT_KIND_TAG
+    from neve_tune.mlflow._experiment import EXPERIMENT_KIND_TAG
     from neve_tune.optuna import NeVeMLflowCallback
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -205,12 +206,13 @@ def test_mlflow_callback_ends_a_pruned_trial_finished_with_its_reason_in_a_new_m
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_mlflow_callback_buffers_an_outage_and_sends_it_with_the_next_trial(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from neve_tune.optuna import NeVeMLflowCallback
-    from tests.test_mlflow import MlflowServer
+    from tests.conftest import MlflowServer
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     server = MlflowServer(tmp_path / "server").start()
@@ -590,6 +592,7 @@ def _queue_problems(storage, rounds: int, n_workers: int = 3) -> list[str]:
     return problems
 
 
+@pytest.mark.slow  # three worker processes
 def test_three_worker_processes_on_one_journal_file_run_every_enqueued_trial_exactly_once(tmp_path):
     """Issue 12: three processes on one study, each enqueueing two trials and optimizing two, some pruned.
     On a shared SQLite file two workers can pop the same enqueued trial (SQLite ignores SELECT ... FOR
@@ -641,6 +644,7 @@ def _readme_worker(config_json: str) -> None:
         raise
 
 
+@pytest.mark.slow  # three worker processes
 def test_readme_several_workers_recipe_runs_in_three_processes(tmp_path):
     """The README recipe, as written, in three processes on one machine: a journal file in the working
     directory, each worker enqueueing lr=0.05 and adding 10 trials; every trial ends exactly once."""

@@ -8,7 +8,6 @@ import os
 import time
 
 import pytest
-import ray
 import torch
 from ray import tune
 from torch import nn
@@ -22,11 +21,7 @@ V = keys.MODEL_VELOCITY
 STOP_REASON, STOP_EPOCH = keys.STOP_REASON, keys.STOP_EPOCH
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")  # one Ray for the session (tests/conftest.py)
 
 
 def _train_epoch(model, opt, x, y) -> tuple[float, float]:

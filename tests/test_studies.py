@@ -44,7 +44,7 @@ from neve_tune.studies import (
 from neve_tune.studies._policy import AnnealingNeVePolicy
 from neve_tune.studies._records import describe_mean_loss_pick
 from neve_tune.studies._spec import sample_configs
-from tests.test_mlflow import MlflowServer
+from tests.conftest import MlflowServer
 
 # ---------------------------------------------------------------------------- protocol pieces (fast)
 
@@ -387,14 +387,6 @@ def test_optuna_threads_never_pop_the_same_enqueued_configuration(tmp_path: Path
 # ---------------------------------------------------------------------------- end to end (Ray, MLflow)
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Any:
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def _tiny_digits() -> Any:
     """digits with ASHA able to prune within 4 epochs (grace 1, reduction factor 2)."""
     base = get_study("digits")
@@ -410,7 +402,8 @@ def _steps(client: Any, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_digits_study_end_to_end_against_a_real_mlflow_server(local_ray: Any, tmp_path: Path) -> None:
+@pytest.mark.server
+def test_digits_study_end_to_end_against_a_real_mlflow_server(ray_session: Any, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from neve_tune.studies import load_study, run_study
@@ -500,7 +493,7 @@ def test_digits_study_end_to_end_against_a_real_mlflow_server(local_ray: Any, tm
 
 
 @pytest.mark.slow
-def test_a_trial_that_raises_leaves_its_run_failed_and_the_study_goes_on(local_ray: Any, tmp_path: Path) -> None:
+def test_a_trial_that_raises_leaves_its_run_failed_and_the_study_goes_on(ray_session: Any, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from neve_tune.studies import run_study
@@ -540,7 +533,8 @@ def test_a_trial_that_raises_leaves_its_run_failed_and_the_study_goes_on(local_r
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
-def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(local_ray: Any, tmp_path: Path) -> None:
+@pytest.mark.server
+def test_the_mlflow_server_going_away_mid_study_does_not_kill_the_study(ray_session: Any, tmp_path: Path) -> None:
     from mlflow import MlflowClient
     from ray import tune
 
@@ -650,7 +644,7 @@ def _same(a: float, b: float) -> bool:
 
 
 @pytest.mark.slow
-def test_a_crashed_trial_resumes_from_its_checkpoint_with_identical_numbers(local_ray: Any, tmp_path: Path) -> None:
+def test_a_crashed_trial_resumes_from_its_checkpoint_with_identical_numbers(ray_session: Any, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from neve_tune.studies import run_study

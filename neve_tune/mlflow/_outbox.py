@@ -34,11 +34,6 @@ from ._deps import require_mlflow
 from ._experiment import get_or_create_experiment
 from ._uri import configure_client_env
 
-#: MLflow's per-request limits for ``log_batch``.
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_PARAM_LENGTH = 6000
-
 #: First line of an unsent-operations file.
 UNSENT_FORMAT = "neve_tune_unsent"
 
@@ -128,15 +123,24 @@ def chunk_batch(
 ) -> list[Op]:
     """Split metrics ``(key, value, timestamp_ms, step)``, params and tags into ``batch`` ops within MLflow's limits.
 
-    NaN and infinite metric values are kept (MLflow stores them); values are made ``float``, params and tags
-    ``str`` (cut at MLflow's 6,000 characters).
+    The limits are MLflow's own (``mlflow.utils.validation``: 1,000 metrics and 100 params or tags per request,
+    params cut at 6,000 characters and tags at 8,000 in MLflow 3). NaN and infinite metric values are kept
+    (MLflow stores them); values are made ``float``, params and tags ``str``.
     """
+    require_mlflow("log to MLflow")
+    from mlflow.utils.validation import (
+        MAX_METRICS_PER_BATCH,
+        MAX_PARAM_VAL_LENGTH,
+        MAX_PARAMS_TAGS_PER_BATCH,
+        MAX_TAG_VAL_LENGTH,
+    )
+
     ops: list[Op] = []
     metric_list = [(str(k), float(v), int(ts), int(s)) for k, v, ts, s in metrics]
     for i in range(0, len(metric_list), MAX_METRICS_PER_BATCH):
         ops.append(Op("batch", {"metrics": metric_list[i : i + MAX_METRICS_PER_BATCH]}))
-    for name, mapping in (("params", params), ("tags", tags)):
-        items = [(str(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in (mapping or {}).items()]
+    for name, mapping, max_length in (("params", params, MAX_PARAM_VAL_LENGTH), ("tags", tags, MAX_TAG_VAL_LENGTH)):
+        items = [(str(k), str(v)[:max_length]) for k, v in (mapping or {}).items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             ops.append(Op("batch", {name: dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH])}))
     return ops

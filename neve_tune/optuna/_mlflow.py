@@ -12,23 +12,13 @@ import optuna
 from optuna.trial import TrialState
 
 from neve_tune import StopReason, keys
-from neve_tune.mlflow import (
-    TAG_PARENT,
-    Op,
-    RunOutbox,
-    TrackingUnavailableError,
-    UnsentFile,
-    chunk_batch,
-    configure_client_env,
-    get_or_create_experiment,
-    millis,
-    replay_command,
-    replay_files,
-    require_mlflow,
-    resolve_tracking_uri,
-    safe_name,
-    stop_tags,
-)
+from neve_tune.mlflow import TrackingUnavailableError, get_or_create_experiment
+from neve_tune.mlflow._deps import require_mlflow
+from neve_tune.mlflow._experiment import safe_name
+from neve_tune.mlflow._logger import TAG_PARENT, stop_tags
+from neve_tune.mlflow._outbox import Op, RunOutbox, chunk_batch, millis
+from neve_tune.mlflow._replay import UnsentFile, replay_command, replay_files
+from neve_tune.mlflow._uri import configure_client_env, resolve_tracking_uri
 from neve_tune.optuna._attrs import HISTORY_ATTR, STEP_KEY, STOP_EPOCH_ATTR, STOP_REASON_ATTR, VALUE_KEY, decode
 
 #: MLflow metric of the value passed to ``trial.report`` at each epoch.

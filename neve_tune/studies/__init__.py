@@ -69,6 +69,7 @@ from ._trial import Reporter, TrialSpec, run_trial
 
 if TYPE_CHECKING:
     from ._runner import StudyResult, run_study
+    from ._tracking import StudyTracker
 
 __all__ = [
     "ARMS",
@@ -94,6 +95,7 @@ __all__ = [
     "StudyError",
     "StudyOptions",
     "StudyResult",
+    "StudyTracker",
     "TensorData",
     "TrialPolicy",
     "TrialRecord",
@@ -129,4 +131,8 @@ def __getattr__(name: str) -> object:
         from . import _runner
 
         return getattr(_runner, name)
+    if name == "StudyTracker":  # the study tree in MLflow, for a loop of your own (docs/mlflow.md)
+        from ._tracking import StudyTracker
+
+        return StudyTracker
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neve_tune.mlflow import (
+from neve_tune.mlflow import VelocityHistory, plot_layer_heatmap, plot_velocity_curve
+from neve_tune.mlflow._logger import (
     LAYER_HEATMAP_ARTIFACT,
-    LAYER_PREFIX,
-    PLOT_LOCK,
     TAG_ARM,
     TAG_ERROR,
     TAG_PARENT,
@@ -23,13 +22,9 @@ from neve_tune.mlflow import (
     TAG_STOP_REASON,
     TAG_TRIAL_ID,
     VELOCITY_CURVE_ARTIFACT,
-    VELOCITY_KEYS,
-    RunOutbox,
-    VelocityHistory,
-    plot_layer_heatmap,
-    plot_velocity_curve,
-    register_op,
 )
+from neve_tune.mlflow._outbox import RunOutbox, register_op
+from neve_tune.mlflow._plots import LAYER_PREFIX, PLOT_LOCK, VELOCITY_KEYS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from neve_tune import keys as neve_keys
-from neve_tune.mlflow import TAG_ERROR
+from neve_tune.mlflow._logger import TAG_ERROR
 
 from ._arm import Arm
 from ._keys import (

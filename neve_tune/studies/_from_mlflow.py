@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neve_tune.mlflow import TAG_ARM, TAG_PARENT, TAG_ROLE, TAG_STOP_EPOCH, TAG_STOP_REASON, TAG_STUDY, TAG_TRIAL_ID
+from neve_tune.mlflow._logger import (
+    TAG_ARM,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_STOP_EPOCH,
+    TAG_STOP_REASON,
+    TAG_STUDY,
+    TAG_TRIAL_ID,
+)
 
 from ._keys import EPOCH, ERROR, STOPPED, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, TRAIN_TSE_EMA, VAL_ACC, VAL_LOSS
 from ._options import check_tracking_scheme
@@ -80,7 +88,8 @@ def load_study(
     """
     from mlflow import MlflowClient
 
-    from neve_tune.mlflow import check_tracking_uri, resolve_tracking_uri
+    from neve_tune.mlflow import check_tracking_uri
+    from neve_tune.mlflow._uri import resolve_tracking_uri
 
     check_tracking_scheme(tracking_uri)
     resolved = resolve_tracking_uri(tracking_uri)

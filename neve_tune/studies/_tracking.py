@@ -22,39 +22,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neve_tune.mlflow import (
+from neve_tune.mlflow import MlflowLink, MlflowUnavailableWarning, TrackingUnavailableError, get_or_create_experiment
+from neve_tune.mlflow._deps import require_mlflow
+from neve_tune.mlflow._experiment import artifact_location, safe_name
+from neve_tune.mlflow._logger import (
     TAG_ARM,
     TAG_PARENT,
     TAG_ROLE,
     TAG_STUDY,
     ArtifactFiles,
-    MlflowLink,
-    MlflowUnavailableWarning,
-    Op,
-    RunOutbox,
     RunWriter,
-    TrackingUnavailableError,
-    artifact_location,
     check_status,
-    chunk_batch,
-    configure_client_env,
-    describe_unsent,
-    fail_fast_http,
     flatten_params,
-    get_or_create_experiment,
-    millis,
-    replay_command,
-    replay_files,
-    require_mlflow,
-    resolve_tracking_uri,
-    safe_name,
-    unsent_files,
 )
+from neve_tune.mlflow._outbox import Op, RunOutbox, chunk_batch, millis
+from neve_tune.mlflow._replay import describe_unsent, replay_command, replay_files, unsent_files
+from neve_tune.mlflow._uri import configure_client_env, fail_fast_http, resolve_tracking_uri
 
 from ._children import run_children_op  # registers the ``children`` operation of the arm runs
 
 if TYPE_CHECKING:
-    from neve_tune.mlflow import UnsentFile
+    from neve_tune.mlflow._replay import UnsentFile
 
 
 #: The tag of an arm run that names the seed it ran with.
