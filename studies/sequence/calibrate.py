@@ -75,7 +75,7 @@ def main() -> None:
         if neve is not None:
             step = neve.step(train_loss)
             extra = f" v={step.model_velocity:.4f} stop={step.stop_reason}"
-        else:
+        elif sched is not None:
             sched.step()
         dt = time.perf_counter() - t0
         model.eval()
