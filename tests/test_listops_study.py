@@ -106,10 +106,11 @@ def test_the_definition_builds_adamw_and_a_token_aux_set() -> None:
     assert len(configs) == study.budget.trials == 10 and {c["width"] for c in configs} <= {32, 64}
     assert all(3e-4 <= c["lr"] <= 1e-2 and 1e-3 <= c["weight_decay"] <= 1e-1 for c in configs)
     assert study.make_aux is not None and study.build_optimizer is not None
-    aux = study.make_aux(100, 0)
+    assert study.make_aux is listops.make_aux
+    aux = listops.make_aux(100, 0)
     assert aux.shape == (100, listops.MAX_LEN) and aux.dtype == torch.long
     assert int(aux.min()) >= 1 and int(aux.max()) < listops.VOCAB_SIZE  # never the padding id
-    assert torch.equal(aux, study.make_aux(100, 0)) and not torch.equal(aux, study.make_aux(100, 1))
+    assert torch.equal(aux, listops.make_aux(100, 0)) and not torch.equal(aux, listops.make_aux(100, 1))
     model = study.build_model(configs[0])
     optimizer = study.build_optimizer(model.parameters(), configs[0])
     assert isinstance(optimizer, torch.optim.AdamW)
