@@ -4,17 +4,17 @@ Each example is a bracketed prefix expression over the digits 0-9 with four list
 ``[MAX 2 9 [MIN 4 7 ] 0 ]``, and its label is the expression's value (10 classes):
 
 * ``MAX`` / ``MIN``: the largest / smallest argument;
-* ``MED``: the median of the arguments, rounded down (as the published generators compute it);
+* ``MED``: the median of the arguments, rounded down (the integer part of the median);
 * ``SM``: the sum of the arguments modulo 10.
 
 The examples are generated here (nothing is downloaded) with the published grammar at a depth and length a
 CPU learns in minutes: two levels of operators (:data:`MAX_DEPTH`), 2 to :data:`MAX_ARGS` arguments each,
-at most 26 tokens (the original goes to depth 10, and the Long Range Arena version, Tay et al. 2021, to 2,000
-tokens, which transformers learn to only ~37%). Classes are drawn balanced (rejection sampling), so chance is
-10%, and the test split holds no expression of the training split, so it measures generalisation rather than
-recall of the short expressions. Each split comes from its own ``random.Random`` seeded from
-:data:`DATA_SEED` (never the global RNG), so the data never depend on the study seed; the validation hold-out
-of the baseline arms does.
+at most 26 tokens (the original and the Long Range Arena version, Tay et al. 2021, nest far deeper and run to
+hundreds or thousands of tokens; transformers reach ~37% on the latter). Classes are drawn balanced
+(rejection sampling), so chance is 10%, and the test split holds no expression of the training split, so it
+measures generalisation rather than recall of the short expressions. Each split comes from its own
+``random.Random`` seeded from :data:`DATA_SEED` (never the global RNG), so the data never depend on the study
+seed; the validation hold-out of the baseline arms does.
 
 The model is a one-layer GRU over an ``nn.Embedding`` of the 16 tokens, trained with AdamW; the NeVe arm
 and the baselines' monitor measure it on random token sequences (:func:`neve_tune.token_aux` over the
@@ -239,8 +239,8 @@ SEARCH_SPACE: dict[str, Domain] = {
 
 #: NeVe's stop threshold is 1e-2 rather than the paper's 1e-3 (an SGD setting): AdamW's steps do not shrink
 #: with the gradient, and a constant-LR AdamW run of this model settles at a velocity of 2e-3..2e-2
-#: (calibrate.py). Patience 5 suits the 16-epoch cap. Ten trials of at most 16 epochs keep three seeds of
-#: the three arms within ~45 minutes on 2 shared CPU cores.
+#: (calibrate.py). Patience 5 suits the 16-epoch cap. Ten trials of at most 16 epochs: three seeds of the
+#: three arms took 14 minutes on 2 shared CPU cores (26 under a load average of 15-19).
 STUDY = StudyDefinition(
     name="listops",
     description="ListOps (Nangia & Bowman 2018), depth 2, GRU + AdamW, token aux, CPU, minutes; ~55% (not saturated)",
