@@ -25,13 +25,13 @@ def _rows(text: str, header: str) -> dict[str, list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("study", ["digits", "mnist1d"])
+@pytest.mark.parametrize("study", ["digits", "mnist1d", "listops"])
 def test_the_readme_table_over_seeds_is_the_result_files(study: str) -> None:
     readme = (STUDIES / "README.md").read_text()
     section = readme[readme.index(f"### {study}\n") :]
     shown = _rows(section, "| arm | test acc (picked) mean ± std")
     full = _rows((STUDIES / "results" / f"{study}_seeds_0-2.md").read_text(), "| arm | seeds | trials |")
-    assert set(shown) == set(full) == {"neve", "neve-pure", "asha", "fifo", "schedulefree"}
+    assert set(shown) == set(full) and {"neve", "asha", "fifo"} <= set(shown)
     for arm, cells in shown.items():
         row = full[arm]
         # picked test acc (mean ± std, min-max), vs fifo, wall time, and each seed's pick: the same numbers
@@ -59,4 +59,4 @@ def test_the_folder_is_not_a_python_package_and_the_analyses_moved_with_their_sc
     assert not (ROOT / "benchmarks" / "results").exists()
     for path in STUDIES.rglob("*"):
         if path.suffix in (".py", ".md"):
-            assert "studies/ranking_signals" not in path.read_text(), path
+            assert "benchmarks/ranking_signals" not in path.read_text(), path
