@@ -9,6 +9,8 @@ The core (this package's top level) depends on torch only:
   integrations (Ray Tune scheduler, Optuna pruner and ``report_epoch``) act on;
 * :class:`Anneal`: opt-in anneal on convergence (``NeVe(anneal=Anneal())``): the first convergence starts a
   short LR cooldown instead of a stop;
+* :class:`Memorization`: the settings of NeVe's memorisation watch (``NeVe.observe(outputs, indices)`` per
+  training batch; the ``memorizing`` stop restores the weights at the flip count's minimum);
 * :class:`NeVe` combines both for a plain PyTorch loop; each ``step()`` returns a :class:`StepResult` (the
   one result type, also what ``NeVeRule.step`` returns); ``NeVe.metrics()`` (and ``StepResult.metrics()``)
   is the one flat metrics dict every integration reports, and ``NeVe.report_step(train_loss)`` the one
@@ -37,6 +39,7 @@ from ._decide.stopping import StopCriteria
 from ._measure.inputs import AuxInput
 from ._measure.layertable import register_layer_rule
 from ._measure.monitor import DEFAULT_LAYER_TYPES, Measurement, MeasurementError, VelocityMonitor
+from ._memorize.wave import Memorization
 from .keys import StopReason
 
 __version__ = "0.1.0"
@@ -47,6 +50,7 @@ __all__ = [
     "AuxInput",
     "Measurement",
     "MeasurementError",
+    "Memorization",
     "NeVe",
     "NeVeRule",
     "StepResult",

@@ -32,6 +32,15 @@ DIVERGED = "neve/diverged"
 STALLED = "neve/stalled"
 #: 1.0 when the trial's NeVe decided at this step that it collapsed (its aux responses froze: dead units).
 COLLAPSED = "neve/collapsed"
+#: 1.0 when the trial's NeVe decided at this step that the network started to memorise its training labels.
+MEMORIZING = "neve/memorizing"
+#: The share of observed training samples whose predicted class changed since the previous epoch
+#: (``NeVe.observe``; absent when nothing was observed).
+FLIP_FRACTION = "neve/flip_fraction"
+#: That share's moving average over ``Memorization.window`` epochs (absent until the window is full).
+FLIP_FRACTION_SMOOTHED = "neve/flip_fraction_smoothed"
+#: The epoch of the smoothed flip fraction's minimum so far: the weights NeVe restores on ``memorizing``.
+FLIP_MIN_EPOCH = "neve/flip_min_epoch"
 #: The training loss passed to ``NeVe.step(train_loss)`` at this step (absent when none was passed).
 TRAIN_LOSS = "neve/train_loss"
 #: The trial's own ``stop_threshold`` (so a scheduler or pruner can check it agrees).
@@ -54,6 +63,9 @@ class StopReason(str, enum.Enum):
     """It stopped moving (or thrashes at chance) without having learned, e.g. an LR far too small."""
     COLLAPSED = "collapsed"
     """Its aux responses froze abruptly (dead or constant units, e.g. every ReLU dead)."""
+    MEMORIZING = "memorizing"
+    """The network started to memorise its training labels: the training-pass flip count rose after its
+    minimum (``NeVe.observe``). A success: NeVe puts the minimum's weights back (``Memorization``)."""
     DIVERGED = "diverged"
     """The model velocity, the velocity change or the training loss was NaN or infinite."""
     MAX_T = "max_t"
@@ -77,6 +89,7 @@ DECISION_FLAGS: dict[StopReason, str] = {
     StopReason.DIVERGED: DIVERGED,
     StopReason.COLLAPSED: COLLAPSED,
     StopReason.STALLED: STALLED,
+    StopReason.MEMORIZING: MEMORIZING,
     StopReason.CONVERGED: CONVERGED,
 }
 
@@ -92,8 +105,12 @@ __all__ = [
     "DECISION_FLAGS",
     "DIVERGED",
     "EPOCH",
+    "FLIP_FRACTION",
+    "FLIP_FRACTION_SMOOTHED",
+    "FLIP_MIN_EPOCH",
     "LR",
     "LR_DECAYED",
+    "MEMORIZING",
     "MIN_EPOCHS",
     "MODEL_VELOCITY",
     "NUM_DECAYS",

@@ -161,6 +161,7 @@ def test_metrics_keys_and_values():
         keys.DIVERGED: 0.0,
         keys.STALLED: 0.0,
         keys.COLLAPSED: 0.0,
+        keys.MEMORIZING: 0.0,
         keys.STOP_THRESHOLD: 1e-3,
         keys.MIN_EPOCHS: 5.0,
     }

@@ -244,7 +244,9 @@ def test_decide_docstring_example_runs():
 
 def test_stop_reason_is_spelled_once_in_keys():
     assert neve_tune.StopReason is keys.StopReason is StopReason
-    assert [r.value for r in StopReason] == ["converged", "stalled", "collapsed", "diverged", "max_t", "pruned"]
+    assert [r.value for r in StopReason] == [
+        "converged", "stalled", "collapsed", "memorizing", "diverged", "max_t", "pruned"
+    ]
     assert [r.value for r in StopReason if r.is_failure] == ["stalled", "collapsed", "diverged", "pruned"]
     assert str(StopReason.MAX_T) == "max_t" and StopReason("diverged") is StopReason.DIVERGED
     assert "StopReason" in keys.__all__ and "decide" in neve_tune.__all__

@@ -24,8 +24,12 @@ from .._decide.stopping import StopCriteria
 from .._measure.inputs import AuxInput
 from .._measure.monitor import LayerSelection, Measurement, VelocityMonitor
 from .._measure.state import SnapshotInState
+from .._memorize.watch import MemorizationWatch
+from .._memorize.wave import Memorization
 from ..keys import StopReason
+from .arguments import as_loss, infer_num_classes
 from .callers import refuse_per_step_loops
+from .memorizing import MemorizationStop, load_memorization
 
 
 class NeVe(LRScheduler):
@@ -43,6 +47,9 @@ class NeVe(LRScheduler):
     * **stalled**: it stopped moving without having learned (e.g. an LR far too small), or, with a loss,
       it sat at chance for ``chance_epochs`` epochs while still moving (an LR far too large);
     * **collapsed**: its aux responses froze abruptly (every ReLU dead, say);
+    * **memorizing**: fed the training pass's outputs (:meth:`observe`), the count of training samples whose
+      predicted class changes between epochs rose after its minimum (LabelWave, :class:`~neve_tune.Memorization`):
+      it started to fit its wrong labels. The minimum's weights come back, then a short LR cooldown runs;
     * **diverged**: V, D or the loss is NaN/inf (at any epoch, even in the warm-up).
 
     The thresholds are :class:`~neve_tune.StopCriteria`. Without a loss, a trial stuck at chance whose
@@ -56,7 +63,8 @@ class NeVe(LRScheduler):
     diverged. The step reports ``diverged=True`` with ``StopReason.DIVERGED``; it never decays the LR on
     it and never counts it as a quiet bad epoch.
 
-    State: :meth:`state_dict` holds the rule's counters and the monitor's velocities and snapshot (not
+    State: :meth:`state_dict` holds the rule's counters, the memorisation watch's prediction tables and kept
+    weights, and the monitor's velocities and snapshot (not
     the optimizer, not the model). Restoring it, with the model and optimizer restored from the same
     checkpoint, continues with identical velocities and decisions.
 
@@ -81,6 +89,8 @@ class NeVe(LRScheduler):
         anneal: opt-in anneal on convergence (:class:`~neve_tune.Anneal`): the first convergence starts
             a short LR cooldown instead of ending the trial, which then ends as converged. ``None``
             (default): the paper's rule, which stops at the first convergence.
+        memorization: the memorisation watch's settings (:class:`~neve_tune.Memorization`); it acts only
+            once :meth:`observe` feeds it. ``None`` turns it off (``observe`` then refuses).
         layers, batch_size, max_positions, state_snapshot: passed to :class:`VelocityMonitor`
             (``state_snapshot="half"`` halves the checkpoint size; ``"none"`` re-baselines on resume).
 
@@ -115,6 +125,7 @@ class NeVe(LRScheduler):
         criteria: StopCriteria | None = None,
         state_snapshot: SnapshotInState = "full",
         anneal: Anneal | None = None,
+        memorization: Memorization | None = Memorization(),  # noqa: B008 (frozen: a shared default is safe)
     ) -> None:
         # Deliberately no super().__init__(): LRScheduler's would take a step and wrap optimizer.step.
         if not isinstance(optimizer, Optimizer):
@@ -122,7 +133,7 @@ class NeVe(LRScheduler):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), but got {momentum=}.")
         if num_classes is None:
-            num_classes = _infer_num_classes(model)
+            num_classes = infer_num_classes(model)
         self.rule = NeVeRule(
             factor=factor,
             patience=patience,
@@ -145,6 +156,7 @@ class NeVe(LRScheduler):
             max_positions=max_positions,
             state_snapshot=state_snapshot,
         )
+        self._memorization = None if memorization is None else MemorizationStop(MemorizationWatch(model, memorization))
         self.last_epoch = 0
         self._lrs: list[float] = [float(g["lr"]) for g in optimizer.param_groups]
         self._last: StepResult | None = None
@@ -164,8 +176,37 @@ class NeVe(LRScheduler):
 
     @property
     def should_stop(self) -> bool:
-        """True when the latest step says to stop (converged, stalled, collapsed or diverged)."""
+        """True when the latest step says to stop (converged, stalled, collapsed, memorizing or diverged)."""
         return self.stop_reason is not None
+
+    @property
+    def watch(self) -> MemorizationWatch | None:
+        """The memorisation watch :meth:`observe` feeds (``None`` with ``memorization=None``)."""
+        return None if self._memorization is None else self._memorization.watch
+
+    def observe(self, outputs: Any, indices: Any) -> None:
+        """Watch one training batch for memorisation (once per batch; no label is read).
+
+        Each sample's predicted class, from the forward that trains on the batch, is stored under its dataset
+        index; :meth:`step` counts how many changed since the previous epoch (the ``memorizing`` decision).
+
+        Args:
+            outputs: class logits ``(N, C)``, token logits ``(N, T, C)`` (a sample flips by the share of its
+                tokens that changed), a dict with ``"logits"`` or a Hugging Face ``ModelOutput``, on any
+                device (only the argmax comes to the CPU). Outputs with no class scores (``(N, 1)``, integers)
+                warn once and give no signal.
+            indices: the samples' dataset indices (``N`` integers >= 0; a subset of the dataset works).
+
+        Raises:
+            ValueError: ``NeVe(memorization=None)`` turned the watch off, or ``indices`` is not one integer
+                >= 0 per sample.
+        """
+        if self.watch is None:
+            raise ValueError(
+                "NeVe.observe() feeds the memorisation watch, but this NeVe was built with memorization=None;"
+                " pass memorization=neve_tune.Memorization() (the default) or drop the observe() call."
+            )
+        self.watch.observe(outputs, indices)
 
     @property
     def converged(self) -> bool:
@@ -188,12 +229,13 @@ class NeVe(LRScheduler):
                 (see the class docstring). A NaN/inf loss means the trial diverged.
         """
         refuse_per_step_loops()  # e.g. Trainer(optimizers=(opt, neve)): a step per batch, not per epoch
-        loss = _as_loss(train_loss)
+        loss = as_loss(train_loss)
         self.last_epoch += 1  # before measuring: a measurement that raises still counts its epoch
         measurement = self.monitor.measure()
         self._unreported_steps += 1
         lrs = self.get_lr()
         rule = self.rule
+        seen = None if self.watch is None else self.watch.end_epoch(self.last_epoch, loss)
         if measurement is None:  # a fresh baseline after a failed measurement: nothing to decide
             result = StepResult(
                 epoch=self.last_epoch,
@@ -215,10 +257,12 @@ class NeVe(LRScheduler):
                 raw_change=self._raw_change(measurement),
                 train_loss=loss,
             )
-            if decided.lr_decayed:
-                for group, lr in zip(self.optimizer.param_groups, decided.lrs, strict=True):
-                    group["lr"] = lr
             result = dataclasses.replace(decided, epoch=self.last_epoch, layer_velocity=measurement.layer_velocity)
+            if seen is not None and self._memorization is not None:
+                result = self._memorization.decide(seen, rule, result)
+            if result.lr_decayed:
+                for group, lr in zip(self.optimizer.param_groups, result.lrs, strict=True):
+                    group["lr"] = lr
         self._lrs = list(result.lrs)
         self._last = result
         return result
@@ -275,7 +319,9 @@ class NeVe(LRScheduler):
         step), ``neve/velocity_change`` (absent until the second step), ``neve/lr`` (group 0) and
         ``neve/lr_<i>`` for every group when there are several, ``neve/lr_decayed``,
         ``neve/num_decays``; the decision flags ``neve/converged``, ``neve/stalled``, ``neve/collapsed``,
-        ``neve/diverged`` (1.0 or 0.0); the settings behind them, ``neve/stop_threshold`` and
+        ``neve/memorizing``, ``neve/diverged`` (1.0 or 0.0); once :meth:`observe` fed the memorisation
+        watch, ``neve/flip_fraction``, ``neve/flip_fraction_smoothed`` and ``neve/flip_min_epoch`` (each when
+        it exists); the settings behind them, ``neve/stop_threshold`` and
         ``neve/min_epochs``; and ``neve/train_loss`` when the latest step was given one.
         """
         rule = self.rule
@@ -291,6 +337,7 @@ class NeVe(LRScheduler):
             "rule": self.rule.state_dict(),
             "monitor": self.monitor.state_dict(),
             "signed_mean": self._signed_mean,
+            "memorization": None if self._memorization is None else self._memorization.state_dict(),
             "last_result": None
             if last is None
             else {
@@ -303,6 +350,8 @@ class NeVe(LRScheduler):
                 "layer_velocity": dict(last.layer_velocity),
                 "train_loss": last.train_loss,
                 "detail": last.detail,
+                "annealing": last.annealing,
+                "flips": [last.flip_fraction, last.flip_fraction_smoothed, last.flip_min_epoch, last.restored_epoch],
             },
         }
 
@@ -314,6 +363,7 @@ class NeVe(LRScheduler):
         self.last_epoch = int(state_dict["last_epoch"])
         self._lrs = [float(x) for x in state_dict["last_lr"]]
         self._signed_mean = float(state_dict["signed_mean"])
+        load_memorization(self._memorization, state_dict["memorization"])
         self._unreported_steps = 0
         last = state_dict["last_result"]
         if last is None:
@@ -333,6 +383,11 @@ class NeVe(LRScheduler):
                 detail=str(last["detail"]),
                 stop_threshold=self.rule.stop_threshold,
                 min_epochs=self.rule.min_epochs,
+                annealing=bool(last["annealing"]),
+                flip_fraction=last["flips"][0],
+                flip_fraction_smoothed=last["flips"][1],
+                flip_min_epoch=last["flips"][2],
+                restored_epoch=last["flips"][3],
             )
 
     def close(self) -> None:
@@ -342,29 +397,3 @@ class NeVe(LRScheduler):
     def __repr__(self) -> str:
         v = None if self._last is None else self._last.model_velocity
         return f"NeVe(epoch={self.last_epoch}, model_velocity={v}, lrs={self._lrs}, rule={self.rule!r})"
-
-
-def _infer_num_classes(model: nn.Module) -> int | None:
-    """The output width of the model's last module with parameters, when it is an ``nn.Linear`` (>= 2)."""
-    last: nn.Module | None = None
-    for module in model.modules():
-        if next(module.parameters(recurse=False), None) is not None:
-            last = module
-    if isinstance(last, nn.Linear) and last.out_features >= 2:
-        return int(last.out_features)
-    return None
-
-
-def _as_loss(train_loss: float | torch.Tensor | None) -> float | None:
-    if train_loss is None:
-        return None
-    if isinstance(train_loss, torch.Tensor):
-        if train_loss.numel() != 1:
-            raise TypeError(
-                f"train_loss must be a number or a one-element tensor, but got a tensor of shape"
-                f" {tuple(train_loss.shape)}; pass the epoch's mean loss, e.g. `neve.step(loss.item())`."
-            )
-        return float(train_loss.detach().reshape(()).item())
-    if isinstance(train_loss, bool) or not isinstance(train_loss, (int, float)):
-        raise TypeError(f"train_loss must be a number or a one-element tensor, but got {type(train_loss).__name__}.")
-    return float(train_loss)

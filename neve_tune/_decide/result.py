@@ -26,7 +26,8 @@ class StepResult:
         velocity_change: D, ``None`` at the first epoch (and on a re-baseline step).
         lr_decayed: whether this step lowered at least one learning rate.
         lrs: the learning rates after this step, one per param group.
-        stop_reason: ``StopReason.CONVERGED``, ``STALLED``, ``COLLAPSED``, ``DIVERGED`` or ``None``.
+        stop_reason: ``StopReason.CONVERGED``, ``STALLED``, ``COLLAPSED``, ``MEMORIZING``, ``DIVERGED`` or
+            ``None``.
         layer_velocity: module name -> mean ``|v_i|`` over its neurons (empty from the rule alone).
         num_decays: how many LR decays happened up to and including this step.
         train_loss: the training loss of this epoch, ``None`` when none was passed.
@@ -34,6 +35,11 @@ class StepResult:
         stop_threshold: the ``stop_threshold`` behind the decision (reported in the metrics).
         min_epochs: the warm-up behind the decision (reported in the metrics).
         annealing: whether an anneal-on-convergence cooldown (``anneal=Anneal(...)``) is under way.
+        flip_fraction: the share of observed training samples whose prediction changed since the previous
+            epoch (``NeVe.observe``), ``None`` when nothing was compared.
+        flip_fraction_smoothed: its moving average (``None`` until ``Memorization.window`` epochs are in).
+        flip_min_epoch: the epoch of the smoothed flip fraction's minimum.
+        restored_epoch: the epoch whose weights this step put back into the model (on ``memorizing``).
     """
 
     epoch: int
@@ -49,6 +55,10 @@ class StepResult:
     stop_threshold: float = 1e-3
     min_epochs: int = 0
     annealing: bool = False
+    flip_fraction: float | None = None
+    flip_fraction_smoothed: float | None = None
+    flip_min_epoch: int | None = None
+    restored_epoch: int | None = None
 
     @property
     def converged(self) -> bool:
@@ -71,8 +81,13 @@ class StepResult:
         return self.stop_reason is StopReason.DIVERGED
 
     @property
+    def memorizing(self) -> bool:
+        """True when the network started to memorise its training labels (a success: the minimum's weights)."""
+        return self.stop_reason is StopReason.MEMORIZING
+
+    @property
     def should_stop(self) -> bool:
-        """True when training should end here (converged, stalled, collapsed or diverged)."""
+        """True when training should end here (converged, stalled, collapsed, memorizing or diverged)."""
         return self.stop_reason is not None
 
     def metrics(self) -> dict[str, float]:
@@ -101,11 +116,21 @@ class StepResult:
             return f"{head}: stalled ({self.detail}); stop training: it is not learning (check the learning rate)."
         if self.collapsed:
             return f"{head}: collapsed ({self.detail}); stop training: lower the learning rate."
+        if self.memorizing or self.restored_epoch is not None:
+            return _memorizing_message(self, head)
         if self.annealing:
             return f"{head}: annealing after convergence; learning rate {self.lrs}."
         if self.lr_decayed:
             return f"{head}: velocity change plateaued; learning rate decayed to {self.lrs}."
         return head
+
+
+def _memorizing_message(result: StepResult, head: str) -> str:
+    kept = "" if result.restored_epoch is None else f"; the weights of epoch {result.restored_epoch} are back"
+    what = f"{head}: memorizing (the training-pass flip count rose after its minimum at epoch {result.flip_min_epoch})"
+    if result.memorizing:
+        return f"{what}{kept}; stop training."
+    return f"{what}{kept}; annealing the learning rate to {result.lrs} before stopping."
 
 
 def flat_metrics(
@@ -135,6 +160,14 @@ def flat_metrics(
         out[flag] = float(reason is flag_reason)
     out[keys.STOP_THRESHOLD] = float(stop_threshold)
     out[keys.MIN_EPOCHS] = float(min_epochs)
+    if last is not None:
+        for key, value in (
+            (keys.FLIP_FRACTION, last.flip_fraction),
+            (keys.FLIP_FRACTION_SMOOTHED, last.flip_fraction_smoothed),
+            (keys.FLIP_MIN_EPOCH, last.flip_min_epoch),
+        ):
+            if value is not None:
+                out[key] = float(value)
     return out
 
 

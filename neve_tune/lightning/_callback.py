@@ -58,6 +58,13 @@ class NeVeCallback(Callback):
       over the ranks (``trainer.strategy.reduce``); rank 0's decision (LRs, stop) is broadcast and applied
       on every rank, so all ranks stop together. Sharded strategies (FSDP, DeepSpeed stage 3) are not
       supported: NeVe needs the full weights on each rank.
+    * **Memorisation.** Return the batch's logits and dataset indices from ``training_step`` with the
+      loss, ``return {"loss": loss, "logits": logits, "indices": idx}`` (a ``Dataset`` that yields
+      ``(x, y, index)`` gives ``idx``), and the callback passes them to ``NeVe.observe``: NeVe then also
+      stops as ``memorizing`` and puts the weights of the flip minimum back (``memorization=``, see
+      :class:`neve_tune.Memorization`). The fit ends with those weights in the module (under DDP, rank
+      0's, sent to every rank). A ``ModelCheckpoint`` that saves on ``train_epoch_end`` after this
+      callback holds them; one that saves on validation end runs before the restore.
     * **Ray Tune.** Put it before Ray's ``TuneReportCheckpointCallback(on="train_epoch_end")``; the ``neve/*``
       metrics then reach the report and ``neve_tune.ray.NeVeScheduler`` acts on them.
     * **Optuna.** ``optuna_trial=trial`` reports every epoch with ``neve_tune.optuna.report_epoch`` (the
@@ -167,6 +174,8 @@ class NeVeCallback(Callback):
     ) -> None:
         self._epoch = trainer.current_epoch
         self._batches += 1
+        if isinstance(outputs, Mapping) and "logits" in outputs and "indices" in outputs and self.neve is not None:
+            self.neve.observe(outputs["logits"], outputs["indices"])
         if self.loss_key != AUTO:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -222,8 +231,13 @@ class NeVeCallback(Callback):
         optimizers = list(trainer.optimizers)
         loss = self._epoch_loss(trainer)
         before = current_lrs(optimizers)
-        neve.step(loss)
-        metrics, lrs, should_stop = trainer.strategy.broadcast((neve.metrics(), neve.get_last_lr(), neve.should_stop))
+        result = neve.step(loss)
+        metrics, lrs, should_stop, restored = trainer.strategy.broadcast(
+            (neve.metrics(), neve.get_last_lr(), neve.should_stop, result.restored_epoch)
+        )
+        if restored is not None and trainer.world_size > 1:  # rank 0's kept weights, on every rank
+            module = self._measured_module(pl_module)
+            module.load_state_dict(trainer.strategy.broadcast(module.state_dict()))
         if lrs != current_lrs(optimizers):  # another rank's float noise: rank 0 decides
             for group, lr in zip((g for o in optimizers for g in o.param_groups), lrs, strict=True):
                 group["lr"] = lr

@@ -59,9 +59,10 @@ def report_epoch(
     ``trial.report(value, step)``, and then:
 
     * returns :obj:`None` to keep training;
-    * returns ``StopReason.CONVERGED`` when the trial's NeVe says training is done and the pruner did not
-      prune it: stop and **return the objective's value**, so the trial ends ``COMPLETE`` and counts for
-      ``best_trial``;
+    * returns ``StopReason.CONVERGED`` (or ``MEMORIZING``) when the trial's NeVe says training is done and
+      the pruner did not prune it: stop and **return the objective's value**, so the trial ends ``COMPLETE``
+      and counts for ``best_trial`` (on ``memorizing`` the model holds the weights NeVe put back: evaluate
+      it after ``neve.step()`` and return that);
     * returns ``StopReason.MAX_T`` at epoch ``max_epochs`` (when given): the budget is spent;
     * raises :class:`optuna.TrialPruned` when the study's pruner prunes it: a
       :class:`~neve_tune.optuna.NeVePruner` does when the trial's NeVe says it diverged (NaN/inf velocity
@@ -69,7 +70,7 @@ def report_epoch(
       responses froze), or when its wrapped pruner prunes on ``value``: the trial ends ``PRUNED``, never
       ``best_trial``.
 
-    On every stop it records the user attributes ``neve_stop_reason`` (``"converged"``, ``"max_t"``,
+    On every stop it records the user attributes ``neve_stop_reason`` (``"converged"``, ``"memorizing"``, ``"max_t"``,
     ``"stalled"``, ``"collapsed"``, ``"diverged"`` or ``"pruned"``) and
     ``neve_stop_epoch`` (``neve/epoch``: epochs trained). The return
     value is truthy exactly when the loop should end, so ``if report_epoch(...): break`` is the idiom.
@@ -100,7 +101,7 @@ def report_epoch(
             ``NeVe``) with it before reporting. ``None``: the loop called ``neve.step()`` itself.
 
     Returns:
-        Why to stop (``CONVERGED`` or ``MAX_T``), or ``None`` to continue.
+        Why to stop (``CONVERGED``, ``MEMORIZING`` or ``MAX_T``), or ``None`` to continue.
 
     Raises:
         optuna.TrialPruned: the trial diverged, stalled, collapsed or was pruned.
@@ -140,7 +141,7 @@ def report_epoch(
     reason: StopReason | None = None
     if trial.should_prune():
         reason = own if own is not None and own.is_failure else StopReason.PRUNED
-    elif own is StopReason.CONVERGED:
+    elif own is not None and not own.is_failure:  # converged or memorizing: done, COMPLETE
         reason = own
     if reason is None and max_epochs is not None and epoch >= max_epochs:
         reason = StopReason.MAX_T

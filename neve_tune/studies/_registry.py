@@ -13,6 +13,7 @@ from ._spec import StudyDefinition
 BUILTIN_STUDIES: dict[str, str] = {
     "digits": "neve_tune.studies.builtin.digits:STUDY",
     "mnist1d": "neve_tune.studies.builtin.mnist1d:STUDY",
+    "mnist1d-noisy": "neve_tune.studies.builtin.mnist1d:NOISY_STUDY",
     "listops": "neve_tune.studies.builtin.listops:STUDY",
     "cifar10": "neve_tune.studies.builtin.cifar:CIFAR10_STUDY",
     "cifar100": "neve_tune.studies.builtin.cifar:CIFAR100_STUDY",

@@ -44,7 +44,7 @@ from ._keys import (
     VAL_LOSS,
 )
 from ._policy import EpochDecision, TrialPolicy
-from ._spec import Budget, DataRequest, StudyData, StudyDefinition
+from ._spec import Budget, DataRequest, DatasetData, StudyData, StudyDefinition, TensorData
 
 if TYPE_CHECKING:
     from neve_tune.mlflow import TrialLogger
@@ -150,19 +150,22 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, ...]],
     device: torch.device,
+    neve: NeVe | None = None,
 ) -> tuple[float, float]:
-    """One epoch of SGD; returns the running mean loss and accuracy over the epoch's minibatches."""
+    """One epoch of SGD; the running mean loss and accuracy. With ``neve``: ``(x, y, index)`` batches, observed."""
     model.train()
     total, loss_sum, correct = 0, 0.0, 0
-    for x, y in batches:
+    for x, y, *index in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         out = model(x)
         loss = nn.functional.cross_entropy(out, y)
         loss.backward()
         optimizer.step()
+        if neve is not None:
+            neve.observe(out, index[0])
         loss_sum += float(loss.detach()) * len(y)
         correct += int((out.detach().argmax(1) == y).sum())
         total += len(y)
@@ -334,9 +337,12 @@ class _TrialLoop:
         assert policy is not None
         t0 = time.perf_counter()
         policy.before_train()
-        train_loss, train_acc = train_epoch(
-            self.model, self.optimizer, self.data.train_batches(self.generator), self.device
-        )
+        data, neve = self.data, policy.neve
+        if neve is not None and isinstance(data, (TensorData, DatasetData)):  # batches with dataset indices
+            batches = data.train_batches(self.generator, with_indices=True)
+        else:
+            batches, neve = data.train_batches(self.generator), None
+        train_loss, train_acc = train_epoch(self.model, self.optimizer, batches, self.device, neve)
         own_order = torch.Generator().manual_seed(self.generator.initial_seed() * 1_000 + epoch)  # not the trial's
         policy.before_eval(self.data.train_batches(own_order), self.device)
         metrics: dict[str, Any] = {EPOCH: epoch, TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}

@@ -6,6 +6,9 @@
   NeVe says converged, stalled, collapsed or diverged, writes ``neve/*`` into ``trainer.state.log_history``
   (and into the Trainer's MLflow run), and saves its state into every Trainer checkpoint
   (:data:`STATE_FILE`) so a resumed training continues with identical velocities.
+* :class:`NeVeTrainer` (or :class:`NeVeTrainerMixin` on your own Trainer subclass) shows NeVe the logits of
+  every training batch with the batch's ``"index"`` column, so NeVe also stops as ``memorizing`` and puts
+  back the weights of the flip minimum (label noise; see ``neve_tune.Memorization``).
 
 Example:
     >>> from neve_tune.transformers import NeVeCallback
@@ -24,5 +27,6 @@ except ImportError as _err:  # pragma: no cover - depends on the environment
     ) from _err
 
 from neve_tune.transformers._callback import STATE_FILE, NeVeCallback
+from neve_tune.transformers._trainer import NeVeTrainer, NeVeTrainerMixin
 
-__all__ = ["STATE_FILE", "NeVeCallback"]
+__all__ = ["STATE_FILE", "NeVeCallback", "NeVeTrainer", "NeVeTrainerMixin"]

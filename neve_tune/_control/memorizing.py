@@ -1,0 +1,109 @@
+"""How :class:`~neve_tune.NeVe` acts on its memorisation watch: the ``memorizing`` stop, restore, cooldown."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .._decide.anneal import Anneal, Annealer
+from .._decide.result import StepResult
+from .._decide.rule import NeVeRule
+from .._memorize.watch import MemorizationWatch, WatchStep
+from ..keys import StopReason
+
+__all__ = ["MemorizationStop", "load_memorization"]
+
+_LR_EPS = 1e-8  # as the rule: an LR change smaller than this is no decay
+
+
+class MemorizationStop:
+    """Turns the watch's verdict into NeVe's decision, and runs the cooldown that may follow a restore.
+
+    State: :meth:`state_dict` holds the cooldown (``None`` when none is under way), JSON-able.
+    """
+
+    def __init__(self, watch: MemorizationWatch) -> None:
+        self.watch = watch
+        self.cooldown: Annealer | None = None
+
+    def decide(self, seen: WatchStep, rule: NeVeRule, result: StepResult) -> StepResult:
+        """The rule's ``result`` of this epoch, with the watch's step ``seen`` and its decision applied.
+
+        * During a cooldown that memorisation started, its learning rates replace the rule's and the rule's
+          decisions are ignored but divergence; it ends as ``MEMORIZING`` after its last epoch.
+        * Otherwise, after the warm-up (``rule.min_epochs``), when the watch says the network memorises, the
+          rule found no failure (its reason is ``None`` or ``CONVERGED``) and the rule is not cooling down
+          itself (``NeVe(anneal=...)`` after a convergence): the weights of the flip minimum come back
+          (``restore_best_weights``), the watch freezes (its minimum stays the decision's), and a cooldown
+          starts from them (``Memorization.anneal``, with ``rule.anneal``'s settings or ``Anneal()``'s),
+          else the trial stops now as ``MEMORIZING``.
+        """
+        if self.watch.active:
+            result = dataclasses.replace(
+                result,
+                flip_fraction=seen.fraction,
+                flip_fraction_smoothed=seen.smoothed,
+                flip_min_epoch=seen.best_epoch,
+            )
+        epoch, reason, lrs = result.epoch, result.stop_reason, tuple(result.lrs)
+        cooldown = self.cooldown
+        if cooldown is not None:
+            if reason is StopReason.DIVERGED or cooldown.done(epoch):
+                self.cooldown = None
+                return dataclasses.replace(result, stop_reason=reason or StopReason.MEMORIZING, annealing=False)
+            return self._cool(result, rule, lrs, None)
+        own = rule.annealer
+        if (
+            not seen.memorizing
+            or epoch < rule.min_epochs
+            or reason not in (None, StopReason.CONVERGED)
+            or (own is not None and own.cooling and reason is None)
+        ):
+            return result
+        restored = seen.best_epoch if self.watch.restore() else None
+        self.watch.frozen = True
+        if self.watch.settings.anneal:
+            cooldown = Annealer(rule.anneal or Anneal())
+            if cooldown.begin(epoch, lrs, converged=True):
+                self.cooldown = cooldown
+                return self._cool(result, rule, lrs, restored)
+        return dataclasses.replace(result, stop_reason=StopReason.MEMORIZING, restored_epoch=restored)
+
+    def _cool(self, result: StepResult, rule: NeVeRule, lrs: tuple[float, ...], restored: int | None) -> StepResult:
+        assert self.cooldown is not None
+        floors = rule.min_lrs * len(lrs) if len(rule.min_lrs) == 1 else list(rule.min_lrs)
+        new = self.cooldown.lrs(result.epoch, floors)
+        decayed = result.lr_decayed or any(old - lr > _LR_EPS for old, lr in zip(lrs, new, strict=True))
+        return dataclasses.replace(
+            result, stop_reason=None, lrs=list(new), lr_decayed=decayed, annealing=True, restored_epoch=restored
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The watch's state (tables, tracker, kept weights) and the cooldown's."""
+        return {
+            "watch": self.watch.state_dict(),
+            "cooldown": None if self.cooldown is None else self.cooldown.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.watch.load_state_dict(state["watch"])
+        self.cooldown = None
+        if state["cooldown"] is not None:
+            self.cooldown = Annealer(Anneal())
+            self.cooldown.load_state_dict(state["cooldown"])
+
+
+def load_memorization(stop: MemorizationStop | None, state: dict[str, Any] | None) -> None:
+    """Restore ``stop`` from a NeVe state's ``"memorization"`` entry; both must be ``None`` or neither.
+
+    Raises:
+        ValueError: the state was saved with another ``memorization`` setting (``None`` vs. a watch).
+    """
+    if (state is None) != (stop is None):
+        saved, here = ("None", "Memorization(...)") if state is None else ("Memorization(...)", "None")
+        raise ValueError(
+            f"this NeVe state was saved with memorization={saved} but this NeVe has memorization={here};"
+            " build it with the same memorization setting as the one that saved it."
+        )
+    if stop is not None and state is not None:
+        stop.load_state_dict(state)

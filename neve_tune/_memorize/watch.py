@@ -1,0 +1,137 @@
+"""The memorisation watch: flips counted in the training pass, LabelWave's rule, the weights at its minimum."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .flips import FlipCounter
+from .predictions import NoClassOutput, as_indices, class_predictions
+from .wave import Memorization, WaveTracker
+
+__all__ = ["MemorizationWatch", "WatchStep"]
+
+
+@dataclass(frozen=True)
+class WatchStep:
+    """What the watch saw at one epoch's end.
+
+    Attributes:
+        flips: samples whose prediction changed since the previous epoch (``None``: nothing to compare).
+        fraction: ``flips`` over the samples observed in both epochs.
+        smoothed: the moving average of ``fraction`` (``None`` until ``window`` epochs are in).
+        best_epoch: the epoch of the smoothed value's minimum so far (``None`` before the first).
+        memorizing: the minimum is ``patience`` epochs old and the smoothed value rose above it.
+    """
+
+    flips: float | None
+    fraction: float | None
+    smoothed: float | None
+    best_epoch: int | None
+    memorizing: bool
+
+
+class MemorizationWatch:
+    """Counts flips from the batches it is shown and says when the network has started to memorise.
+
+    :meth:`observe` is called once per training batch with the model's outputs of the forward that trains
+    on it and the batch's dataset indices; :meth:`end_epoch` once per epoch. With
+    ``restore_best_weights`` it keeps a CPU copy of the model's ``state_dict()`` (parameters and buffers)
+    from the end of the epoch that set the smoothed minimum, and :meth:`restore` loads it back.
+
+    A model with no class output (a regression head ``(N, 1)``, integer outputs) gives no signal: the first
+    such batch warns once, and the watch then ignores every batch (it never decides memorisation).
+
+    NaN policy: NaN logits give some argmax (PyTorch's), counted like any prediction; a diverged run is
+    stopped by the velocity rule, not here.
+
+    State: :meth:`state_dict` holds the prediction tables, the tracker and the kept weights (tensors, for
+    ``torch.save``); :meth:`load_state_dict` restores them.
+    """
+
+    def __init__(self, model: nn.Module, settings: Memorization) -> None:
+        if not isinstance(settings, Memorization):
+            raise TypeError(
+                f"memorization must be a neve_tune.Memorization or None, but got {type(settings).__name__}."
+            )
+        self.model = model
+        self.settings = settings
+        self.counter = FlipCounter()
+        self.tracker = WaveTracker(settings)
+        self.best_state: dict[str, Tensor] | None = None
+        self.no_class_output: str | None = None  # why the outputs give no signal, once seen
+        self.frozen = False  # after a decision: flips are still counted, the minimum and kept weights stay
+        self._observed = False  # a batch was observed since the last end_epoch
+
+    @property
+    def active(self) -> bool:
+        """Whether batches were observed (and hold class scores): the watch then decides."""
+        return self.no_class_output is None and self.counter.tokens is not None
+
+    def observe(self, outputs: Any, indices: Any) -> None:
+        """Store one training batch's predictions under its samples' dataset indices (see the class docstring)."""
+        if self.no_class_output is not None:
+            return
+        try:
+            predictions = class_predictions(outputs)
+        except NoClassOutput as err:
+            self.no_class_output = str(err)
+            warnings.warn(
+                f"NeVe.observe(): {err}; there is no memorisation signal for this model, so NeVe will not stop"
+                " for memorization (its velocity rule is unchanged). Stop calling observe() to silence this.",
+                stacklevel=3,
+            )
+            return
+        self.counter.add(predictions, as_indices(indices, predictions.shape[0]))
+        self._observed = True
+
+    def end_epoch(self, epoch: int, train_loss: float | None = None) -> WatchStep:
+        """Close epoch ``epoch``: count its flips, smooth them, and keep the weights at a new minimum.
+
+        ``train_loss`` (the epoch's training loss, when known) enables the falling-loss test of
+        :class:`WaveTracker`. Once :attr:`frozen` (NeVe decided), only the flips are counted.
+        """
+        flips = self.counter.end_epoch() if self._observed else None
+        self._observed = False
+        fraction = None if flips is None else flips.fraction
+        t = self.tracker
+        if self.frozen:
+            return WatchStep(None if flips is None else flips.flips, fraction, t.smoothed, t.best_epoch, False)
+        new_min = flips is not None and t.step(epoch, flips.flips, flips.observed, train_loss)
+        if flips is None:
+            t.epoch = epoch
+        if new_min and self.settings.restore_best_weights:
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return WatchStep(
+            None if flips is None else flips.flips, fraction, t.smoothed, t.best_epoch, self.active and t.memorizing
+        )
+
+    def restore(self) -> bool:
+        """Load the kept weights of the minimum into the model; False when none are kept."""
+        if self.best_state is None:
+            return False
+        self.model.load_state_dict(self.best_state)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "counter": self.counter.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "best_state": None if self.best_state is None else {k: v.clone() for k, v in self.best_state.items()},
+            "no_class_output": self.no_class_output,
+            "frozen": self.frozen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counter.load_state_dict(state["counter"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.settings = self.tracker.settings
+        best = state["best_state"]
+        self.best_state = None if best is None else {k: torch.as_tensor(v).clone() for k, v in best.items()}
+        self.no_class_output = state["no_class_output"]
+        self.frozen = bool(state["frozen"])
+        self._observed = False

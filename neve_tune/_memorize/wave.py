@@ -1,0 +1,152 @@
+"""LabelWave's stopping rule on the per-epoch flip fractions: moving average, running minimum, patience.
+
+Two guards against firing on clean data, where the flip count also wobbles once it is small (measured in
+``studies/overfitting/``: digits at 3-13 flips of 1,347; MNIST-1D at a constant learning rate, an unstable
+phase where the loss and the flips rose together): the rise must exceed the counting noise
+(``significance`` standard errors, a flip count varying like a Poisson count), and, when the training loss
+is known, that loss must have fallen since the minimum. Memorising is fitting the wrong labels: the loss
+falls while the predictions churn; a loss that rises with the flips is an unstable phase, not memorisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["Memorization", "WaveTracker"]
+
+
+@dataclass(frozen=True)
+class Memorization:
+    """The settings of NeVe's memorisation watch (``NeVe(memorization=Memorization(...))``).
+
+    Attributes:
+        window: the moving average of the per-epoch flip fraction spans this many epochs (LabelWave's k).
+        patience: the network has started to memorise once the smoothed flip fraction's minimum is this many
+            epochs old (counted in epochs after the minimum) and the latest smoothed value rose above it
+            (by ``significance``, with a falling training loss, see the module docstring).
+        significance: the rise must exceed this many standard errors of the counting noise of the two
+            smoothed values (``sqrt(sum flips) / (window * samples)`` each); 0 accepts any rise.
+        restore_best_weights: when NeVe stops for memorisation, put the weights of the minimum back into
+            the model (as Keras' ``EarlyStopping(restore_best_weights=True)``). Keeping them costs one copy
+            of the model's parameters and buffers in CPU memory, refreshed at every new minimum. ``False``:
+            no copy is kept and the model ends with its latest weights.
+        anneal: after restoring, train a short cooldown from the restored weights before stopping: the
+            learning rates fall linearly over ``max(3, ceil(t / 10))`` epochs (``t`` the epoch of the
+            decision; :class:`~neve_tune.Anneal`'s rule, with ``NeVe(anneal=...)``'s settings when given).
+            Measured on MNIST-1D with 20% flipped labels: the minimum's weights alone lie 0.8-4 points
+            under the run's best test epoch (the constant-LR test curve is noisy); with the cooldown they
+            reach it (``studies/overfitting/``). ``False``: stop at once with the restored weights.
+
+    Example:
+        >>> from neve_tune import Memorization
+        >>> Memorization(patience=10, restore_best_weights=False)
+        Memorization(window=3, patience=10, significance=2.0, restore_best_weights=False, anneal=True)
+    """
+
+    window: int = 3
+    patience: int = 5
+    significance: float = 2.0
+    restore_best_weights: bool = True
+    anneal: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("window", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Memorization {name} must be an integer >= 1, but got {name}={value!r}.")
+        if isinstance(self.significance, bool) or not isinstance(self.significance, (int, float)):
+            raise ValueError(f"Memorization significance must be a number >= 0, but got {self.significance!r}.")
+        if not (math.isfinite(self.significance) and self.significance >= 0):
+            raise ValueError(f"Memorization significance must be a number >= 0, but got {self.significance!r}.")
+        for name in ("restore_best_weights", "anneal"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Memorization {name} must be True or False, but got {getattr(self, name)!r}.")
+
+
+class WaveTracker:
+    """The smoothed flip fraction, its running minimum and its age: a pure state machine (no torch).
+
+    :meth:`step` takes one epoch's flips and the number of samples compared (``observed``; 0 when there was
+    nothing to compare, e.g. the first epoch), and the epoch's training loss when known. Once ``window``
+    epochs are in, the mean of their fractions is the smoothed value; a value at or below the minimum so far
+    becomes the new minimum (a tie moves it later: a flat curve is not a rise).
+
+    NaN policy: an epoch with nothing compared is missing (not counted; the window is kept). A NaN or
+    missing training loss switches the loss test off for the windows it is in.
+
+    State: :meth:`state_dict` is JSON-able; :meth:`load_state_dict` restores it exactly.
+    """
+
+    def __init__(self, settings: Memorization) -> None:
+        self.settings = settings
+        # (fraction, its counting variance flips / observed^2, training loss or NaN) of the latest epochs
+        self.recent: deque[tuple[float, float, float]] = deque(maxlen=settings.window)
+        self.smoothed: float | None = None
+        self.variance = 0.0  # of the smoothed value
+        self.loss = math.nan  # mean training loss over the window
+        self.best = math.inf
+        self.best_variance = 0.0
+        self.best_loss = math.nan
+        self.best_epoch: int | None = None
+        self.epoch = 0
+
+    def step(self, epoch: int, flips: float, observed: int, train_loss: float | None = None) -> bool:
+        """Record epoch ``epoch``'s flips among ``observed`` samples; True when it sets a new minimum."""
+        self.epoch = epoch
+        if observed <= 0:
+            return False
+        loss = math.nan if train_loss is None else float(train_loss)
+        self.recent.append((flips / observed, flips / observed**2, loss))
+        k = self.settings.window
+        if len(self.recent) < k:
+            return False
+        self.smoothed = sum(r[0] for r in self.recent) / k
+        self.variance = sum(r[1] for r in self.recent) / k**2
+        self.loss = sum(r[2] for r in self.recent) / k
+        if self.smoothed <= self.best:
+            self.best, self.best_variance = self.smoothed, self.variance
+            self.best_loss, self.best_epoch = self.loss, epoch
+            return True
+        return False
+
+    @property
+    def memorizing(self) -> bool:
+        """The minimum is ``patience`` epochs old, the smoothed value rose above it by more than the counting
+        noise, and the training loss (when known at both) fell since."""
+        if self.best_epoch is None or self.smoothed is None or self.epoch - self.best_epoch < self.settings.patience:
+            return False
+        noise = self.settings.significance * math.sqrt(self.variance + self.best_variance)
+        if not self.smoothed - self.best > noise:
+            return False
+        return not self.loss >= self.best_loss  # NaN (a loss unknown at either end) passes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "settings": asdict(self.settings),
+            "recent": [list(r) for r in self.recent],
+            "smoothed": self.smoothed,
+            "variance": self.variance,
+            "loss": self.loss,
+            "best": self.best,
+            "best_variance": self.best_variance,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.settings = Memorization(**state["settings"])
+        self.recent = deque(
+            ((float(f), float(v), float(loss)) for f, v, loss in state["recent"]), maxlen=self.settings.window
+        )
+        self.smoothed = None if state["smoothed"] is None else float(state["smoothed"])
+        self.variance = float(state["variance"])
+        self.loss = float(state["loss"])
+        self.best = float(state["best"])
+        self.best_variance = float(state["best_variance"])
+        self.best_loss = float(state["best_loss"])
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        self.epoch = int(state["epoch"])
