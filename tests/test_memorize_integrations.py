@@ -182,3 +182,18 @@ def test_the_studies_neve_arm_observes_its_training_batches():
     spec = TrialSpec("mnist1d-noisy", "neve", dataclasses.replace(study.budget, max_epochs=2))
     outcome = run_trial(spec, study.configs(1, 0)[0], _Reporter())
     assert outcome.epochs == 2 and 0.0 < outcome.final[keys.FLIP_FRACTION] < 1.0
+
+
+def test_study_loaders_yield_dataset_indices_in_the_training_order():
+    from torch.utils.data import TensorDataset
+
+    from neve_tune.studies import DatasetData, TensorData
+
+    x, y = torch.randn(10, 3), torch.arange(10)
+    tensor = TensorData(x, y, x[:0], y[:0], x, y, batch_size=4)
+    dataset = DatasetData(TensorDataset(x, y), None, TensorDataset(x, y), batch_size=4)
+    for data in (tensor, dataset):
+        plain = list(data.train_batches(torch.Generator().manual_seed(3)))
+        indexed = list(data.indexed_train_batches(torch.Generator().manual_seed(3)))
+        assert [b[1].tolist() for b in plain] == [b[1].tolist() for b in indexed]
+        assert all(torch.equal(b[2], b[1]) and torch.equal(b[0], x[b[2]]) for b in indexed)  # y == index here

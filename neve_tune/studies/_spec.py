@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ._indexed import Indexed
+
 if TYPE_CHECKING:
     from neve_tune._measure.inputs import AuxInput
 
@@ -154,14 +156,15 @@ class TensorData:
     def num_test(self) -> int:
         return len(self.y_test)
 
-    def train_batches(self, generator: torch.Generator, *, with_indices: bool = False) -> Iterator[tuple[Tensor, ...]]:
-        """Shuffled minibatches ``(x, y)``; with ``with_indices``, ``(x, y, index)`` (dataset indices), same order."""
+    def train_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        return ((x, y) for x, y, _ in self.indexed_train_batches(generator))
+
+    def indexed_train_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """:meth:`train_batches` with the samples' dataset indices: ``(x, y, index)``, in the same order."""
         order = torch.randperm(self.num_train, generator=generator)
         for i in range(0, self.num_train, self.batch_size):
             idx = order[i : i + self.batch_size]
-            yield (
-                (self.x_train[idx], self.y_train[idx], idx) if with_indices else (self.x_train[idx], self.y_train[idx])
-            )
+            yield self.x_train[idx], self.y_train[idx], idx
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
         x, y = {"val": (self.x_val, self.y_val), "test": (self.x_test, self.y_test)}[split]
@@ -202,29 +205,18 @@ class DatasetData:
             **kw,
         )
 
-    def train_batches(self, generator: torch.Generator, *, with_indices: bool = False) -> Iterable[tuple[Tensor, ...]]:
-        """Shuffled minibatches ``(x, y)``; with ``with_indices``, ``(x, y, index)`` (dataset indices), same order."""
-        dataset = _Indexed(self.train) if with_indices else self.train
-        return self._loader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=False)
+    def train_batches(self, generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
+        return self._loader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=False)
+
+    def indexed_train_batches(self, generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        indexed = Indexed(self.train)  # items (x, y, index): the same order as train_batches
+        return self._loader(indexed, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=False)
 
     def eval_batches(self, split: str) -> Iterable[tuple[Tensor, Tensor]]:
         dataset = {"val": self.val, "test": self.test}[split]
         if dataset is None:
             return []
         return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
-
-
-class _Indexed(torch.utils.data.Dataset):
-    """A map-style dataset whose items carry their index: ``(x, y, index)``."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, ...]:
-        return (*self.dataset[index], index)
 
 
 @dataclass(frozen=True)

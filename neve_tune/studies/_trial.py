@@ -44,7 +44,7 @@ from ._keys import (
     VAL_LOSS,
 )
 from ._policy import EpochDecision, TrialPolicy
-from ._spec import Budget, DataRequest, DatasetData, StudyData, StudyDefinition, TensorData
+from ._spec import Budget, DataRequest, StudyData, StudyDefinition
 
 if TYPE_CHECKING:
     from neve_tune.mlflow import TrialLogger
@@ -337,12 +337,9 @@ class _TrialLoop:
         assert policy is not None
         t0 = time.perf_counter()
         policy.before_train()
-        data, neve = self.data, policy.neve
-        if neve is not None and isinstance(data, (TensorData, DatasetData)):  # batches with dataset indices
-            batches = data.train_batches(self.generator, with_indices=True)
-        else:
-            batches, neve = data.train_batches(self.generator), None
-        train_loss, train_acc = train_epoch(self.model, self.optimizer, batches, self.device, neve)
+        indexed = getattr(self.data, "indexed_train_batches", None) if policy.neve is not None else None
+        batches = indexed(self.generator) if indexed else self.data.train_batches(self.generator)  # (x, y, index)
+        train_loss, train_acc = train_epoch(self.model, self.optimizer, batches, self.device, indexed and policy.neve)
         own_order = torch.Generator().manual_seed(self.generator.initial_seed() * 1_000 + epoch)  # not the trial's
         policy.before_eval(self.data.train_batches(own_order), self.device)
         metrics: dict[str, Any] = {EPOCH: epoch, TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}
