@@ -112,6 +112,9 @@ def test_memorizing_restores_then_cools_down_before_stopping(anneal):
     length = max(3 if anneal is None else 4, -(-detected.epoch // 10))
     cooldown = results[results.index(detected) + 1 :]
     assert len(cooldown) == length and cooldown[-1].stop_reason is StopReason.MEMORIZING
+    # the watch froze at its decision: the minimum (and the kept weights) stay those of the restore
+    assert {r.flip_min_epoch for r in cooldown} == {detected.restored_epoch} and cooldown[-1].flip_fraction is not None
+    assert f"minimum at epoch {detected.restored_epoch}" in cooldown[-1].message
     assert [round(r.lrs[0] / 0.05, 6) for r in [detected, *cooldown[:-1]]] == [
         round(1 - j / (length + 1), 6) for j in range(1, length + 1)
     ]
