@@ -175,16 +175,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     from neve_tune.studies import get_study, list_studies
 
     console = _console()
-    for name in list_studies():
+    names = list_studies()
+    width = max(map(len, names), default=0)
+    for name in names:
         try:
             definition = get_study(name)
             b = definition.budget
             console.print(
-                f"[bold]{name:12s}[/bold] {definition.description} "
+                f"[bold]{name:{width}s}[/bold] {definition.description} "
                 f"[dim](default: {b.trials} trials x <= {b.max_epochs} epochs)[/dim]"
             )
         except ImportError as err:
-            console.print(f"[bold]{name:12s}[/bold] [red]unavailable: {err}[/red]")
+            console.print(f"[bold]{name:{width}s}[/bold] [red]unavailable: {err}[/red]")
     return 0
 
 

@@ -197,3 +197,29 @@ def test_study_loaders_yield_dataset_indices_in_the_training_order():
         indexed = list(data.indexed_train_batches(torch.Generator().manual_seed(3)))
         assert [b[1].tolist() for b in plain] == [b[1].tolist() for b in indexed]
         assert all(torch.equal(b[2], b[1]) and torch.equal(b[0], x[b[2]]) for b in indexed)  # y == index here
+
+
+def test_mnist1d_noisy_study_flips_a_fifth_of_the_labels_before_the_validation_cut(capsys: Any) -> None:
+    pytest.importorskip("mnist1d")
+    from neve_tune.cli import main
+    from neve_tune.studies import DataRequest, get_study
+    from neve_tune.studies.builtin.mnist1d import generate_mnist1d
+
+    clean = generate_mnist1d()
+    true_label = {
+        row.tobytes(): int(label) for row, label in zip(clean["x"].astype("float32"), clean["y"], strict=True)
+    }
+    data = get_study("mnist1d-noisy").load_data(DataRequest(val_fraction=0.1, seed=0, batch_size=64))
+
+    def flipped(x: torch.Tensor, y: torch.Tensor) -> float:
+        truth = torch.tensor([true_label[row.numpy().tobytes()] for row in x.squeeze(1)])
+        return float((truth != y).float().mean())
+
+    assert 0.18 < flipped(data.x_train, data.y_train) < 0.22
+    assert 0.15 < flipped(data.x_val, data.y_val) < 0.25  # the baselines validate on noisy labels, as in real life
+    assert torch.equal(data.y_test, torch.tensor(clean["y_test"]))  # a clean test split
+    again = get_study("mnist1d-noisy").load_data(DataRequest(val_fraction=0.1, seed=0, batch_size=64))
+    assert torch.equal(again.y_train, data.y_train)  # fixed flips
+    assert main(["study", "list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["mnist1d-noisy"].index("MNIST-1D with 20%") == lines["digits"].index("scikit-learn")  # aligned
