@@ -715,3 +715,21 @@ def test_neve_pure_arm_never_picks_stalled_or_collapsed_trials_and_says_what_hap
     assert summary.stop_reasons == {"stalled": 1, "collapsed": 1, "max_t": 1}
     md = comparison_markdown([summary])
     assert "pick rule, neve-pure: no trial converged: picked" in md and "among converged trials" not in md
+
+
+def test_the_neve_pick_reads_a_memorizing_trials_mean_loss_up_to_its_restored_epoch() -> None:
+    """A trial that memorised drove its loss down after its flip minimum (epoch 4): over all its 12 epochs its
+    mean loss (0.35) beats the clean learner's (0.5), but up to epoch 4, whose weights NeVe restored, it is
+    0.6: the clean learner is picked. Without the curve (an old store) the whole mean is used."""
+    from neve_tune.studies._records import pick_lowest_mean_loss
+
+    clean = _record("neve", 0, reason="converged", epochs=10, test=0.9, **{"train/tse": 5.0})
+    memorised = _record(
+        "neve", 1, reason="memorizing", epochs=12, test=0.7, **{"train/tse": 4.2, "neve/flip_min_epoch": 4}
+    )
+    memorised.tse_curve = [(e, 0.6 * e) for e in range(1, 5)] + [(e, 2.4 + 0.225 * (e - 4)) for e in range(5, 13)]
+    assert pick_lowest_mean_loss([clean, memorised]) is clean
+    memorised.tse_curve = []
+    assert pick_lowest_mean_loss([clean, memorised]) is memorised
+    memorised.tse_curve = [(4, 1.6)]  # it learned faster than the clean one before memorising: 0.4 < 0.5
+    assert pick_lowest_mean_loss([clean, memorised]) is memorised

@@ -51,6 +51,7 @@ KEEP = (
     neve_keys.MODEL_VELOCITY,
     neve_keys.CONVERGED,
     neve_keys.DIVERGED,
+    neve_keys.FLIP_MIN_EPOCH,
     MONITOR_VELOCITY,
     EPOCH_TIME,
     STOP_REASON,
@@ -211,6 +212,7 @@ class Collector:
                     stop_reason=self.stop_reason(trial_id, errored=trial_id in self.errors),
                     final=final,
                     test_acc_curve=[(int(r[EPOCH]), float(r[TEST_ACC])) for r in rows if EPOCH in r and TEST_ACC in r],
+                    tse_curve=[(int(r[EPOCH]), float(r[TRAIN_TSE])) for r in rows if EPOCH in r and TRAIN_TSE in r],
                     trial_id=trial_id,
                 )
             )

@@ -24,13 +24,25 @@ from neve_tune.mlflow._logger import (
     TAG_TRIAL_ID,
 )
 
-from ._keys import EPOCH, ERROR, STOPPED, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, TRAIN_TSE_EMA, VAL_ACC, VAL_LOSS
+from ._keys import (
+    EPOCH,
+    ERROR,
+    STOPPED,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    TRAIN_TSE,
+    TRAIN_TSE_EMA,
+    VAL_ACC,
+    VAL_LOSS,
+)
 from ._options import check_tracking_scheme
 from ._records import ArmResult, TrialRecord
 from ._seeds import SeedRun
 from ._spec import StudyError
 
-_PICK_KEYS = (TEST_ACC, TEST_LOSS, TRAIN_LOSS, TRAIN_ACC, TRAIN_TSE_EMA, VAL_ACC, VAL_LOSS)
+_PICK_KEYS = (TEST_ACC, TEST_LOSS, TRAIN_LOSS, TRAIN_ACC, TRAIN_TSE, TRAIN_TSE_EMA, VAL_ACC, VAL_LOSS)
 
 
 @dataclass
@@ -240,12 +252,15 @@ def _record(arm: str, run: Any, histories: dict[str, dict[str, list[tuple[int, f
     reason = tags.get(TAG_STOP_REASON) or (ERROR if run.info.status == "FAILED" else STOPPED)
     final = dict(metrics)
     curve: list[tuple[int, float]] = []
+    tse_curve: list[tuple[int, float]] = []
     for key, by_run in histories.items():
         history = [p for p in by_run.get(run.info.run_id, []) if not epochs or p[0] <= epochs]
         if history:
             final[key] = history[-1][1]
         if key == TEST_ACC:
             curve = history
+        elif key == TRAIN_TSE:
+            tse_curve = history
     return TrialRecord(
         arm=arm,
         config_id=int(config.get("config_id", -1)),
@@ -254,6 +269,7 @@ def _record(arm: str, run: Any, histories: dict[str, dict[str, list[tuple[int, f
         stop_reason=reason,
         final=final,
         test_acc_curve=curve,
+        tse_curve=tse_curve,
         trial_id=tags.get(TAG_TRIAL_ID),
         run_id=run.info.run_id,
     )

@@ -48,6 +48,7 @@ COLLAPSED = StopReason.COLLAPSED.value
 DIVERGED = StopReason.DIVERGED.value
 MAX_T = StopReason.MAX_T.value
 PRUNED = StopReason.PRUNED.value
+MEMORIZING = StopReason.MEMORIZING.value
 
 __all__ = [
     "COLLAPSED",
@@ -59,6 +60,7 @@ __all__ = [
     "LAYER_VELOCITY_PREFIX",
     "LR",
     "MAX_T",
+    "MEMORIZING",
     "MONITOR_CHANGE",
     "MONITOR_VELOCITY",
     "PRUNED",

@@ -32,11 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from neve_tune import keys as neve_keys
+
 from ._keys import (
     COLLAPSED,
     CONVERGED,
     DIVERGED,
     ERROR,
+    MEMORIZING,
     PRUNED,
     STALLED,
     TEST_ACC,
@@ -64,6 +67,8 @@ class TrialRecord:
             ``error`` or ``stopped``.
         final: its last reported metrics (``train/loss``, ``val/acc``, ``test/acc``, ...).
         test_acc_curve: ``(epoch, test accuracy)`` per epoch, for the plots.
+        tse_curve: ``(epoch, train/tse)`` per epoch: the pick reads a memorizing trial's TSE at the epoch
+            whose weights NeVe restored.
         trial_id: the backend's trial id.
         run_id: its MLflow run id, when known.
     """
@@ -75,6 +80,7 @@ class TrialRecord:
     stop_reason: str
     final: dict[str, float]
     test_acc_curve: list[tuple[int, float]] = field(default_factory=list)
+    tse_curve: list[tuple[int, float]] = field(default_factory=list)
     trial_id: str | None = None
     run_id: str | None = None
 
@@ -113,10 +119,10 @@ NEVER_PICKED = frozenset((STALLED, COLLAPSED, DIVERGED, PRUNED, ERROR))
 
 
 def _train_loss_pools(records: Sequence[TrialRecord]) -> tuple[list[TrialRecord], list[TrialRecord]]:
-    """(converged trials, the others that may still be picked), both with a finite final train loss."""
+    """(converged or memorizing trials, the others that may still be picked), with a finite final train loss."""
     finite = [r for r in records if math.isfinite(r.metric(TRAIN_LOSS))]
-    converged = [r for r in finite if r.stop_reason == CONVERGED]
-    others = [r for r in finite if r.stop_reason != CONVERGED and r.stop_reason not in NEVER_PICKED]
+    converged = [r for r in finite if r.stop_reason in (CONVERGED, MEMORIZING)]
+    others = [r for r in finite if r.stop_reason not in (CONVERGED, MEMORIZING, *NEVER_PICKED)]
     return converged, others
 
 
@@ -151,6 +157,13 @@ def describe_train_loss_pick(records: Sequence[TrialRecord]) -> str:
 
 
 def _mean_loss(r: TrialRecord) -> float:
+    """TSE / epochs; for a trial NeVe stopped as memorizing, over the epochs up to the one whose weights it
+    restored (the epochs after that fit wrong labels and lower the loss of the trials that memorise most)."""
+    if r.stop_reason == MEMORIZING:
+        restored = r.metric(neve_keys.FLIP_MIN_EPOCH)
+        tse = dict(r.tse_curve)
+        if math.isfinite(restored) and int(restored) in tse and restored > 0:
+            return tse[int(restored)] / int(restored)
     return r.metric(TRAIN_TSE) / r.epochs if r.epochs > 0 else math.nan
 
 
@@ -160,7 +173,8 @@ def _mean_loss_pool(records: Sequence[TrialRecord]) -> list[TrialRecord]:
 
 def pick_lowest_mean_loss(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The ``neve`` arm's rule: the lowest mean training loss over the trial's epochs (``train/tse`` / epochs)
-    among the trials that learned.
+    among the trials that learned; for a trial stopped as ``memorizing``, over its epochs up to the one whose
+    weights NeVe restored.
 
     That is Lyle et al.'s (2020) training-speed estimate of the marginal likelihood, divided by the epochs so
     that trials of different lengths compare. Trials that converged, ran to the epoch cap (``max_t``) or
