@@ -90,3 +90,27 @@ def test_case11_one_sample_aux_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _neve(_float_model(), torch.randn(8, 5))  # 8 samples: no warning
+
+
+def test_case15_report_epoch_with_none() -> None:
+    import optuna
+
+    from neve_tune.optuna import report_epoch as optuna_report
+    from neve_tune.ray import report_epoch as ray_report
+
+    model = _float_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    neve = nt.NeVe(model, optimizer, torch.randn(16, 5))
+    neve.step(1.0)
+    trial = optuna.create_study().ask()
+    with pytest.raises(TypeError, match=r"value is this epoch's objective value.*got None.*train_loss=epoch_loss"):
+        optuna_report(trial, neve, None)  # type: ignore[arg-type]
+    assert optuna_report(trial, neve, 1.0) is None  # a number still reports
+    # Ray: None as train_loss means "the loop stepped NeVe"; a NeVe never stepped is refused, not reported as epoch 0
+    fresh = nt.NeVe(model, optimizer, torch.randn(16, 5))
+    with pytest.raises(ValueError, match=r"train_loss=None.*neve/epoch is 0.*train_loss=epoch_loss"):
+        ray_report(fresh, None, model=model, optimizer=optimizer)
+    with pytest.raises(
+        TypeError, match=r"got float 0\.5\. To give NeVe the epoch's training loss, pass train_loss=0\.5"
+    ):
+        ray_report(fresh, 0.5, model=model, optimizer=optimizer)  # type: ignore[arg-type]

@@ -94,7 +94,9 @@ def report_epoch(
         trial: the trial passed to the objective.
         neve: the :class:`neve_tune.NeVe` controller (after its ``step()`` for this epoch), the
             :class:`neve_tune.StepResult` that ``step()`` returned, or a dict of NeVe metrics.
-        value: this epoch's objective value (e.g. training or test accuracy), for ``trial.report``.
+        value: this epoch's objective value (e.g. training or test accuracy), for ``trial.report``: a
+            number (``None`` raises ``TypeError``: Optuna's pruners need a value at every step; a
+            validation-free loop reports its training loss or accuracy).
         step: the Optuna step; defaults to ``neve/epoch - 1`` (0 after the first epoch).
         max_epochs: the epoch budget; reaching it returns ``StopReason.MAX_T``.
         train_loss: the epoch's training loss (a number or a one-element tensor): step ``neve`` (a
@@ -105,7 +107,15 @@ def report_epoch(
 
     Raises:
         optuna.TrialPruned: the trial diverged, stalled, collapsed or was pruned.
+        TypeError: ``value`` is ``None`` or a string.
     """
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"report_epoch(trial, neve, value): value is this epoch's objective value, stored with"
+            f" trial.report(value, step), and must be a number, but got {value!r}. Pass a number (e.g. the"
+            " epoch's training loss or accuracy, in the study's direction); to give NeVe the training loss, use"
+            " train_loss=epoch_loss (None there means the loop called neve.step() itself)."
+        )
     if isinstance(neve, NeVe):
         metrics = neve.report_step(train_loss, who="report_epoch")  # steps NeVe first when given the loss
     elif train_loss is not None:

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 #: File name of the checkpoint inside the Ray checkpoint directory.
 CHECKPOINT_FILE = "neve_state.pt"
 _FORMAT = 1
+_NOT_STEPPED = (
+    "report_epoch got train_loss=None, which means the loop already called neve.step(loss) for this epoch, but"
+    " NeVe has not been stepped yet (neve/epoch is 0). Call neve.step(epoch_loss) after the epoch's training,"
+    " or pass the loss here: report_epoch(..., train_loss=epoch_loss)."
+)
 
 
 def report_epoch(
@@ -68,13 +73,25 @@ def report_epoch(
         checkpoint_every: save a checkpoint when ``epoch % checkpoint_every == 0``; ``0`` never saves.
         save_rng: also save the RNG states, so the data order and dropout continue identically.
         train_loss: the epoch's training loss (a number or a one-element tensor): step NeVe with it
-            before reporting. ``None``: the loop called ``neve.step()`` itself.
+            before reporting. ``None``: the loop called ``neve.step()`` itself (as with
+            ``NeVe.report_step(None)``); a NeVe never stepped is then refused with a ``ValueError``.
 
     Returns:
         The dict that was reported.
+
+    Raises:
+        TypeError: ``metrics`` is not a mapping (e.g. a loss passed where the metrics dict goes).
+        ValueError: ``train_loss=None`` but ``neve`` was never stepped, or ``train_loss`` given after the
+            loop already stepped NeVe this epoch.
     """
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0, but got {checkpoint_every=}.")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"metrics must be a dict of the trial's own metrics (or None), but got {type(metrics).__name__}"
+            f" {metrics!r}. To give NeVe the epoch's training loss, pass train_loss={metrics!r}; to report it,"
+            f" pass {{'train_loss': {metrics!r}}}."
+        )
     own = dict(metrics or {})
     clash = sorted(k for k in own if k.startswith(keys.PREFIX))
     if clash:
@@ -85,6 +102,8 @@ def report_epoch(
     if neve is not None:
         neve_metrics = neve.report_step(train_loss, who="report_epoch")  # steps NeVe first when given the loss
         reported = {**own, **neve_metrics}
+        if neve_metrics[keys.EPOCH] < 1:
+            raise ValueError(_NOT_STEPPED)
         if epoch is None:
             epoch = int(neve_metrics[keys.EPOCH])
     if epoch is None:
@@ -262,5 +281,3 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
