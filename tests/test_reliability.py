@@ -114,3 +114,21 @@ def test_case15_report_epoch_with_none() -> None:
         TypeError, match=r"got float 0\.5\. To give NeVe the epoch's training loss, pass train_loss=0\.5"
     ):
         ray_report(fresh, 0.5, model=model, optimizer=optimizer)  # type: ignore[arg-type]
+
+
+def test_case14_multi_objective_report_epoch_says_how_to_use_neve() -> None:
+    import optuna
+
+    from neve_tune.optuna import report_epoch
+
+    model = _float_model()
+    neve = nt.NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(16, 5))
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    trial = study.ask()
+    with pytest.raises(
+        NotImplementedError, match=r"multi-objective study \(this one has 2 directions.*neve\.should_stop"
+    ):
+        report_epoch(trial, neve, 0.5, train_loss=1.0)
+    assert neve.last_epoch == 0  # refused before NeVe was stepped: the loop can still step it itself
+    single = optuna.create_study().ask()
+    assert report_epoch(single, neve, 0.5, train_loss=1.0) is None

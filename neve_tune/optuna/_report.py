@@ -108,7 +108,10 @@ def report_epoch(
     Raises:
         optuna.TrialPruned: the trial diverged, stalled, collapsed or was pruned.
         TypeError: ``value`` is ``None`` or a string.
+        NotImplementedError: the study is multi-objective (Optuna has no ``trial.report`` there); the
+            message says how to use NeVe in such a study.
     """
+    _refuse_multi_objective(trial)
     if value is None or isinstance(value, (str, bytes)):
         raise TypeError(
             f"report_epoch(trial, neve, value): value is this epoch's objective value, stored with"
@@ -163,6 +166,21 @@ def report_epoch(
     if reason.is_failure:
         raise optuna.TrialPruned(_pruned_message(trial.number, reason, epoch, metrics, value))
     return reason
+
+
+def _refuse_multi_objective(trial: optuna.trial.BaseTrial) -> None:
+    """Optuna's ``trial.report`` (and so pruning) does not exist in multi-objective studies: say what does."""
+    study = getattr(trial, "study", None)
+    directions = getattr(study, "directions", [])
+    if len(directions) > 1:
+        names = [d.name.lower() for d in directions]
+        raise NotImplementedError(
+            f"report_epoch reports each epoch with trial.report(), which Optuna does not support in a"
+            f" multi-objective study (this one has {len(directions)} directions: {names}), so no pruner can act"
+            " on it. Use NeVe directly there: call neve.step(epoch_loss) after every epoch, end the loop with"
+            " `if neve.should_stop: break`, keep neve.stop_reason and neve.metrics() with"
+            " trial.set_user_attr(...) if you want them, and return your objectives' values."
+        )
 
 
 def _pruned_message(number: int, reason: StopReason, epoch: int, metrics: Mapping[str, float], value: float) -> str:
