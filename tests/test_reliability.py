@@ -5,6 +5,7 @@ One test per case of the issue, named after it.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -132,3 +133,92 @@ def test_case14_multi_objective_report_epoch_says_how_to_use_neve() -> None:
     assert neve.last_epoch == 0  # refused before NeVe was stepped: the loop can still step it itself
     single = optuna.create_study().ask()
     assert report_epoch(single, neve, 0.5, train_loss=1.0) is None
+
+
+def _pbt_trainable(config: dict) -> None:
+    from neve_tune import keys
+    from neve_tune.ray import report_epoch, restore_from_checkpoint
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    model = _float_model()
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    neve = nt.NeVe(model, opt, torch.randn(16, 5), min_epochs=1000)  # no decay, no stop: LR == config LR
+    start = restore_from_checkpoint(model, opt, neve)
+    for _ in range(start + 1, 5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        trained_at = opt.param_groups[0]["lr"]
+        report_epoch(
+            neve,
+            {"score": config["lr"], "config_lr": config["lr"], "trained_at": trained_at, "start": start},
+            model=model,
+            optimizer=opt,
+            train_loss=float(loss),
+        )
+        assert math.isclose(neve.metrics()[keys.LR], trained_at), "NeVe reports the LR the trial trains at"
+
+
+@pytest.mark.slow
+def test_case04_pbt_exploit_trains_at_the_new_configs_lr(tmp_path) -> None:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        pbt = PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=2,
+            hyperparam_mutations={"lr": tune.uniform(0.01, 0.5)},
+            quantile_fraction=0.5,
+            resample_probability=0.0,
+            synch=True,
+        )
+        tuner = tune.Tuner(
+            _pbt_trainable,
+            param_space={"lr": tune.grid_search([0.05, 0.2])},
+            tune_config=tune.TuneConfig(scheduler=pbt, metric="score", mode="max"),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="pbt", verbose=0),
+        )
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    assert results.num_errors == 0
+    frames = [results[i].metrics_dataframe for i in range(len(results))]
+    rows = [row for frame in frames if frame is not None for row in frame.itertuples(index=False)]
+    exploited = [row for row in rows if row.start > 0]
+    assert exploited, "PBT restored no trial from a checkpoint"
+    assert any(not math.isclose(row.config_lr, 0.2) and not math.isclose(row.config_lr, 0.05) for row in exploited)
+    # every epoch, before and after an exploit, trains at the config's LR (and NeVe reports it: checked in the trial)
+    for row in rows:
+        assert math.isclose(row.trained_at, row.config_lr), (row.trained_at, row.config_lr)
+
+
+def test_case04_restore_under_a_new_config_lr_keeps_neves_decay(tmp_path) -> None:
+    from neve_tune import keys
+    from neve_tune.ray import load_training_state, save_training_state
+
+    def build(lr: float) -> tuple[nn.Module, torch.optim.Optimizer, nt.NeVe]:
+        model = _float_model()
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt.param_groups[0]["initial_lr"] = lr  # what restore_from_checkpoint stamps on a fresh trial
+        return model, opt, nt.NeVe(model, opt, torch.randn(16, 5), momentum=0.0, patience=0, min_epochs=0)
+
+    model, opt, neve = build(0.1)
+    for _ in range(3):
+        neve.step()  # the model stands still: the LR decays
+    decayed = opt.param_groups[0]["lr"]
+    assert decayed < 0.1
+    save_training_state(tmp_path, model, opt, neve, epoch=3)
+    model, opt, neve = build(0.1)  # same config: resumes at the checkpoint's LR
+    load_training_state(tmp_path, model, opt, neve)
+    assert opt.param_groups[0]["lr"] == decayed == neve.get_last_lr()[0]
+    model, opt, neve = build(0.4)  # PBT's new config: 0.4 with the same decay
+    load_training_state(tmp_path, model, opt, neve)
+    assert math.isclose(opt.param_groups[0]["lr"], 0.4 * decayed / 0.1)
+    assert math.isclose(neve.get_last_lr()[0], 0.4 * decayed / 0.1)
+    assert math.isclose(neve.metrics()[keys.LR], 0.4 * decayed / 0.1)

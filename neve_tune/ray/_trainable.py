@@ -9,6 +9,7 @@ continues with identical velocities, learning rates and data order.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -142,6 +143,13 @@ def restore_from_checkpoint(
     and aux set) before calling this; it then overwrites their state, the RNG states (``restore_rng``) and
     the entries of ``extra_state`` with the checkpointed ones. Tensors are loaded onto the model's device.
 
+    The learning rates the optimizer was built with (its param groups' ``lr`` now) are kept as each group's
+    ``initial_lr``, the key PyTorch's LR schedulers use. When they differ from the checkpoint's (a
+    ``PopulationBasedTraining`` exploit restores another trial's checkpoint under a new ``config["lr"]``),
+    the new config's LR applies, times the decay NeVe had applied in the checkpoint: each group trains at
+    ``new lr * checkpoint lr / checkpoint initial_lr``, and ``neve`` reports that LR. An unchanged config
+    resumes at the checkpoint's LRs.
+
     Raises:
         FileNotFoundError: the checkpoint was not written by :func:`report_epoch`.
         ValueError: the checkpoint holds NeVe state but ``neve`` is ``None`` (or the reverse).
@@ -149,6 +157,8 @@ def restore_from_checkpoint(
     if checkpoint is None:
         checkpoint = tune.get_checkpoint()
     if checkpoint is None:
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # the config's LR, for a later PBT exploit
         return 0
     with checkpoint.as_directory() as directory:
         return load_training_state(
@@ -218,14 +228,34 @@ def load_training_state(
             " Restore with the same kind of trainable that wrote the checkpoint."
         )
     model.load_state_dict(state["model"])
+    built = [float(group["lr"]) for group in optimizer.param_groups]  # from the (maybe new) config
     optimizer.load_state_dict(state["optimizer"])  # moves the optimizer state to its params' device
+    changed = _apply_config_lrs(optimizer, built)
     if neve is not None:
         neve.load_state_dict(state["neve"])  # moves the velocity state to the model's device
+        if changed:
+            neve._lrs = [float(group["lr"]) for group in optimizer.param_groups]  # what it reports
     if extra_state is not None and state["extra"] is not None:
         extra_state.update(state["extra"])
     if restore_rng and state["rng"] is not None:
         _set_rng_state(state["rng"])
     return int(state["epoch"])
+
+
+def _apply_config_lrs(optimizer: Optimizer, built: list[float]) -> bool:
+    """Apply the LRs the optimizer was built with when they differ from the checkpoint's ``initial_lr``.
+
+    Each group keeps the checkpoint's decay (``lr / initial_lr``) on the new LR. Returns whether any changed.
+    """
+    changed = False
+    for group, lr in zip(optimizer.param_groups, built, strict=True):
+        was = group.get("initial_lr")
+        group["initial_lr"] = lr
+        if was is None or math.isclose(float(was), lr, rel_tol=1e-9, abs_tol=0.0) or float(was) <= 0.0:
+            continue
+        group["lr"] = lr * float(group["lr"]) / float(was)
+        changed = True
+    return changed
 
 
 def _select_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
