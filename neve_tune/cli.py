@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=int, default=None, help="configurations per arm (default: the study's)")
     run.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every trial (default: the study's)")
     seeds = run.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="seed of the configurations, splits and inits (default 0)")
+    # default None, not 0: argparse sees `--seed 0` as "not given" when it is the default object, and would let
+    # `--seed 0 --seeds 1,2` through while refusing `--seed 3 --seeds 1,2`.
+    seeds.add_argument(
+        "--seed", type=int, default=None, help="seed of the configurations, splits and inits (default 0)"
+    )
     seeds.add_argument(
         "--seeds",
         type=_seeds,
@@ -204,7 +208,7 @@ def study_options(args: argparse.Namespace, console: Any = None) -> StudyOptions
     return StudyOptions(
         trials=args.trials,
         max_epochs=args.max_epochs,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         seeds=args.seeds,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,

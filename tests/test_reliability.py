@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,36 @@ def test_case04_restore_under_a_new_config_lr_keeps_neves_decay(tmp_path) -> Non
     assert math.isclose(opt.param_groups[0]["lr"], 0.4 * decayed / 0.1)
     assert math.isclose(neve.get_last_lr()[0], 0.4 * decayed / 0.1)
     assert math.isclose(neve.metrics()[keys.LR], 0.4 * decayed / 0.1)
+
+
+def test_case05_output_dir_that_cannot_be_created_is_refused_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neve_tune.cli import EXIT_USAGE, main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = ["study", "run", "digits", "--trials", "1", "--max-epochs", "1", "--arms", "neve", "--backend", "optuna"]
+    assert main([*argv, "--output-dir", str(blocker / "out")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"Cannot write the study's results to --output-dir '{blocker / 'out'}': {blocker} is a file" in err
+    assert "Traceback" not in err and "--output-dir ./neve_results" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing started: no mlflow.db, no folder
+    assert main([*argv, "--output-dir", "/proc/neve_x"]) == EXIT_USAGE
+    assert "Cannot write the study's results to --output-dir '/proc/neve_x'" in capsys.readouterr().err
+
+
+def test_case16_seed_and_seeds_are_refused_together_whatever_the_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    from neve_tune.cli import EXIT_USAGE, build_parser, study_options
+
+    for seed in ("0", "3"):  # parse only: on a CLI that lets it through, nothing trains
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["study", "run", "digits", "--seed", seed, "--seeds", "1,2"])
+        assert exit_info.value.code == EXIT_USAGE
+        assert "argument --seeds: not allowed with argument --seed" in capsys.readouterr().err
+    parse = build_parser().parse_args
+    assert study_options(parse(["study", "run", "digits"])).seed_list == (0,)
+    assert study_options(parse(["study", "run", "digits", "--seed", "0"])).seed_list == (0,)
+    assert study_options(parse(["study", "run", "digits", "--seeds", "1,2"])).seed_list == (1, 2)
