@@ -9,13 +9,17 @@ FOLDER`` sends the MLflow records saved while the tracking server was unreachabl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -308,6 +312,28 @@ def cmd_mlflow_replay(args: argparse.Namespace) -> int:
     return 0 if report.complete else 1
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, job schedulers) handled as Ctrl-C: the SIGINT handler in place runs (Ray Tune's
+    graceful stop, or Python's ``KeyboardInterrupt``), so open MLflow runs end KILLED, not FAILED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored (a background job): still stop like Ctrl-C
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neve-tune`` console script; returns the exit status: 0, 1 when an arm of
     ``study run`` had every trial fail (after the table), 2 for a usage or setup error, 130 on Ctrl-C."""
@@ -325,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"run": cmd_run, "compare": cmd_compare, "list": cmd_list}
     try:
-        return handlers[args.study_command](args)
+        with _sigterm_as_interrupt():
+            return handlers[args.study_command](args)
     except (UnknownStudyError, StudyError, TrackingUnavailableError, CLIError, ValueError) as err:
         print(f"neve-tune: error: {err}", file=sys.stderr)
         return EXIT_USAGE

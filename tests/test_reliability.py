@@ -6,6 +6,11 @@ One test per case of the issue, named after it.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -256,3 +261,42 @@ def test_case16_seed_and_seeds_are_refused_together_whatever_the_seed(capsys: py
     assert study_options(parse(["study", "run", "digits"])).seed_list == (0,)
     assert study_options(parse(["study", "run", "digits", "--seed", "0"])).seed_list == (0,)
     assert study_options(parse(["study", "run", "digits", "--seeds", "1,2"])).seed_list == (1, 2)
+
+
+def _sigterm_study(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`study run digits` over seeds 0,1 sent SIGTERM once a trial of seed 0 has reported an epoch."""
+    from mlflow import MlflowClient
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), COLUMNS="200")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "neve_tune.cli", "study", "run", "digits", "--trials", "2", "--max-epochs", "60"]
+    cmd += ["--arms", "neve", "--seeds", "0,1", "--backend", "optuna", "--no-progress"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.search_experiments()  # creates the store's tables here, not concurrently with the study
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(1.0)
+        exp = client.get_experiment_by_name("neve-tune-digits")
+        runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'") if exp else []
+        if any(run.data.metrics for run in runs):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_case17_sigterm_ends_every_run_killed(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    done = _sigterm_study(tmp_path)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "interrupted; open MLflow runs were ended KILLED" in done.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("neve-tune-digits")
+    runs = client.search_runs([exp.experiment_id])
+    status = {(run.data.tags["role"], run.info.status) for run in runs}
+    assert ("study", "KILLED") in status and ("arm", "KILLED") in status
+    assert {s for _, s in status} <= {"KILLED", "FINISHED"}, status  # none FAILED, none left RUNNING
