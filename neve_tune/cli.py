@@ -278,6 +278,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     files = write_study_outputs(folder, runs)
     title = f"{stored.study} - study run {stored.study_run_name} ({stored.status})"
     _print_tables(console, runs, lambda run: f"{title}, seed {run.seed}", title)
+    if stored.missing:
+        left_out = ", ".join(f"seed {seed} ({arm})" for seed, arm in stored.missing)
+        console.print(f"  left out, no trial ran (the study run ended {stored.status}): {left_out}")
     shown = sorted(name for name in files if "/" not in name)
     console.print(f"\nTables and plots: {folder.resolve()} ({', '.join(shown)})")
     return 0

@@ -263,8 +263,9 @@ def test_case16_seed_and_seeds_are_refused_together_whatever_the_seed(capsys: py
     assert study_options(parse(["study", "run", "digits", "--seeds", "1,2"])).seed_list == (1, 2)
 
 
-def _sigterm_study(tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """`study run digits` over seeds 0,1 sent SIGTERM once a trial of seed 0 has reported an epoch."""
+def _sigterm_study(tmp_path: Path, at_seed: int = 0) -> subprocess.CompletedProcess[str]:
+    """`study run digits` over seeds 0,1 sent SIGTERM once a trial of seed 0 has reported an epoch, or (at_seed=1)
+    as soon as the arm run of seed 1 exists."""
     from mlflow import MlflowClient
 
     repo = Path(__file__).resolve().parents[1]
@@ -277,10 +278,13 @@ def _sigterm_study(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(1.0)
+        time.sleep(1.0 if at_seed == 0 else 0.2)
         exp = client.get_experiment_by_name("neve-tune-digits")
-        runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'") if exp else []
-        if any(run.data.metrics for run in runs):
+        if exp is None:
+            continue
+        if at_seed == 0 and any(r.data.metrics for r in client.search_runs([exp.experiment_id], "tags.role = 'trial'")):
+            break
+        if at_seed and client.search_runs([exp.experiment_id], f"tags.role = 'arm' and tags.seed = '{at_seed}'"):
             break
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -296,7 +300,34 @@ def test_case17_sigterm_ends_every_run_killed(tmp_path: Path) -> None:
     assert "interrupted; open MLflow runs were ended KILLED" in done.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("neve-tune-digits")
+    assert exp is not None
     runs = client.search_runs([exp.experiment_id])
     status = {(run.data.tags["role"], run.info.status) for run in runs}
     assert ("study", "KILLED") in status and ("arm", "KILLED") in status
     assert {s for _, s in status} <= {"KILLED", "FINISHED"}, status  # none FAILED, none left RUNNING
+
+
+@pytest.mark.slow
+def test_case18_compare_after_sigterm_leaves_out_the_seed_that_never_ran(tmp_path: Path) -> None:
+    from neve_tune.studies import load_study
+
+    done = _sigterm_study(tmp_path, at_seed=1)
+    assert done.returncode == 130, done.stderr[-3000:]
+    stored = load_study(f"sqlite:///{tmp_path / 'mlflow.db'}", "neve-tune-digits")
+    assert stored.status == "KILLED"
+    assert (1, "neve") in stored.missing  # its arm run exists, no trial of it ran
+    assert [run.seed for run in stored.runs] == [0]  # only seed 0 is in the tables and the means
+    assert all(arm.records for run in stored.runs for arm in run.arms.values())
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), COLUMNS="200")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    compare = subprocess.run(
+        [sys.executable, "-m", "neve_tune.cli", "study", "compare"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert "left out, no trial ran (the study run ended KILLED): seed 1 (neve)" in compare.stdout
+    assert "mean ± std over the seeds" not in compare.stdout  # one seed left: no table over seeds
