@@ -331,3 +331,19 @@ def test_case18_compare_after_sigterm_leaves_out_the_seed_that_never_ran(tmp_pat
     assert compare.returncode == 0, compare.stderr[-3000:]
     assert "left out, no trial ran (the study run ended KILLED): seed 1 (neve)" in compare.stdout
     assert "mean ± std over the seeds" not in compare.stdout  # one seed left: no table over seeds
+
+
+def test_case12_state_loaded_on_another_optimizer_reports_that_optimizers_lr() -> None:
+    from neve_tune import keys
+
+    model, aux = _float_model(), torch.randn(16, 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    neve = nt.NeVe(model, opt, aux)
+    neve.step()
+    state = neve.state_dict()
+    other_opt = torch.optim.SGD(model.parameters(), lr=0.03)
+    other = nt.NeVe(model, other_opt, aux)
+    other.load_state_dict(state)
+    assert other.get_last_lr() == [0.03] and other.metrics()[keys.LR] == 0.03
+    other_opt.load_state_dict(opt.state_dict())  # the optimizer's own state, loaded after NeVe's: followed too
+    assert other.get_last_lr() == [0.1] and other.metrics()[keys.LR] == 0.1

@@ -214,8 +214,8 @@ class NeVe(LRScheduler):
         return self.stop_reason is StopReason.CONVERGED
 
     def get_last_lr(self) -> list[float]:  # type: ignore[override]
-        """The learning rates after the latest step, one per param group."""
-        return list(self._lrs)
+        """The optimizer's learning rates (as the latest step or a loaded state left them), one per group."""
+        return self.get_lr()
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -325,7 +325,7 @@ class NeVe(LRScheduler):
         ``neve/min_epochs``; and ``neve/train_loss`` when the latest step was given one.
         """
         rule = self.rule
-        last, lrs = self._last, self._lrs
+        last, lrs = self._last, self.get_lr()  # what the optimizer trains at, also after a load
         return flat_metrics(self.last_epoch, lrs, rule.num_decays, last, rule.stop_threshold, rule.min_epochs)
 
     def state_dict(self) -> dict[str, Any]:

@@ -230,11 +230,9 @@ def load_training_state(
     model.load_state_dict(state["model"])
     built = [float(group["lr"]) for group in optimizer.param_groups]  # from the (maybe new) config
     optimizer.load_state_dict(state["optimizer"])  # moves the optimizer state to its params' device
-    changed = _apply_config_lrs(optimizer, built)
+    _apply_config_lrs(optimizer, built)
     if neve is not None:
         neve.load_state_dict(state["neve"])  # moves the velocity state to the model's device
-        if changed:
-            neve._lrs = [float(group["lr"]) for group in optimizer.param_groups]  # what it reports
     if extra_state is not None and state["extra"] is not None:
         extra_state.update(state["extra"])
     if restore_rng and state["rng"] is not None:
