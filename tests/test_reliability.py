@@ -347,3 +347,32 @@ def test_case12_state_loaded_on_another_optimizer_reports_that_optimizers_lr() -
     assert other.get_last_lr() == [0.03] and other.metrics()[keys.LR] == 0.03
     other_opt.load_state_dict(opt.state_dict())  # the optimizer's own state, loaded after NeVe's: followed too
     assert other.get_last_lr() == [0.1] and other.metrics()[keys.LR] == 0.1
+
+
+def test_case03_load_state_dict_says_which_settings_the_state_replaces() -> None:
+    model, aux = _float_model(), torch.randn(16, 5)
+    default = nt.NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), aux)
+    state = default.state_dict()
+    anneal = nt.Anneal()
+    tuned = nt.NeVe(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        aux,
+        patience=7,
+        stop_threshold=1e-2,
+        momentum=0.9,
+        anneal=anneal,
+    )
+    with pytest.warns(UserWarning) as caught:
+        tuned.load_state_dict(state)
+    text = " ".join(str(w.message) for w in caught)
+    rule = default.rule
+    assert f"patience 7 -> {rule.patience}" in text and f"stop_threshold 0.01 -> {rule.stop_threshold}" in text
+    assert f"anneal {anneal!r} -> None" in text and "The state wins" in text
+    assert f"momentum 0.9 -> {default.monitor.momentum}" in text
+    got = (tuned.rule.patience, tuned.rule.stop_threshold, tuned.monitor.momentum, tuned.rule.anneal)
+    assert got == (rule.patience, rule.stop_threshold, default.monitor.momentum, None)
+    same = nt.NeVe(model, torch.optim.SGD(model.parameters(), lr=0.1), aux)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)  # same settings: no warning
