@@ -376,3 +376,18 @@ def test_case03_load_state_dict_says_which_settings_the_state_replaces() -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(state)  # same settings: no warning
+
+
+def test_case01_not_converged_while_the_loss_still_falls_fast() -> None:
+    from neve_tune import StopCriteria, StopReason
+    from neve_tune._decide.stopping import StopDetector
+
+    # The frozen backbone + trainable head: V under the threshold from the start, the loss falling fast.
+    detector = StopDetector(stop_threshold=1e-3, min_epochs=2, num_classes=10, criteria=StopCriteria(learned=0.3))
+    losses = [2.20, 1.86, 1.56, 1.33, 1.15, 1.14, 1.14, 1.14, 1.14, 1.14]
+    reasons = [detector.step(epoch, 1e-4, 0.0, None, loss) for epoch, loss in enumerate(losses, start=1)]
+    # epochs 2-5 (after the warm-up, fewer than two loss windows): the loss falls 7-13% of log 10 per epoch
+    assert reasons[:5] == [None] * 5, reasons
+    assert StopReason.CONVERGED in reasons  # once the loss flattens, it converges
+    first = reasons.index(StopReason.CONVERGED) + 1
+    assert 6 <= first <= 9, reasons
