@@ -391,3 +391,27 @@ def test_case01_not_converged_while_the_loss_still_falls_fast() -> None:
     assert StopReason.CONVERGED in reasons  # once the loss flattens, it converges
     first = reasons.index(StopReason.CONVERGED) + 1
     assert 6 <= first <= 9, reasons
+
+
+def test_case02_scheduler_beside_neve_that_undoes_its_decay_warns() -> None:
+    def loop(scale_base_lrs: bool) -> list[warnings.WarningMessage]:
+        torch.manual_seed(0)
+        model = _float_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)  # recomputes lr = base_lr * 1
+        neve = nt.NeVe(model, opt, torch.randn(16, 5), momentum=0.0, patience=0, min_epochs=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):  # the model stands still: NeVe decays
+                result = neve.step()
+                if result.lr_decayed and scale_base_lrs:
+                    sched.base_lrs = [b * neve.rule.factor for b in sched.base_lrs]
+                sched.step()
+        return [w for w in caught if "rose from" in str(w.message)]
+
+    undone = loop(scale_base_lrs=False)
+    assert undone, "the undone decay went unreported"
+    message = str(undone[0].message)
+    assert "rose from 0.05 (after NeVe's 1 decay(s)) to 0.1" in message and "sched.base_lrs = [b * 0.5" in message
+    assert undone[0].filename == __file__  # points at the loop's neve.step() call
+    assert loop(scale_base_lrs=True) == []  # the decay sticks: nothing to say
