@@ -415,3 +415,24 @@ def test_case02_scheduler_beside_neve_that_undoes_its_decay_warns() -> None:
     assert "rose from 0.05 (after NeVe's 1 decay(s)) to 0.1" in message and "sched.base_lrs = [b * 0.5" in message
     assert undone[0].filename == __file__  # points at the loop's neve.step() call
     assert loop(scale_base_lrs=True) == []  # the decay sticks: nothing to say
+
+
+def test_case13_lightning_with_onecycle_warns_that_decays_are_overwritten() -> None:
+    from neve_tune.lightning._optimizers import carry_decay_into_schedulers, current_lrs
+
+    model = _float_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)
+    before = current_lrs([opt])
+    opt.param_groups[0]["lr"] = before[0] * 0.5  # NeVe's decay, as the callback sees it
+    with pytest.warns(UserWarning, match=r"OneCycleLR recomputes every LR.*overwrites the decay.*StepLR"):
+        carry_decay_into_schedulers([opt], [sched], before)
+    for _ in range(30):  # to the end of OneCycle's warm-up (pct_start 0.3)
+        sched.step()
+    assert opt.param_groups[0]["lr"] > 0.099  # what the warning is about: back at max_lr, the decay is gone
+    chainable = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    before = current_lrs([opt])
+    opt.param_groups[0]["lr"] = before[0] * 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        carry_decay_into_schedulers([opt], [chainable], before)  # a chainable scheduler keeps it: no warning
