@@ -9,13 +9,17 @@ FOLDER`` sends the MLflow records saved while the tracking server was unreachabl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -88,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=int, default=None, help="configurations per arm (default: the study's)")
     run.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every trial (default: the study's)")
     seeds = run.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="seed of the configurations, splits and inits (default 0)")
+    # default None, not 0: argparse sees `--seed 0` as "not given" when it is the default object, and would let
+    # `--seed 0 --seeds 1,2` through while refusing `--seed 3 --seeds 1,2`.
+    seeds.add_argument(
+        "--seed", type=int, default=None, help="seed of the configurations, splits and inits (default 0)"
+    )
     seeds.add_argument(
         "--seeds",
         type=_seeds,
@@ -204,7 +212,7 @@ def study_options(args: argparse.Namespace, console: Any = None) -> StudyOptions
     return StudyOptions(
         trials=args.trials,
         max_epochs=args.max_epochs,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         seeds=args.seeds,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
@@ -270,6 +278,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     files = write_study_outputs(folder, runs)
     title = f"{stored.study} - study run {stored.study_run_name} ({stored.status})"
     _print_tables(console, runs, lambda run: f"{title}, seed {run.seed}", title)
+    if stored.missing:
+        left_out = ", ".join(f"seed {seed} ({arm})" for seed, arm in stored.missing)
+        console.print(f"  left out, no trial ran (the study run ended {stored.status}): {left_out}")
     shown = sorted(name for name in files if "/" not in name)
     console.print(f"\nTables and plots: {folder.resolve()} ({', '.join(shown)})")
     return 0
@@ -304,6 +315,28 @@ def cmd_mlflow_replay(args: argparse.Namespace) -> int:
     return 0 if report.complete else 1
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, job schedulers) handled as Ctrl-C: the SIGINT handler in place runs (Ray Tune's
+    graceful stop, or Python's ``KeyboardInterrupt``), so open MLflow runs end KILLED, not FAILED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored (a background job): still stop like Ctrl-C
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neve-tune`` console script; returns the exit status: 0, 1 when an arm of
     ``study run`` had every trial fail (after the table), 2 for a usage or setup error, 130 on Ctrl-C."""
@@ -321,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"run": cmd_run, "compare": cmd_compare, "list": cmd_list}
     try:
-        return handlers[args.study_command](args)
+        with _sigterm_as_interrupt():
+            return handlers[args.study_command](args)
     except (UnknownStudyError, StudyError, TrackingUnavailableError, CLIError, ValueError) as err:
         print(f"neve-tune: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -148,10 +148,10 @@ class DecoderStep(nn.Module):
 @pytest.mark.parametrize(
     "factory, make_aux",
     [
-        (lambda: nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), lambda: torch.randn(4, 5, 16)),
-        (DecoderStep, lambda: torch.randn(4, 5, 16)),
-        (bert, lambda: torch.randint(0, 50, (4, 8))),
-        (gpt2, lambda: torch.randint(0, 50, (4, 8))),
+        (lambda: nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), lambda: torch.randn(8, 5, 16)),
+        (DecoderStep, lambda: torch.randn(8, 5, 16)),
+        (bert, lambda: torch.randint(0, 50, (8, 8))),
+        (gpt2, lambda: torch.randint(0, 50, (8, 8))),
     ],
     ids=["encoder_layer", "decoder_layer", "bert", "gpt2"],
 )
@@ -197,7 +197,7 @@ def test_low_coverage_warns_once_naming_the_module():
     assert monitor.unmeasured_modules() == [("body", "Hidden", 1024)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        covered = VelocityMonitor(model, torch.randn(4, 16), layers=["body", "head"])
+        covered = VelocityMonitor(model, torch.randn(8, 16), layers=["body", "head"])
     assert covered.coverage == 1.0
 
 

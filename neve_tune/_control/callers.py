@@ -6,6 +6,7 @@ The core imports no integration; it only reads the caller's module name, so noth
 from __future__ import annotations
 
 import sys
+import warnings
 
 #: Loops that call their LR scheduler's ``step()`` after every optimizer step, with no loss: handing them a
 #: ``NeVe`` as the scheduler measures after every batch, silently. Module prefix -> what to do instead.
@@ -39,3 +40,33 @@ def refuse_per_step_loops(depth: int = 2) -> None:
     for prefix, fix in _PER_STEP_LOOPS.items():
         if module.startswith(prefix):
             raise ValueError(f"NeVe.step() was called by {module}.{frame.f_code.co_name}: {fix}")
+
+
+def warn_if_decay_undone(now: list[float], left: list[float], factor: float, num_decays: int, depth: int = 2) -> None:
+    """Warn when, since NeVe's last step, something raised an LR NeVe had decayed at least halfway back.
+
+    In a plain loop that is an LR scheduler stepped beside NeVe (``LambdaLR``, ``OneCycleLR``): it recomputes
+    each LR from its ``base_lrs`` and silently undoes NeVe's decays. The Lightning and Hugging Face callbacks
+    (callers in ``neve_tune.``) carry each decay into their schedulers' ``base_lrs`` themselves: not judged.
+    Python's warning filter shows it once per calling line.
+    """
+    if num_decays < 1 or len(now) != len(left):
+        return
+    rose = [(i, was, lr) for i, (was, lr) in enumerate(zip(left, now, strict=True)) if lr > was * (1 + 1 / factor) / 2]
+    try:
+        caller = str(sys._getframe(depth).f_globals.get("__name__", ""))
+    except ValueError:
+        caller = ""
+    if not rose or caller.startswith("neve_tune."):
+        return
+    group, was, lr = rose[0]
+    warnings.warn(
+        f"The LR of param group {group} rose from {was:.4g} (after NeVe's {num_decays} decay(s)) to {lr:.4g} since"
+        " NeVe's last step: an LR scheduler stepped beside NeVe (e.g. LambdaLR, OneCycleLR) recomputes the LR from"
+        " its base_lrs and undoes NeVe's decay, while neve.metrics()['neve/num_decays'] still counts it. Make the"
+        " decay stick: when neve.step() returns lr_decayed, scale the scheduler's base_lrs by the same factor"
+        f" (sched.base_lrs = [b * {factor:g} for b in sched.base_lrs]), as the Lightning and Hugging Face callbacks"
+        " do; or let NeVe alone drive the LR.",
+        UserWarning,
+        stacklevel=depth + 1,
+    )

@@ -28,7 +28,7 @@ from .._memorize.watch import MemorizationWatch
 from .._memorize.wave import Memorization
 from ..keys import StopReason
 from .arguments import as_loss, infer_num_classes
-from .callers import refuse_per_step_loops
+from .callers import refuse_per_step_loops, warn_if_decay_undone
 from .memorizing import MemorizationStop, load_memorization
 
 
@@ -214,8 +214,8 @@ class NeVe(LRScheduler):
         return self.stop_reason is StopReason.CONVERGED
 
     def get_last_lr(self) -> list[float]:  # type: ignore[override]
-        """The learning rates after the latest step, one per param group."""
-        return list(self._lrs)
+        """The optimizer's learning rates (as the latest step or a loaded state left them), one per group."""
+        return self.get_lr()
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -229,6 +229,7 @@ class NeVe(LRScheduler):
                 (see the class docstring). A NaN/inf loss means the trial diverged.
         """
         refuse_per_step_loops()  # e.g. Trainer(optimizers=(opt, neve)): a step per batch, not per epoch
+        warn_if_decay_undone(self.get_lr(), self._lrs, self.rule.factor, self.rule.num_decays)
         loss = as_loss(train_loss)
         self.last_epoch += 1  # before measuring: a measurement that raises still counts its epoch
         measurement = self.monitor.measure()
@@ -325,7 +326,7 @@ class NeVe(LRScheduler):
         ``neve/min_epochs``; and ``neve/train_loss`` when the latest step was given one.
         """
         rule = self.rule
-        last, lrs = self._last, self._lrs
+        last, lrs = self._last, self.get_lr()  # what the optimizer trains at, also after a load
         return flat_metrics(self.last_epoch, lrs, rule.num_decays, last, rule.stop_threshold, rule.min_epochs)
 
     def state_dict(self) -> dict[str, Any]:
@@ -361,7 +362,7 @@ class NeVe(LRScheduler):
         self.rule.check_num_groups(len(self.optimizer.param_groups))
         self.monitor.load_state_dict(state_dict["monitor"])
         self.last_epoch = int(state_dict["last_epoch"])
-        self._lrs = [float(x) for x in state_dict["last_lr"]]
+        self._lrs = self.get_lr()  # the optimizer's (a state may come from another optimizer)
         self._signed_mean = float(state_dict["signed_mean"])
         load_memorization(self._memorization, state_dict["memorization"])
         self._unreported_steps = 0

@@ -9,6 +9,7 @@ per epoch; its flags reach the integrations through ``NeVe.metrics()`` and :func
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -277,7 +278,11 @@ class NeVeRule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, settings included (re-validated); a state that is not
-        one :meth:`state_dict` wrote raises ``ValueError`` naming what is missing, and changes nothing."""
+        one :meth:`state_dict` wrote raises ``ValueError`` naming what is missing, and changes nothing.
+
+        The state's settings win over the constructor's (a resumed run keeps deciding as it did); a
+        ``UserWarning`` names every setting that changed. To run with other settings, do not load a state."""
+        before = self._settings()
         missing = sorted(_STATE_KEYS - set(state))
         if missing:
             raise ValueError(
@@ -301,6 +306,20 @@ class NeVeRule:
             fresh.annealer = Annealer(Anneal())
             fresh.annealer.load_state_dict(state["anneal"])
         self.__dict__.update(fresh.__dict__)
+        changed = [f"{k} {v!r} -> {self._settings()[k]!r}" for k, v in before.items() if v != self._settings()[k]]
+        if changed:
+            warnings.warn(
+                f"The loaded NeVe state replaces these settings of the object it was loaded into: {'; '.join(changed)}."
+                " The state wins, so a resumed run decides as before; to train with the new settings, start a fresh"
+                " NeVe instead of loading the state.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings a state carries (and those it resets), for the load warning."""
+        keys = ("factor", "patience", "stop_threshold", "plateau_on", "min_epochs", "num_classes", "criteria")
+        return {**{k: getattr(self, k) for k in keys}, "min_lr": self.min_lrs, "anneal": self.anneal}
 
     def __repr__(self) -> str:
         return (

@@ -134,11 +134,15 @@ class StopDetector:
         window = self.losses[-self.criteria.loss_window :]
         return 1.0 - (sum(window) / len(window)) / ref
 
-    def slope(self) -> float:
-        """The share of ``L_ref`` removed per epoch over the last window (``inf`` until two windows exist)."""
+    def slope(self, partial: bool = False) -> float:
+        """The share of ``L_ref`` removed per epoch over the last window: the mean of the last ``w`` losses
+        against the ``w`` before, ``w = loss_window``; ``inf`` (unknown) until two windows exist. With
+        ``partial``, while fewer than two windows exist, ``w = len(losses) // 2``: known from the second loss."""
         w = self.criteria.loss_window
+        if partial and len(self.losses) < 2 * w:
+            w = len(self.losses) // 2
         ref = self.reference_loss
-        if len(self.losses) < 2 * w or ref is None or not ref > 0:
+        if w < 1 or len(self.losses) < 2 * w or ref is None or not ref > 0:
             return math.inf
         now = sum(self.losses[-w:]) / w
         before = sum(self.losses[-2 * w : -w]) / w
@@ -203,8 +207,10 @@ class StopDetector:
             self.chance_run = 0
             if slope >= c.min_slope and (math.isfinite(slope) or p < c.learned):
                 # V says "not moving", but the loss still falls (or, not learned yet, may still): keep training.
-                # A learned trial whose slope is not known yet (fewer than two loss windows) is converged.
                 return None
+            early = self.slope(partial=True) if not math.isfinite(slope) else slope
+            if p >= c.learned and math.isfinite(early) and early >= c.min_slope:
+                return None  # learned, and before two loss windows exist the loss seen so far still falls
             if p >= c.learned:
                 return StopReason.CONVERGED
             self.detail = f"only {p:.0%} of the chance-level loss removed, and the loss no longer falls"

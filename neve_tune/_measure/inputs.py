@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from . import auxchecks
 from .layer import MeasurementError
 from .state import aux_fingerprint
 
@@ -45,6 +46,8 @@ def as_batches(aux: AuxInput, batch_size: int | None = None) -> list[Any]:
         return list(aux.split(batch_size or aux.shape[0]))
     if isinstance(aux, Mapping):
         return _split_mapping(aux, batch_size)
+    if auxchecks.is_array(aux):
+        auxchecks.refuse_array(aux, "The aux set")
     if isinstance(aux, (str, bytes)) or not isinstance(aux, Iterable):
         raise TypeError(
             f"aux must be a tensor or an iterable of batches, got {type(aux).__name__}. Build one with"
@@ -118,7 +121,13 @@ class AuxBatches:
 
     def __init__(self, aux: AuxInput, batch_size: int | None = None) -> None:
         self.batches = as_batches(aux, batch_size)
+        for index, batch in enumerate(self.batches):
+            for leaf in auxchecks.leaves(batch):
+                if auxchecks.is_array(leaf):
+                    auxchecks.refuse_array(leaf, f"Aux batch {index} holds a value that")
+        auxchecks.refuse_meta_aux(self.batches)
         _check_finite(self.batches)
+        auxchecks.warn_few_samples(self.batches)
         self._on: tuple[torch.device, list[Any]] | None = None
         self._fingerprint: str | None = None
 
@@ -161,8 +170,18 @@ class AuxBatches:
             _call(model, batch)
         except (torch.OutOfMemoryError, MeasurementError):
             raise
+        except TypeError as exc:
+            labels = auxchecks.labels_passed(model, batch, exc)
+            if labels:
+                raise ValueError(labels) from exc
+            raise
+        except IndexError as exc:
+            clash = auxchecks.vocab_clash(model, batch)
+            if clash:
+                raise ValueError(f"{clash} ({type(model).__name__} failed on it: {exc})") from exc
+            raise
         except RuntimeError as exc:
-            mismatch = _dtype_mismatch(model, batch)
+            mismatch = auxchecks.dtype_mismatch(model, batch) or auxchecks.vocab_clash(model, batch)
             if mismatch:
                 raise ValueError(f"{mismatch} ({type(model).__name__} failed on it: {exc})") from exc
             if not _SHAPE_ERROR.search(str(exc)):
@@ -183,20 +202,10 @@ class AuxBatches:
 _SHAPE_ERROR = re.compile(r"shape|size|dimension|channels|expected .*input|must match", re.IGNORECASE)
 
 
-def _tensors(batch: Any) -> list[Tensor]:
-    if isinstance(batch, Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensors(v)]
-    if isinstance(batch, (tuple, list)):
-        return [t for v in batch for t in _tensors(v)]
-    return []
-
-
 def _check_finite(batches: list[Any]) -> None:
     """Refuse NaN/inf inputs: every measurement on them would read as diverged."""
     for index, batch in enumerate(batches):
-        for t in _tensors(batch):
+        for t in auxchecks.tensors(batch):
             if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise ValueError(
@@ -216,21 +225,6 @@ def _own(batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_own(v) for v in batch)
     return batch
-
-
-def _dtype_mismatch(model: nn.Module, batch: Any) -> str:
-    """A message when the batch's floating inputs and the model's floating parameters differ in dtype."""
-    wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    given = {t.dtype for t in _tensors(batch) if t.is_floating_point()}
-    if wanted is None or not given or given == {wanted}:
-        return ""
-    got = ", ".join(sorted(str(d).removeprefix("torch.") for d in given))
-    name = str(wanted).removeprefix("torch.")
-    return (
-        f"The aux set's dtype ({got}) is not the model's ({name}): a dtype mismatch, not a shape problem. Build"
-        f" the aux set in {name} (e.g. neve_tune.noise_aux(shape, dtype=torch.{name}), or aux.to(torch.{name})),"
-        " or convert the model to the aux set's dtype (e.g. model.float())."
-    )
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from . import saving
 from . import state as _state
 from .accumulate import Accumulator, CopyOnly, NeuronSums, accumulator_for, reset_scales
+from .auxchecks import refuse_meta_model
 from .bnfuse import BatchNormFusion
 from .coverage import CoverageWatch, parameter_coverage, unmeasured_modules
 from .hooks import Passes
@@ -173,6 +174,7 @@ class VelocityMonitor:
         _state.check_snapshot_choice(state_snapshot)
         self._seed = seed
         self._inner = unwrap_model(model)
+        refuse_meta_model(self._inner)
         self._aux = AuxBatches(aux, batch_size)
         rules = {n: (m, layer_rule(m)) for n, m in select_layers(self._inner, layers).items()}
         self._layers = [Layer(n, m, rule.dim, rule.output) for n, (m, rule) in rules.items()]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,13 @@ def load(monitor: VelocityMonitor, state: Mapping[str, Any]) -> None:
     _state.check_fingerprints(state, monitor._aux.fingerprint(), layers)
     monitor._layers = layers
     device = model_device(monitor._inner)
+    if float(state["momentum"]) != monitor.momentum:
+        warnings.warn(
+            f"The loaded state replaces the monitor's momentum {monitor.momentum} -> {float(state['momentum'])}:"
+            " the state wins, so a resumed run measures as before; for another momentum, do not load the state.",
+            UserWarning,
+            stacklevel=3,
+        )
     monitor.momentum = float(state["momentum"])
     monitor.max_positions = state["max_positions"]
     monitor._count = int(state["count"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 
@@ -50,6 +52,10 @@ def current_lrs(optimizers: Sequence[Optimizer]) -> list[float]:
     return [float(g["lr"]) for opt in optimizers for g in opt.param_groups]
 
 
+#: Schedulers that keep their LR targets outside ``base_lrs`` and overwrite any decay at their next step.
+_OVERWRITING = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+
+
 def carry_decay_into_schedulers(
     optimizers: Sequence[Optimizer], schedulers: Sequence[Any], before: Sequence[float]
 ) -> None:
@@ -79,3 +85,13 @@ def carry_decay_into_schedulers(
                 base = getattr(sched, "base_lrs", None)
                 if getattr(sched, "optimizer", None) is opt and isinstance(base, list) and j < len(base):
                     base[j] = float(base[j]) * ratio
+                if getattr(sched, "optimizer", None) is opt and isinstance(sched, _OVERWRITING):
+                    warnings.warn(
+                        f"NeVe decayed the LR of param group {j} from {old:.4g} to {new:.4g}, but the Trainer's"
+                        f" {type(sched).__name__} recomputes every LR from its own targets (max_lr / base_lr) at"
+                        " its next step and overwrites the decay: NeVe's decays have no effect with it. Use a"
+                        " chainable scheduler (StepLR, CosineAnnealingLR, ExponentialLR), LambdaLR for a warm-up,"
+                        " or no scheduler with NeVeCallback.",
+                        UserWarning,
+                        stacklevel=2,
+                    )

@@ -94,7 +94,9 @@ def report_epoch(
         trial: the trial passed to the objective.
         neve: the :class:`neve_tune.NeVe` controller (after its ``step()`` for this epoch), the
             :class:`neve_tune.StepResult` that ``step()`` returned, or a dict of NeVe metrics.
-        value: this epoch's objective value (e.g. training or test accuracy), for ``trial.report``.
+        value: this epoch's objective value (e.g. training or test accuracy), for ``trial.report``: a
+            number (``None`` raises ``TypeError``: Optuna's pruners need a value at every step; a
+            validation-free loop reports its training loss or accuracy).
         step: the Optuna step; defaults to ``neve/epoch - 1`` (0 after the first epoch).
         max_epochs: the epoch budget; reaching it returns ``StopReason.MAX_T``.
         train_loss: the epoch's training loss (a number or a one-element tensor): step ``neve`` (a
@@ -105,7 +107,18 @@ def report_epoch(
 
     Raises:
         optuna.TrialPruned: the trial diverged, stalled, collapsed or was pruned.
+        TypeError: ``value`` is ``None`` or a string.
+        NotImplementedError: the study is multi-objective (Optuna has no ``trial.report`` there); the
+            message says how to use NeVe in such a study.
     """
+    _refuse_multi_objective(trial)
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"report_epoch(trial, neve, value): value is this epoch's objective value, stored with"
+            f" trial.report(value, step), and must be a number, but got {value!r}. Pass a number (e.g. the"
+            " epoch's training loss or accuracy, in the study's direction); to give NeVe the training loss, use"
+            " train_loss=epoch_loss (None there means the loop called neve.step() itself)."
+        )
     if isinstance(neve, NeVe):
         metrics = neve.report_step(train_loss, who="report_epoch")  # steps NeVe first when given the loss
     elif train_loss is not None:
@@ -153,6 +166,21 @@ def report_epoch(
     if reason.is_failure:
         raise optuna.TrialPruned(_pruned_message(trial.number, reason, epoch, metrics, value))
     return reason
+
+
+def _refuse_multi_objective(trial: optuna.trial.BaseTrial) -> None:
+    """Optuna's ``trial.report`` (and so pruning) does not exist in multi-objective studies: say what does."""
+    study = getattr(trial, "study", None)
+    directions = getattr(study, "directions", [])
+    if len(directions) > 1:
+        names = [d.name.lower() for d in directions]
+        raise NotImplementedError(
+            f"report_epoch reports each epoch with trial.report(), which Optuna does not support in a"
+            f" multi-objective study (this one has {len(directions)} directions: {names}), so no pruner can act"
+            " on it. Use NeVe directly there: call neve.step(epoch_loss) after every epoch, end the loop with"
+            " `if neve.should_stop: break`, keep neve.stop_reason and neve.metrics() with"
+            " trial.set_user_attr(...) if you want them, and return your objectives' values."
+        )
 
 
 def _pruned_message(number: int, reason: StopReason, epoch: int, metrics: Mapping[str, float], value: float) -> str:

@@ -9,6 +9,7 @@ continues with identical velocities, learning rates and data order.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 #: File name of the checkpoint inside the Ray checkpoint directory.
 CHECKPOINT_FILE = "neve_state.pt"
 _FORMAT = 1
+_NOT_STEPPED = (
+    "report_epoch got train_loss=None, which means the loop already called neve.step(loss) for this epoch, but"
+    " NeVe has not been stepped yet (neve/epoch is 0). Call neve.step(epoch_loss) after the epoch's training,"
+    " or pass the loss here: report_epoch(..., train_loss=epoch_loss)."
+)
 
 
 def report_epoch(
@@ -68,13 +74,25 @@ def report_epoch(
         checkpoint_every: save a checkpoint when ``epoch % checkpoint_every == 0``; ``0`` never saves.
         save_rng: also save the RNG states, so the data order and dropout continue identically.
         train_loss: the epoch's training loss (a number or a one-element tensor): step NeVe with it
-            before reporting. ``None``: the loop called ``neve.step()`` itself.
+            before reporting. ``None``: the loop called ``neve.step()`` itself (as with
+            ``NeVe.report_step(None)``); a NeVe never stepped is then refused with a ``ValueError``.
 
     Returns:
         The dict that was reported.
+
+    Raises:
+        TypeError: ``metrics`` is not a mapping (e.g. a loss passed where the metrics dict goes).
+        ValueError: ``train_loss=None`` but ``neve`` was never stepped, or ``train_loss`` given after the
+            loop already stepped NeVe this epoch.
     """
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0, but got {checkpoint_every=}.")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"metrics must be a dict of the trial's own metrics (or None), but got {type(metrics).__name__}"
+            f" {metrics!r}. To give NeVe the epoch's training loss, pass train_loss={metrics!r}; to report it,"
+            f" pass {{'train_loss': {metrics!r}}}."
+        )
     own = dict(metrics or {})
     clash = sorted(k for k in own if k.startswith(keys.PREFIX))
     if clash:
@@ -85,6 +103,8 @@ def report_epoch(
     if neve is not None:
         neve_metrics = neve.report_step(train_loss, who="report_epoch")  # steps NeVe first when given the loss
         reported = {**own, **neve_metrics}
+        if neve_metrics[keys.EPOCH] < 1:
+            raise ValueError(_NOT_STEPPED)
         if epoch is None:
             epoch = int(neve_metrics[keys.EPOCH])
     if epoch is None:
@@ -123,6 +143,13 @@ def restore_from_checkpoint(
     and aux set) before calling this; it then overwrites their state, the RNG states (``restore_rng``) and
     the entries of ``extra_state`` with the checkpointed ones. Tensors are loaded onto the model's device.
 
+    The learning rates the optimizer was built with (its param groups' ``lr`` now) are kept as each group's
+    ``initial_lr``, the key PyTorch's LR schedulers use. When they differ from the checkpoint's (a
+    ``PopulationBasedTraining`` exploit restores another trial's checkpoint under a new ``config["lr"]``),
+    the new config's LR applies, times the decay NeVe had applied in the checkpoint: each group trains at
+    ``new lr * checkpoint lr / checkpoint initial_lr``, and ``neve`` reports that LR. An unchanged config
+    resumes at the checkpoint's LRs.
+
     Raises:
         FileNotFoundError: the checkpoint was not written by :func:`report_epoch`.
         ValueError: the checkpoint holds NeVe state but ``neve`` is ``None`` (or the reverse).
@@ -130,6 +157,8 @@ def restore_from_checkpoint(
     if checkpoint is None:
         checkpoint = tune.get_checkpoint()
     if checkpoint is None:
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # the config's LR, for a later PBT exploit
         return 0
     with checkpoint.as_directory() as directory:
         return load_training_state(
@@ -199,7 +228,9 @@ def load_training_state(
             " Restore with the same kind of trainable that wrote the checkpoint."
         )
     model.load_state_dict(state["model"])
+    built = [float(group["lr"]) for group in optimizer.param_groups]  # from the (maybe new) config
     optimizer.load_state_dict(state["optimizer"])  # moves the optimizer state to its params' device
+    _apply_config_lrs(optimizer, built)
     if neve is not None:
         neve.load_state_dict(state["neve"])  # moves the velocity state to the model's device
     if extra_state is not None and state["extra"] is not None:
@@ -207,6 +238,22 @@ def load_training_state(
     if restore_rng and state["rng"] is not None:
         _set_rng_state(state["rng"])
     return int(state["epoch"])
+
+
+def _apply_config_lrs(optimizer: Optimizer, built: list[float]) -> bool:
+    """Apply the LRs the optimizer was built with when they differ from the checkpoint's ``initial_lr``.
+
+    Each group keeps the checkpoint's decay (``lr / initial_lr``) on the new LR. Returns whether any changed.
+    """
+    changed = False
+    for group, lr in zip(optimizer.param_groups, built, strict=True):
+        was = group.get("initial_lr")
+        group["initial_lr"] = lr
+        if was is None or math.isclose(float(was), lr, rel_tol=1e-9, abs_tol=0.0) or float(was) <= 0.0:
+            continue
+        group["lr"] = lr * float(group["lr"]) / float(was)
+        changed = True
+    return changed
 
 
 def _select_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
@@ -262,5 +309,3 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-

@@ -10,7 +10,7 @@ order of the study run's ``seeds`` param.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class StoredStudy:
     arms: list[ArmResult]
     seed: str | None = None
     by_seed: dict[int, list[ArmResult]] | None = None
+    #: ``(seed, arm)`` of arm runs that hold no trial (a study stopped before they trained): left out of
+    #: every table and mean, so that a seed that never ran does not count as 0 trial-epochs.
+    missing: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def runs(self) -> list[SeedRun]:
@@ -120,8 +123,10 @@ def load_study(
     by_seed: dict[int, list[ArmResult]] = {
         int(x): [] for x in (study_run.data.params.get("seeds") or "").split(",") if x.strip()
     }
+    missing = [(result.seed, result.arm) for result in arms if not result.records]
     for result in arms:
-        by_seed.setdefault(result.seed, []).append(result)
+        if result.records:
+            by_seed.setdefault(result.seed, []).append(result)
     by_seed = {seed: results for seed, results in by_seed.items() if results}
     return StoredStudy(
         tracking_uri=uri,
@@ -134,6 +139,7 @@ def load_study(
         arms=next(iter(by_seed.values()), []),
         seed=study_run.data.params.get("seed"),
         by_seed=by_seed,
+        missing=missing,
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._arms import ARMS
@@ -128,6 +131,27 @@ def check_tracking_scheme(uri: str | os.PathLike[str] | None) -> None:
     )
 
 
+def check_output_dir(path: str | os.PathLike[str]) -> Path:
+    """The absolute output folder; ``StudyError`` when it could not be created or written.
+
+    Checked with the other options, so a path under a regular file (or in ``/proc``) is refused before
+    Ray, Optuna or any MLflow run starts. Creates nothing: it makes and removes a probe folder in the
+    nearest folder that exists.
+    """
+    folder = Path(path).expanduser().resolve()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".neve-check-", dir=existing))
+    except OSError as err:
+        raise StudyError(
+            f"Cannot write the study's results to --output-dir {os.fspath(path)!r}: {err.strerror or err}"
+            f" (checked in {existing}). Pass a folder you can write to, e.g. --output-dir ./neve_results."
+        ) from err
+    return folder
+
+
 def _local_gpus() -> int:
     import torch
 
@@ -151,4 +175,11 @@ def check_resources(budget: Budget, backend: Backend) -> None:
         )
 
 
-__all__ = ["MLFLOW_SCHEMES", "StudyOptions", "check_resources", "check_seeds", "check_tracking_scheme"]
+__all__ = [
+    "MLFLOW_SCHEMES",
+    "StudyOptions",
+    "check_output_dir",
+    "check_resources",
+    "check_seeds",
+    "check_tracking_scheme",
+]

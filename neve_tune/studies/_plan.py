@@ -10,7 +10,7 @@ from pathlib import Path
 from ._arm import Arm
 from ._arms import get_arm, list_arms
 from ._backend import Backend, resolve_backend
-from ._options import StudyOptions, check_resources, check_seeds, check_tracking_scheme
+from ._options import StudyOptions, check_output_dir, check_resources, check_seeds, check_tracking_scheme
 from ._registry import BUILTIN_STUDIES, get_study
 from ._spec import Budget, StudyDefinition, StudyError
 
@@ -117,8 +117,9 @@ def check_aux_set(plan: Plan) -> None:
 
 
 def make_plan(study: str | StudyDefinition, options: StudyOptions) -> tuple[Plan, Backend]:
-    """Check everything that needs no training (study, arms, seeds, backend, resources, tracking scheme)
-    and return the plan and its backend (not opened yet). Raises ``StudyError`` / ``UnknownStudyError``."""
+    """Check everything that needs no training (study, arms, seeds, backend, resources, tracking scheme,
+    output folder) and return the plan and its backend (not opened yet). Raises ``StudyError`` /
+    ``UnknownStudyError``."""
     definition, spec_study = _resolve(study)
     arms = check_arms(options.arms)
     seeds = check_seeds(options)
@@ -127,6 +128,7 @@ def make_plan(study: str | StudyDefinition, options: StudyOptions) -> tuple[Plan
     check_resources(budget, backend)
     if options.track:
         check_tracking_scheme(options.tracking_uri)
+    output = check_output_dir(options.output_dir)
     plan = Plan(
         definition=definition,
         spec_study=spec_study,
@@ -135,7 +137,7 @@ def make_plan(study: str | StudyDefinition, options: StudyOptions) -> tuple[Plan
         seeds=seeds,
         options=options,
         backend_name=backend.name,
-        output=Path(options.output_dir).resolve(),
+        output=output,
         stamp=time.strftime("%Y%m%d-%H%M%S"),
     )
     return plan, backend
