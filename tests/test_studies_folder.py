@@ -25,7 +25,7 @@ def _rows(text: str, header: str) -> dict[str, list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("study", ["digits", "mnist1d", "listops"])
+@pytest.mark.parametrize("study", ["digits", "mnist1d", "mnist1d-noisy", "listops"])
 def test_the_readme_table_over_seeds_is_the_result_files(study: str) -> None:
     readme = (STUDIES / "README.md").read_text()
     section = readme[readme.index(f"### {study}\n") :]
