@@ -125,7 +125,7 @@ def check_tune(dev: torch.device, quick: bool, memory: dict[str, Any]) -> Result
 
 def trial_row(config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """What check 5a reads from a trial's last result."""
-    from neve_tune.ray import STOP_EPOCH, STOP_REASON
+    from neve_tune.keys import STOP_EPOCH, STOP_REASON
 
     return {
         "lr": config.get("lr"),

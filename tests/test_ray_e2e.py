@@ -291,7 +291,7 @@ def test_validation_based_asha_baseline_uses_the_same_helpers(tmp_path):
     # The reported checkpoint restores the model that produced the reported validation accuracy.
     data = load_digits_splits(val_fraction=0.1)
     model = DigitsCNN(width=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=best.config["lr"])  # built from the trial's config, as it was
     epoch = restore_from_checkpoint(model, opt, None, checkpoint=best.checkpoint, restore_rng=False)
     assert epoch == best.metrics["training_iteration"]
     val_loss, val_acc = _evaluate(model, data.x_val, data.y_val)

@@ -305,7 +305,8 @@ def test_a_stop_threshold_given_here_only_warns_once_per_trial_and_never_changes
     results = run("converges", stop_threshold=0.01)
     own_stop = len(results)
     assert results[-1][keys.CONVERGED] == 1.0 and results[-1][keys.STOP_THRESHOLD] == 0.01
-    assert results[-1][V] >= 1e-3  # a scheduler deciding with 1e-3 itself would not stop here
+    # A scheduler deciding with 1e-3 itself would have stopped earlier: V fell under it while the loss still fell.
+    assert any(r[V] < 1e-3 for r in results[:-1])
     follow, trial = NeVeScheduler(), new_trial()
     assert drive(follow, trial, results)[-1] == STOP and follow.stop_info(trial.trial_id).epoch == own_stop
     disagreeing, trial = NeVeScheduler(stop_threshold=1e-3), new_trial()

@@ -169,30 +169,26 @@ def _pbt_trainable(config: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_case04_pbt_exploit_trains_at_the_new_configs_lr(tmp_path) -> None:
-    import ray
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        pbt = PopulationBasedTraining(
-            time_attr="training_iteration",
-            perturbation_interval=2,
-            hyperparam_mutations={"lr": tune.uniform(0.01, 0.5)},
-            quantile_fraction=0.5,
-            resample_probability=0.0,
-            synch=True,
-        )
-        tuner = tune.Tuner(
-            _pbt_trainable,
-            param_space={"lr": tune.grid_search([0.05, 0.2])},
-            tune_config=tune.TuneConfig(scheduler=pbt, metric="score", mode="max"),
-            run_config=tune.RunConfig(storage_path=str(tmp_path), name="pbt", verbose=0),
-        )
-        results = tuner.fit()
-    finally:
-        ray.shutdown()
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=2,
+        hyperparam_mutations={"lr": tune.uniform(0.01, 0.5)},
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        synch=True,
+    )
+    tuner = tune.Tuner(
+        _pbt_trainable,
+        param_space={"lr": tune.grid_search([0.05, 0.2])},
+        tune_config=tune.TuneConfig(scheduler=pbt, metric="score", mode="max"),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="pbt", verbose=0),
+    )
+    results = tuner.fit()
     assert results.num_errors == 0
     frames = [results[i].metrics_dataframe for i in range(len(results))]
     rows = [row for frame in frames if frame is not None for row in frame.itertuples(index=False)]
