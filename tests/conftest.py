@@ -8,6 +8,9 @@ Markers (``make test-fast`` deselects ``slow``, ``ray`` and ``server``):
 * ``server``: the test starts an `mlflow server` (:class:`MlflowServer`); its ``start`` fails in a test
   without the marker. Every such server here is the test's own: the outage tests stop and restart it, and
   the docker test runs the image's entrypoint.
+
+New SQLite MLflow stores made in this process start as a copy of the first one MLflow migrated in the
+session (:func:`_new_sqlite_stores_from_one_migration`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +175,48 @@ def compute_path(request: pytest.FixtureRequest) -> Iterator[str]:
         _require_kernel()
     with use_compute_path(request.param):
         yield request.param
+
+
+# --------------------------------------------------------------------------------- new SQLite stores
+
+
+def _copy_sqlite(source: str | Path, target: str | Path) -> None:
+    """SQLite's online backup of ``source`` into ``target`` (safe while others hold ``target`` open)."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
+def _from_template(original: Callable[[Any], None], folder: Path) -> Callable[[Any], None]:
+    template = folder / "migrated.db"
+
+    def initialize_tables(engine: Any) -> None:
+        database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+        if not database or database == ":memory:":
+            original(engine)
+        elif template.exists():
+            _copy_sqlite(template, database)
+        else:
+            original(engine)  # MLflow's own migrations, once per session
+            _copy_sqlite(database, template)
+
+    initialize_tables.neve_template = template  # type: ignore[attr-defined]
+    return initialize_tables
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow-sqlite-template")
+
+
+@pytest.fixture(autouse=True)
+def _new_sqlite_stores_from_one_migration(_sqlite_template_folder: Path) -> None:
+    """A new SQLite MLflow store costs MLflow's ~50 schema migrations (seconds; dozens of tests make one).
+
+    The first new store of the session is migrated by MLflow itself and kept; each later new store in this
+    process receives that database through SQLite's backup API: the same tables, the same alembic version,
+    written by the same MLflow. Nothing about MLflow's behaviour is replaced. Stores made in subprocesses (the
+    CLI tests, Ray workers) migrate as a user's would. Applied once ``mlflow.store.db.utils`` is imported.
+    """
+    utils = sys.modules.get("mlflow.store.db.utils")
+    if utils is not None and not hasattr(utils._initialize_tables, "neve_template"):
+        utils._initialize_tables = _from_template(utils._initialize_tables, _sqlite_template_folder)
