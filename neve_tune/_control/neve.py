@@ -358,13 +358,13 @@ class NeVe(LRScheduler):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (load the optimizer's own state separately)."""
+        load_memorization(self._memorization, state_dict["memorization"])  # first: it refuses another setting
         self.rule.load_state_dict(state_dict["rule"])
         self.rule.check_num_groups(len(self.optimizer.param_groups))
         self.monitor.load_state_dict(state_dict["monitor"])
         self.last_epoch = int(state_dict["last_epoch"])
         self._lrs = self.get_lr()  # the optimizer's (a state may come from another optimizer)
         self._signed_mean = float(state_dict["signed_mean"])
-        load_memorization(self._memorization, state_dict["memorization"])
         self._unreported_steps = 0
         last = state_dict["last_result"]
         if last is None:

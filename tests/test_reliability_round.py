@@ -1,0 +1,455 @@
+"""Issue 23, last item: a new user's pass over what this round added, the memorisation probe
+(``NeVe.observe``), the restored weights of the memorizing stop, and ``StudyDefinition(make_aux=...,
+build_optimizer=...)``. One test per case, R1..R44; each docstring says what the user does and what happens now
+(``CASES.md`` at the worktree root lists what main did).
+
+The memorisation cases drive the watch with synthetic logits of known flips (``FLIPS``) while a tiny model
+trains on random batches (so the velocity rule keeps going): the flip minimum is at epoch 4 and the watch
+(``window=1, patience=2, significance=0``) fires at epoch 6.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import neve_tune as nt
+from neve_tune import Anneal, Memorization, NeVe, StopReason, keys
+
+N, C = 100, 4
+#: Samples whose prediction changes at each epoch (epoch 1 has nothing to compare with).
+FLIPS = [0, 40, 20, 5, 10, 20, 30, 40, 40, 40, 40, 40, 40, 40]
+FAST = Memorization(window=1, patience=2, significance=0.0, anneal=False)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, C))
+
+
+def _setup(
+    memorization: Any = FAST, model: nn.Module | None = None, **options: Any
+) -> tuple[nn.Module, torch.optim.Optimizer, NeVe]:
+    model = _model() if model is None else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    aux = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    return model, opt, NeVe(model, opt, aux, min_epochs=3, memorization=memorization, **options)
+
+
+def _predictions(epoch: int) -> torch.Tensor:
+    """Each sample's predicted class at ``epoch``: the first ``FLIPS[e]`` samples move on at every epoch e."""
+    current = torch.zeros(N, dtype=torch.long)
+    for e in range(1, epoch + 1):
+        current[: FLIPS[e - 1]] = (current[: FLIPS[e - 1]] + 1) % C
+    return current
+
+
+def _logits(epoch: int) -> torch.Tensor:
+    return nn.functional.one_hot(_predictions(epoch), C).float() * 5
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> float:
+    """One SGD step on a random batch; the loss NeVe is given falls by 0.05 per epoch."""
+    g = torch.Generator().manual_seed(100 + epoch)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, C, (64,), generator=g)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), y).backward()
+    opt.step()
+    return 1.2 - 0.05 * epoch
+
+
+def _epoch(model: nn.Module, opt: torch.optim.Optimizer, neve: NeVe, epoch: int, observe: bool = True) -> nt.StepResult:
+    loss = _train(model, opt, epoch)
+    if observe:
+        neve.observe(_logits(epoch), torch.arange(N))
+    return neve.step(loss)
+
+
+def _run(model: nn.Module, opt: torch.optim.Optimizer, neve: NeVe, first: int = 1, last: int = 14) -> list[Any]:
+    results = []
+    for epoch in range(first, last + 1):
+        results.append(_epoch(model, opt, neve, epoch))
+        if neve.should_stop:
+            break
+    return results
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+
+
+def test_the_synthetic_flips_fire_at_epoch_6_with_the_weights_of_epoch_4() -> None:
+    """The driver every memorisation case uses: the minimum at epoch 4, the stop at epoch 6, weights back."""
+    model, opt, neve = _setup()
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    for epoch in range(1, 15):
+        result = _epoch(model, opt, neve, epoch)
+        kept[epoch] = _weights(model)
+        if neve.should_stop:
+            break
+    assert result.epoch == 6 and result.stop_reason is StopReason.MEMORIZING
+    assert result.flip_fraction == pytest.approx(0.2) and result.restored_epoch == result.flip_min_epoch == 4
+    assert _same(_weights(model), kept[4]) and not _same(kept[5], kept[4])
+
+
+# ---------------------------------------------------------------------------- the probe: observe()
+
+
+def test_r01_indices_of_the_wrong_length_are_refused() -> None:
+    """R1: 3 indices for 4 outputs. ValueError naming both counts and what to pass."""
+    _, _, neve = _setup()
+    with pytest.raises(ValueError, match=r"got 3 indices for a batch of 4 outputs.*one dataset index per sample"):
+        neve.observe(torch.randn(4, C), [0, 1, 2])
+
+
+def test_r02_negative_indices_are_refused() -> None:
+    """R2: a -1 among the indices (a padded sampler). ValueError showing it."""
+    _, _, neve = _setup()
+    with pytest.raises(ValueError, match=r"negative dataset index \(-1\)"):
+        neve.observe(torch.randn(3, C), [0, -1, 2])
+
+
+def test_r03_float_indices_name_the_fix() -> None:
+    """R3: indices as a float tensor (collated from a float column). Main: a TypeError naming the dtype only;
+    now it shows the values and names ``indices.long()``; integer indices from NumPy still work."""
+    _, _, neve = _setup()
+    with pytest.raises(TypeError, match=r"torch\.float32 tensor \[0\.0, 1\.0, 2\.0\].*indices\.long\(\)"):
+        neve.observe(torch.randn(3, C), torch.tensor([0.0, 1.0, 2.0]))
+    import numpy as np
+
+    neve.observe(torch.randn(3, C), np.array([0, 1, 2]))
+    assert neve.watch is not None and neve.watch.counter.size == 3
+
+
+def test_r04_string_ids_as_indices_say_positions_are_needed() -> None:
+    """R4: a Hugging Face ``id`` column (strings) passed as indices. Main: ``ValueError: too many dimensions
+    'str'`` from torch; now a TypeError that shows them and says positions, with the ``with_indices`` map."""
+    _, _, neve = _setup()
+    with pytest.raises(TypeError, match=r"got list \['a', 'b', 'c'\].*not ids or names.*with_indices=True"):
+        neve.observe(torch.randn(3, C), ["a", "b", "c"])
+
+
+def test_r05_none_indices_say_what_to_pass() -> None:
+    """R5: ``observe(logits, batch.get("index"))`` on a batch without the column. Main: ``RuntimeError: Could
+    not infer dtype of NoneType``; now a TypeError naming ``indices=None`` and the fix."""
+    _, _, neve = _setup()
+    with pytest.raises(TypeError, match=r"indices=None.*Dataset that returns \(x, y, index\)"):
+        neve.observe(torch.randn(3, C), None)
+
+
+def test_r06_batch_positions_instead_of_dataset_indices_warn() -> None:
+    """R6: ``observe(out, torch.arange(len(x)))``, the positions in each batch of 10. Main: silently a flip
+    fraction of 0.0 at every epoch (the last batch of each epoch compared with the last batch of the previous),
+    so it never stopped; now it warns once, at the first epoch's step, with the counts."""
+    model, opt, neve = _setup()
+    with pytest.warns(UserWarning, match=r"given 100 samples in epoch 1 but only 10 distinct.*about 10 times"):
+        for epoch in range(1, 4):
+            loss = _train(model, opt, epoch)
+            for start in range(0, N, 10):
+                neve.observe(_logits(epoch)[start : start + 10], torch.arange(10))
+            result = neve.step(loss)
+    assert result.flip_fraction == 0.0  # still counted (a sampler with replacement repeats indices legitimately)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _setup()[2].observe(torch.randn(N, C), torch.randint(0, N, (N,)))  # sampling with replacement: no warning
+
+
+def test_r07_a_sample_id_as_index_is_refused_before_allocating() -> None:
+    """R7: sample ids (``10**9``) passed as indices. Main: two int32 tables of 10**9 rows (8 GB) allocated;
+    now a ValueError before any allocation, naming positions; indices up to 10**8 - 1 still work."""
+    _, _, neve = _setup()
+    with pytest.raises(ValueError, match=r"dataset index 1000000000.*1,000,000,001 rows.*not sample ids"):
+        neve.observe(torch.randn(2, C), [3, 10**9])
+    assert neve.watch is not None and neve.watch.counter.size == 0  # nothing stored
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_r08_half_precision_logits_are_observed(dtype: torch.dtype) -> None:
+    """R8: ``observe`` on autocast logits (float16 / bfloat16). Counted as float32 logits are: the same flips."""
+    model, opt, neve = _setup()
+    fractions = []
+    for epoch in range(1, 4):
+        loss = _train(model, opt, epoch)
+        neve.observe(_logits(epoch).to(dtype), torch.arange(N))
+        fractions.append(neve.step(loss).flip_fraction)
+    assert fractions == [None, 0.4, 0.2]
+
+
+def test_r09_regression_outputs_warn_once_and_change_nothing() -> None:
+    """R9: ``(N,)`` outputs of a regression head. One warning, no flip metrics, the same decisions as without."""
+    model, opt, neve = _setup()
+    plain_model, plain_opt, plain = _setup()
+    with pytest.warns(UserWarning, match=r"shape \(100,\) hold one value per sample.*will not stop for memorization"):
+        for epoch in range(1, 5):
+            loss = _train(model, opt, epoch)
+            neve.observe(torch.randn(N), torch.arange(N))
+            a = neve.step(loss)
+            b = plain.step(_train(plain_model, plain_opt, epoch))
+            assert a == b and a.flip_fraction is None
+    assert keys.FLIP_FRACTION not in neve.metrics()
+
+
+def test_r10_a_diverged_model_stops_as_diverged_not_memorizing() -> None:
+    """R10: the weights go NaN, so do the logits observed (argmax of NaN). NeVe stops as diverged; the watch's
+    counting of NaN predictions decides nothing."""
+    model, opt, neve = _setup()
+    _run(model, opt, neve, last=3)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    logits = model(torch.randn(N, 8))
+    assert bool(logits.isnan().all())
+    neve.observe(logits, torch.arange(N))
+    result = neve.step(float("nan"))
+    assert result.stop_reason is StopReason.DIVERGED and result.restored_epoch is None
+
+
+def test_r11_model_output_without_logits_names_its_keys() -> None:
+    """R11: a Hugging Face ``ModelOutput`` without logits (a base model's ``last_hidden_state``). TypeError
+    listing its keys; one with ``logits`` is observed."""
+    from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
+
+    _, _, neve = _setup()
+    with pytest.raises(TypeError, match=r"no 'logits' tensor \(keys: \['last_hidden_state'\]\)"):
+        neve.observe(BaseModelOutput(last_hidden_state=torch.randn(3, 5, 8)), [0, 1, 2])
+    neve.observe(SequenceClassifierOutput(logits=torch.randn(3, C)), [0, 1, 2])
+    assert neve.watch is not None and neve.watch.active
+
+
+def test_r12_padded_token_logits_compare_only_the_tokens_both_epochs_have() -> None:
+    """R12: token logits ``(N, T, C)`` padded to each batch's longest sequence (T = 6, then 4). A sample counts
+    the share of its compared tokens that changed; tokens beyond the shorter padding are not compared."""
+    _, _, neve = _setup(memorization=Memorization())
+    watch = neve.watch
+    assert watch is not None
+    first = torch.zeros(2, 6, dtype=torch.long)
+    second = first[:, :4].clone()
+    second[0, 0] = 1  # sample 0: 1 of its 4 compared tokens changed; sample 1: none
+    watch.observe(nn.functional.one_hot(first, C).float(), [0, 1])
+    watch.end_epoch(1)
+    watch.observe(nn.functional.one_hot(second, C).float(), [0, 1])
+    step = watch.end_epoch(2)
+    assert step.flips == pytest.approx(0.25) and step.fraction == pytest.approx(0.125)
+
+
+def test_r13_a_layout_change_mid_run_is_refused() -> None:
+    """R13: class logits ``(N, C)``, then token logits ``(N, T, C)`` (a model swapped mid-run). ValueError."""
+    _, _, neve = _setup()
+    neve.observe(torch.randn(3, C), [0, 1, 2])
+    with pytest.raises(ValueError, match=r"after one class per sample \(N,\).*one layout for the whole run"):
+        neve.observe(torch.randn(3, 5, C), [0, 1, 2])
+
+
+def test_r14_observe_in_eval_mode_warns() -> None:
+    """R14: ``observe`` fed from a pass over the training set in eval mode after each epoch (where the flips
+    only fall). Main: silent, and the watch never fires; now one warning naming the training forward."""
+    model, opt, neve = _setup()
+    loss = _train(model, opt, 1)
+    model.eval()
+    with pytest.warns(UserWarning, match=r"model is in eval mode.*only fall.*right after the training forward"):
+        neve.observe(_logits(1), torch.arange(N))
+        neve.observe(_logits(1), torch.arange(N))  # once
+    model.train()
+    assert neve.step(loss).epoch == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"window": 0}, ValueError, r"window must be an integer >= 1, but got window=0"),
+        ({"patience": -1}, ValueError, r"patience must be an integer >= 1, but got patience=-1"),
+        ({"window": 2.0}, ValueError, r"window=2\.0"),
+        ({"significance": float("nan")}, ValueError, r"significance must be a number >= 0, but got nan"),
+        ({"significance": -1}, ValueError, r"significance must be a number >= 0, but got -1"),
+        ({"restore_best_weights": "yes"}, TypeError, r"restore_best_weights must be True or False, but got 'yes'"),
+        ({"anneal": None}, TypeError, r"anneal must be True or False, but got None"),
+    ],
+)
+def test_r15_memorization_options_out_of_range_are_refused(options: dict, error: type, match: str) -> None:
+    """R15: ``Memorization(window=0)``, a negative patience, a NaN significance, ... Each refused, with the value."""
+    with pytest.raises(error, match=match):
+        Memorization(**options)
+
+
+@pytest.mark.parametrize("value", [False, True, Memorization])
+def test_r16_memorization_false_says_none_turns_it_off(value: Any) -> None:
+    """R16: ``NeVe(memorization=False)`` to turn the watch off. Main: "must be a neve_tune.Memorization or None,
+    but got bool"; now it shows the value and says ``memorization=None`` turns it off."""
+    with pytest.raises(TypeError, match=r"but got .*: pass memorization=None to turn the memorisation watch off"):
+        _setup(memorization=value)
+    assert _setup(memorization=None)[2].watch is None
+
+
+def test_r17_observing_only_the_first_epochs_decides_nothing_on_stale_flips() -> None:
+    """R17: ``observe`` called in epochs 1-3 only (a flag turned off). The epochs without it have no flip
+    fraction, the minimum stays that of epoch 3, and the watch never fires on the old numbers."""
+    model, opt, neve = _setup()
+    results = [_epoch(model, opt, neve, epoch, observe=epoch <= 3) for epoch in range(1, 10)]
+    assert [r.flip_fraction for r in results[:3]] == [None, 0.4, 0.2]
+    assert all(r.flip_fraction is None and r.flip_min_epoch == 3 for r in results[3:])
+    assert all(r.stop_reason is not StopReason.MEMORIZING for r in results)
+
+
+def test_r18_step_without_observe_decides_as_memorization_none() -> None:
+    """R18: the default ``NeVe`` (memorisation on) but ``observe`` never called. The same results as
+    ``memorization=None``, and no flip metric."""
+    model, opt, neve = _setup(memorization=Memorization())
+    off_model, off_opt, off = _setup(memorization=None)
+    for epoch in range(1, 8):
+        a = _epoch(model, opt, neve, epoch, observe=False)
+        assert a == _epoch(off_model, off_opt, off, epoch, observe=False)
+    assert not any(k.startswith("neve/flip") for k in neve.metrics())
+
+
+def test_r19_restore_off_keeps_the_latest_weights() -> None:
+    """R19: ``Memorization(restore_best_weights=False)``. Stops as memorizing at the same epoch, keeps no copy,
+    and the model keeps its latest weights."""
+    model, opt, neve = _setup(
+        memorization=Memorization(window=1, patience=2, significance=0.0, restore_best_weights=False, anneal=False)
+    )
+    results = _run(model, opt, neve)
+    latest = _weights(model)
+    assert results[-1].epoch == 6 and results[-1].stop_reason is StopReason.MEMORIZING
+    assert results[-1].restored_epoch is None and neve.watch is not None and neve.watch.best_state is None
+    assert _same(_weights(model), latest)
+
+
+def test_r20_stepping_on_after_the_memorizing_stop_keeps_saying_memorizing() -> None:
+    """R20: the loop steps NeVe again after the memorizing stop (``Trainer(min_epochs=...)``, a loop that checks
+    ``should_stop`` later). Main: ``should_stop`` turned back to False at the next step (the rule's own stops
+    repeat); now every later step says memorizing, and the weights are not restored again."""
+    model, opt, neve = _setup()
+    assert _run(model, opt, neve)[-1].stop_reason is StopReason.MEMORIZING
+    later = [_epoch(model, opt, neve, epoch) for epoch in range(7, 10)]
+    assert all(r.stop_reason is StopReason.MEMORIZING and r.restored_epoch is None for r in later)
+    assert neve.should_stop and neve.metrics()[keys.MEMORIZING] == 1.0
+    twin = _setup()[2]
+    twin.load_state_dict(neve.state_dict())  # the stop survives a checkpoint
+    assert twin.should_stop and twin.stop_reason is StopReason.MEMORIZING
+
+
+# ---------------------------------------------------------------------------- state and the restored weights
+
+COOL = Memorization(window=1, patience=2, significance=0.0, anneal=True)
+
+
+def _checkpoint(model: nn.Module, opt: torch.optim.Optimizer, neve: NeVe, weights_only: bool = False) -> dict:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "neve": neve.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=weights_only)
+
+
+def test_r21_a_checkpoint_in_the_middle_of_the_cooldown_resumes_identically() -> None:
+    """R21: save model, optimizer and NeVe one epoch into the cooldown after the restore, load them into fresh
+    objects. The resumed run takes the same LRs and stops at the same epoch as the uninterrupted one."""
+    model, opt, neve = _setup(memorization=COOL, anneal=Anneal(min_length=4))
+    first = _run(model, opt, neve, last=7)
+    assert first[5].restored_epoch == 4 and first[5].annealing and first[6].annealing
+    saved = _checkpoint(model, opt, neve)
+    expected = _run(model, opt, neve, first=8)
+    model2, opt2, neve2 = _setup(memorization=COOL, anneal=Anneal(min_length=4))
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    neve2.load_state_dict(saved["neve"])
+    got = _run(model2, opt2, neve2, first=8)
+    assert got == expected and got[-1].stop_reason is StopReason.MEMORIZING and got[-1].epoch == 10
+    assert _same(_weights(model2), _weights(model))
+
+
+def test_r22_a_state_with_the_watch_into_memorization_none_is_refused() -> None:
+    """R22: a checkpoint written with the watch on, loaded into ``NeVe(memorization=None)`` (and the reverse).
+    ValueError naming both settings; nothing is half-loaded (the NeVe keeps its epoch)."""
+    model, opt, neve = _setup()
+    _run(model, opt, neve, last=4)
+    off = _setup(memorization=None)[2]
+    off.step(1.0)
+    with pytest.raises(
+        ValueError, match=r"saved with memorization=Memorization\(\.\.\.\) but this NeVe has memorization=None"
+    ):
+        off.load_state_dict(neve.state_dict())
+    with pytest.raises(ValueError, match=r"saved with memorization=None but this NeVe has memorization=Memorization"):
+        _setup()[2].load_state_dict(off.state_dict())
+    assert off.last_epoch == 1 and off.rule.num_steps == 1  # the failed load changed nothing
+
+
+def test_r23_a_state_with_other_memorization_settings_warns_that_it_wins() -> None:
+    """R23: a NeVe built with ``Memorization(window=3, patience=9)`` loads a state written with
+    ``window=1, patience=2``. Main: the settings were silently replaced; now a warning names both (the state
+    wins, as for the rule's settings), and the resumed run decides with the state's."""
+    model, opt, neve = _setup()
+    _run(model, opt, neve, last=4)
+    other = _setup(memorization=Memorization(window=3, patience=9))[2]
+    with pytest.warns(
+        UserWarning,
+        match=r"replaces this NeVe's memorization=Memorization\(window=3, patience=9.*"
+        r"Memorization\(window=1, patience=2",
+    ):
+        other.load_state_dict(neve.state_dict())
+    assert other.watch is not None and other.watch.settings == FAST
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _setup()[2].load_state_dict(neve.state_dict())  # the same settings: silent
+
+
+def test_r24_the_state_with_kept_weights_loads_with_weights_only() -> None:
+    """R24: ``torch.load(..., weights_only=True)`` (the Hugging Face callback's load, torch's default) of a
+    state holding the kept weights and the prediction tables. Loads, and the resumed run stops identically."""
+    model, opt, neve = _setup()
+    _run(model, opt, neve, last=4)
+    saved = _checkpoint(model, opt, neve, weights_only=True)
+    expected = _run(model, opt, neve, first=5)
+    model2, opt2, neve2 = _setup()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    neve2.load_state_dict(saved["neve"])
+    assert _run(model2, opt2, neve2, first=5) == expected and expected[-1].restored_epoch == 4
+    assert _same(_weights(model2), _weights(model))
+
+
+def test_r25_batchnorm_running_statistics_come_back_with_the_weights() -> None:
+    """R25: a model with ``BatchNorm1d``. The restore puts back its running mean, variance and batch count of the
+    minimum's epoch too (buffers are in the kept copy), bit for bit."""
+    torch.manual_seed(0)
+    net: nn.Module = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, C))
+    model, opt, neve = _setup(model=net)
+    kept = {}
+    for epoch in range(1, 15):
+        result = _epoch(model, opt, neve, epoch)
+        kept[epoch] = _weights(model)
+        if neve.should_stop:
+            break
+    assert result.restored_epoch == 4 and {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(kept[4])
+    assert _same(_weights(model), kept[4]) and int(model.state_dict()["1.num_batches_tracked"]) == 4
+
+
+def test_r26_a_model_moved_to_float64_mid_run_names_the_aux_dtype_fix() -> None:
+    """R26: ``model.double()`` after NeVe was built (its aux set and kept weights are float32). The next step
+    raises a ValueError naming the dtype clash and both fixes; nothing is measured on mixed dtypes."""
+    model, opt, neve = _setup()
+    _run(model, opt, neve, last=4)
+    model.double()
+    loss = _train(model, opt, 5)
+    neve.observe(_logits(5), torch.arange(N))
+    with pytest.raises(
+        ValueError, match=r"aux set's dtype \(float32\) is not the model's \(float64\).*model\.float\(\)"
+    ):
+        neve.step(loss)
+
+
+def test_r27_neve_anneal_settings_shape_the_cooldown_after_the_restore() -> None:
+    """R27: ``NeVe(anneal=Anneal(min_length=5), memorization=Memorization(anneal=True))``. The restore at epoch 6
+    starts a cooldown of ``Anneal``'s 5 epochs (not the default 3), linear from the LR, then memorizing."""
+    model, opt, neve = _setup(memorization=COOL, anneal=Anneal(min_length=5))
+    results = _run(model, opt, neve)
+    assert results[5].restored_epoch == 4 and [r.annealing for r in results[5:]] == [True] * 5 + [False]
+    assert [round(r.lrs[0], 6) for r in results[5:10]] == [round(0.1 * (1 - j / 6), 6) for j in range(1, 6)]
+    assert results[-1].epoch == 11 and results[-1].stop_reason is StopReason.MEMORIZING
