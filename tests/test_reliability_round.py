@@ -453,3 +453,181 @@ def test_r27_neve_anneal_settings_shape_the_cooldown_after_the_restore() -> None
     assert results[5].restored_epoch == 4 and [r.annealing for r in results[5:]] == [True] * 5 + [False]
     assert [round(r.lrs[0], 6) for r in results[5:10]] == [round(0.1 * (1 - j / 6), 6) for j in range(1, 6)]
     assert results[-1].epoch == 11 and results[-1].stop_reason is StopReason.MEMORIZING
+
+
+# ---------------------------------------------------------------------------- the integrations
+
+
+def _lightning_fit(returned: tuple[str, ...], **options: Any) -> Any:
+    """Fit a tiny LightningModule for 2 epochs whose ``training_step`` returns ``loss`` plus ``returned``."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from neve_tune.lightning import NeVeCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            x, y, idx = batch
+            logits = self(x)
+            out = {"loss": nn.functional.cross_entropy(logits, y), "logits": logits, "indices": idx}
+            return {k: v for k, v in out.items() if k == "loss" or k in returned}
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, C, (32,), generator=g), torch.arange(32))
+    callback = NeVeCallback(torch.randn(16, 8, generator=g), log=False, **options)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Module(), DataLoader(data, batch_size=8))
+    return callback
+
+
+def test_r28_lightning_with_memorization_none_ignores_returned_logits() -> None:
+    """R28: ``NeVeCallback(aux, memorization=None)`` with a ``training_step`` that returns ``logits`` and
+    ``indices`` (for its own metrics). Main: the fit died with "this NeVe was built with memorization=None ...
+    drop the observe() call", a call the user never wrote; now the callback does not observe and the fit runs."""
+    callback = _lightning_fit(("logits", "indices"), memorization=None)
+    assert callback.neve.watch is None and callback.neve.last_epoch == 2
+
+
+def test_r29_lightning_logits_without_indices_warn_once() -> None:
+    """R29: ``training_step`` returns ``{"loss", "logits"}`` but no ``indices``. Main: the watch silently saw
+    nothing (never a memorizing stop); now one warning names the dict to return. Both keys: observed, silent."""
+    with pytest.warns(UserWarning, match=r"returned 'logits' but no 'indices'.*'indices': idx") as record:
+        callback = _lightning_fit(("logits",))
+    assert sum("but no 'indices'" in str(w.message) for w in record) == 1
+    assert callback.neve.watch is not None and not callback.neve.watch.active
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        callback = _lightning_fit(("logits", "indices"))
+    assert callback.neve.watch.counter.size == 32 and callback.last_result.flip_fraction is not None
+
+
+def _hf_train(tmp_path: Any, rows: Any, **options: Any) -> Any:
+    pytest.importorskip("transformers")
+    from torch.utils.data import Dataset
+    from transformers import TrainingArguments
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from neve_tune.transformers import NeVeCallback, NeVeTrainer
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+            logits = self.net(x)
+            loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    class Rows(Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return rows[i]
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        logging_strategy="epoch",
+        disable_tqdm=True,
+        seed=0,
+        num_train_epochs=2,
+        log_level="error",
+    )
+    callback = NeVeCallback({"x": torch.randn(16, 8)}, **options)
+    NeVeTrainer(model=Classifier(), args=args, train_dataset=Rows(), callbacks=[callback]).train()
+    return callback
+
+
+def _rows(index: bool) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, C, (32,), generator=g)
+    return [{"x": x[i], "labels": y[i], **({"index": i} if index else {})} for i in range(32)]
+
+
+def test_r30_neve_trainer_without_an_index_column_warns(tmp_path: Any) -> None:
+    """R30: ``NeVeTrainer`` on a dataset with no ``"index"`` column. Main: silently nothing observed (the
+    trainer exists only to observe); now one warning naming the ``.map(..., with_indices=True)`` fix."""
+    with pytest.warns(UserWarning, match=r"no 'index' column.*with_indices=True") as record:
+        callback = _hf_train(tmp_path, _rows(index=False))
+    assert sum("no 'index' column" in str(w.message) for w in record) == 1
+    assert callback.neve.last_epoch == 2 and not callback.neve.watch.active
+
+
+def test_r31_neve_trainer_with_memorization_none_trains_without_observing(tmp_path: Any) -> None:
+    """R31: ``NeVeTrainer`` with ``NeVeCallback(aux, memorization=None)`` and an index column. Main: the first
+    batch raised "built with memorization=None ... drop the observe() call" (the user wrote none); now it
+    trains, observing nothing. With the watch on, the same rows are observed."""
+    callback = _hf_train(tmp_path, _rows(index=True), memorization=None)
+    assert callback.neve.watch is None and callback.neve.last_epoch == 2
+    callback = _hf_train(tmp_path, _rows(index=True))
+    assert callback.neve.watch.counter.size == 32 and callback.last_result.flip_fraction is not None
+
+
+def test_r32_ray_checkpoint_mid_memorisation_resumes_to_the_same_restored_weights(tmp_path: Any) -> None:
+    """R32: ``neve_tune.ray.save_training_state`` after epoch 5 (the minimum's weights kept, not yet restored),
+    a worker restart, ``load_training_state`` into fresh objects. The resumed trial stops at epoch 6 and puts
+    back the same epoch-4 weights, bit for bit (they travel in the checkpoint)."""
+    from neve_tune.ray import load_training_state, save_training_state
+
+    model, opt, neve = _setup()
+    _run(model, opt, neve, last=5)
+    save_training_state(tmp_path, model, opt, neve, epoch=5)
+    expected = _run(model, opt, neve, first=6)
+    model2, opt2, neve2 = _setup()
+    assert load_training_state(tmp_path, model2, opt2, neve2) == 5
+    got = _run(model2, opt2, neve2, first=6)
+    assert got == expected and got[-1].epoch == 6 and got[-1].restored_epoch == 4
+    assert _same(_weights(model2), _weights(model))
+
+
+def test_r33_optuna_value_reported_with_train_loss_before_the_restore_warns() -> None:
+    """R33: the Optuna idiom ``value = evaluate(model); report_epoch(trial, neve, value, train_loss=loss)``. At
+    the memorizing stop the step inside ``report_epoch`` puts back epoch 4's weights after ``value`` was measured.
+    Main: the trial silently completed with the value of epoch 6's weights while the model holds epoch 4's;
+    now a warning says so and how to keep the right value (evaluate again, or step before evaluating)."""
+    import optuna
+
+    from neve_tune.optuna import report_epoch
+
+    model, opt, neve = _setup()
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    probe = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+    for epoch in range(1, 15):
+        loss = _train(model, opt, epoch)
+        neve.observe(_logits(epoch), torch.arange(N))
+        with torch.no_grad():
+            value = float(model(probe).sum())  # this epoch's weights
+        if epoch < 6:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert report_epoch(trial, neve, value, train_loss=loss) is None
+            continue
+        with pytest.warns(UserWarning, match=r"put back the weights of epoch 4: the value.*Evaluate the model again"):
+            assert report_epoch(trial, neve, value, train_loss=loss) is StopReason.MEMORIZING
+        break
+    with torch.no_grad():
+        assert float(model(probe).sum()) != value  # the model now holds other weights than the value's
+    assert trial.user_attrs["neve_stop_reason"] == "memorizing"

@@ -12,7 +12,7 @@ from .._decide.rule import NeVeRule
 from .._memorize.watch import MemorizationWatch, WatchStep
 from ..keys import StopReason
 
-__all__ = ["MemorizationStop", "load_memorization"]
+__all__ = ["MemorizationStop", "load_memorization", "warn_if_value_predates_restore"]
 
 _LR_EPS = 1e-8  # as the rule: an LR change smaller than this is no decay
 
@@ -131,3 +131,19 @@ def load_memorization(stop: MemorizationStop | None, state: dict[str, Any] | Non
         )
     if stop is not None and state is not None:
         stop.load_state_dict(state)
+
+
+def warn_if_value_predates_restore(result: StepResult, who: str) -> None:
+    """Warn when a report that stepped NeVe itself (``report_epoch(..., train_loss=...)``) ended the trial as
+    ``memorizing`` with the weights of the flip minimum put back: the value reported with it (measured before
+    the step) is not that of the weights the model now holds."""
+    if result.stop_reason is not StopReason.MEMORIZING or result.restored_epoch is None:
+        return
+    warnings.warn(
+        f"{who}(..., train_loss=...) stepped NeVe, which stopped as memorizing and put back the weights of epoch"
+        f" {result.restored_epoch}: the value and metrics passed with it were measured on the weights before that."
+        " Evaluate the model again and keep that value (e.g. return it from the Optuna objective), or call"
+        f" neve.step(loss) before evaluating and then {who} without train_loss.",
+        UserWarning,
+        stacklevel=4,
+    )

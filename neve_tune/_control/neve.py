@@ -29,7 +29,7 @@ from .._memorize.wave import Memorization
 from ..keys import StopReason
 from .arguments import as_loss, infer_num_classes
 from .callers import refuse_per_step_loops, warn_if_decay_undone
-from .memorizing import MemorizationStop, load_memorization
+from .memorizing import MemorizationStop, load_memorization, warn_if_value_predates_restore
 
 
 class NeVe(LRScheduler):
@@ -297,7 +297,7 @@ class NeVe(LRScheduler):
                     " epoch. Either drop the neve.step() call, or pass the loss there (`neve.step(loss)`) and"
                     f" not to {who}."
                 )
-            self.step(train_loss)
+            warn_if_value_predates_restore(self.step(train_loss), who)
         self._unreported_steps = 0
         return self.metrics()
 
