@@ -10,6 +10,7 @@ trains on random batches (so the velocity rule keeps going): the flip minimum is
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from typing import Any
@@ -631,3 +632,305 @@ def test_r33_optuna_value_reported_with_train_loss_before_the_restore_warns() ->
     with torch.no_grad():
         assert float(model(probe).sum()) != value  # the model now holds other weights than the value's
     assert trial.user_attrs["neve_stop_reason"] == "memorizing"
+
+
+# ---------------------------------------------------------------------------- make_aux=, build_optimizer=
+
+
+def load_blobs(request: Any) -> Any:
+    """120 points of 3 Gaussian classes in 8-D: 96 for training (``val_fraction`` of them held out), 24 test."""
+    from neve_tune.studies import TensorData
+
+    g = torch.Generator().manual_seed(request.seed)
+    y = torch.randint(0, 3, (120,), generator=g)
+    x = torch.randn(3, 8, generator=g)[y] + 0.5 * torch.randn(120, 8, generator=g)
+    n_val = round(request.val_fraction * 96)
+    return TensorData(x[n_val:96], y[n_val:96], x[:n_val], y[:n_val], x[96:], y[96:], batch_size=request.batch_size)
+
+
+def build_mlp(config: Any) -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _blobs(**changes: Any) -> Any:
+    from neve_tune.studies import Budget, LogUniform, NeVeSettings, StudyDefinition
+
+    definition = StudyDefinition(
+        name="blobs",
+        description="three Gaussian blobs, an MLP",
+        input_shape=(8,),
+        num_classes=3,
+        build_model=build_mlp,
+        load_data=load_blobs,
+        search_space={"lr": LogUniform(0.01, 0.1)},
+        budget=Budget(trials=1, max_epochs=3, batch_size=32, neve=NeVeSettings(aux_samples=8)),
+    )
+    return dataclasses.replace(definition, **changes)
+
+
+def _seeded(n: int, seed: int, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _study_check(definition: Any, tmp_path: Any) -> None:
+    """What ``run_study`` does before any trial: the plan (options, output folder) and the aux-set check."""
+    from neve_tune.studies import StudyOptions
+    from neve_tune.studies._plan import check_aux_set, make_plan
+
+    options = StudyOptions(backend="optuna", output_dir=str(tmp_path / "out"), track=False, progress=False)
+    plan, _ = make_plan(definition, options)
+    check_aux_set(plan)
+
+
+class _Recorder:
+    """A reporter that keeps each epoch's metrics and the optimizer, and an in-memory checkpoint of each epoch."""
+
+    def __init__(self, resume_from: bytes | None = None, crash_after: int | None = None) -> None:
+        self.metrics: list[dict[str, Any]] = []
+        self.optimizer: Any = None
+        self.model: Any = None
+        self.resume_from, self.crash_after = resume_from, crash_after
+        self.checkpoint = b""
+
+    def needs_state(self, epoch: int) -> bool:
+        return True
+
+    def restore(self, model: Any, optimizer: Any, neve: Any, extra: dict) -> int:
+        if self.resume_from is None:
+            return 0
+        state = torch.load(io.BytesIO(self.resume_from), weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if neve is not None:
+            neve.load_state_dict(state["neve"])
+        extra.update(state["extra"])
+        return int(state["epoch"])
+
+    def report(
+        self, metrics: dict, *, neve: Any, model: Any, optimizer: Any, epoch: int, extra: dict, final: bool
+    ) -> None:
+        self.metrics.append(dict(metrics))
+        self.optimizer, self.model = optimizer, model
+        buffer = io.BytesIO()
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra, "epoch": epoch}
+        torch.save({**state, "neve": None if neve is None else neve.state_dict()}, buffer)
+        self.checkpoint = buffer.getvalue()
+        if self.crash_after == epoch:
+            raise RuntimeError("the worker died")
+
+
+def _trial(definition: Any, arm: str = "neve", lr: float = 0.05, **recorder: Any) -> _Recorder:
+    from neve_tune.studies import TrialSpec, run_trial
+
+    record = _Recorder(**recorder)
+    config = {**definition.configs(1, 0)[0], "lr": lr}
+    run_trial(TrialSpec(definition, arm, definition.budget), config, record)
+    return record
+
+
+def test_r34_make_aux_of_the_wrong_shape_is_refused_before_any_trial(tmp_path: Any) -> None:
+    """R34: ``make_aux`` gives ``(n, 7)`` inputs to a model of 8 features. StudyError before any trial, with the
+    model's own error and the shape it expects; nothing is created."""
+    from neve_tune.studies import StudyError
+
+    with pytest.raises(StudyError, match=r"does not go through its model \(make_aux=.*\(2, 7\).*expects inputs shaped"):
+        _study_check(_blobs(make_aux=lambda n, seed: _seeded(n, seed, 7)), tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def _boom(n: int, seed: int) -> torch.Tensor:
+    raise FileNotFoundError("aux_images/ is missing")
+
+
+def test_r35_make_aux_that_raises_is_named_as_the_culprit(tmp_path: Any) -> None:
+    """R35: ``make_aux`` itself raises (a missing file). Main: "the aux set ... does not go through its model",
+    blaming the model; now "could not build its aux set: make_aux=_boom raised ..." with the error."""
+    from neve_tune.studies import StudyError
+
+    with pytest.raises(
+        StudyError, match=r"could not build its aux set: make_aux=_boom raised .*aux_images/ is missing"
+    ):
+        _study_check(_blobs(make_aux=_boom), tmp_path)
+
+
+def test_r36_make_aux_returning_numpy_names_torch_as_tensor(tmp_path: Any) -> None:
+    """R36: ``make_aux`` returns a NumPy array. StudyError naming ``torch.as_tensor``, before any trial."""
+    import numpy as np
+
+    from neve_tune.studies import StudyError
+
+    numpy_aux = _blobs(make_aux=lambda n, seed: np.random.default_rng(seed).standard_normal((n, 8)).astype("float32"))
+    with pytest.raises(StudyError, match=r"numpy\.ndarray of shape \(2, 8\).*torch\.as_tensor\(aux\)"):
+        _study_check(numpy_aux, tmp_path)
+
+
+def test_r37_make_aux_dict_for_a_positional_model_shows_the_models_error(tmp_path: Any) -> None:
+    """R37: ``make_aux`` returns ``{"x": tensor}`` (so the monitor calls ``model(x=...)``) for an
+    ``nn.Sequential``. StudyError with the model's own error; a plain tensor passes."""
+    from neve_tune.studies import StudyError
+
+    with pytest.raises(StudyError, match=r"unexpected keyword argument 'x'"):
+        _study_check(_blobs(make_aux=lambda n, seed: {"x": _seeded(n, seed, 8)}), tmp_path)
+    _study_check(_blobs(make_aux=lambda n, seed: _seeded(n, seed, 8)), tmp_path)
+
+
+def test_r38_make_aux_that_ignores_its_seed_is_refused(tmp_path: Any) -> None:
+    """R38: ``make_aux=lambda n, seed: torch.randn(n, 8)`` (the global RNG). Main: silently a different aux set
+    in each trial (seeded per config) and after each resume, so arms and resumed trials measured on other
+    inputs; now a StudyError naming a seeded generator. The check leaves the global RNG as it was."""
+    from neve_tune.studies import StudyError
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with pytest.raises(StudyError, match=r"gave different aux sets for the same \(n, seed\) = \(2, 0\).*manual_seed"):
+        _study_check(_blobs(make_aux=lambda n, seed: torch.randn(n, 8)), tmp_path)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_r39_make_aux_returning_none_is_refused(tmp_path: Any) -> None:
+    """R39: a ``make_aux`` that forgets its ``return``. StudyError naming the aux builders."""
+    from neve_tune.studies import StudyError
+
+    with pytest.raises(StudyError, match=r"got NoneType.*noise_aux"):
+        _study_check(_blobs(make_aux=lambda n, seed: None), tmp_path)
+
+
+def test_r40_the_drivers_aux_check_does_not_warn_about_its_own_two_samples(tmp_path: Any) -> None:
+    """R40: any study run (the default aux set, ``aux_samples=8``). Main: every run warned "The aux set holds
+    only 2 sample(s) ... Use about 100 samples", about the driver's own 2-sample check; now silent. A study whose
+    ``make_aux`` really gives 1 sample still warns in its trials."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _study_check(_blobs(), tmp_path)
+    with pytest.warns(UserWarning, match=r"only 1 sample\(s\)"):
+        _trial(_blobs(make_aux=lambda n, seed: _seeded(1, seed, 8)))
+
+
+def test_r41_make_aux_of_another_dtype_names_the_fix() -> None:
+    """R41: ``make_aux`` gives float64 inputs to a float32 model. The trial's first measurement raises a
+    ValueError naming both dtypes and ``aux.to(torch.float32)``."""
+    with pytest.raises(
+        ValueError, match=r"dtype \(float64\) is not the model's \(float32\).*aux\.to\(torch\.float32\)"
+    ):
+        _trial(_blobs(make_aux=lambda n, seed: _seeded(n, seed, 8, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize(
+    ("returned", "match"),
+    [
+        (None, r"returned NoneType\. Return e\.g\."),
+        ("tuple", r"returned tuple \(return only the optimizer: the arm owns the LR schedule\)"),
+    ],
+)
+def test_r42_build_optimizer_returning_no_optimizer_is_refused(returned: Any, match: str) -> None:
+    """R42: ``build_optimizer`` returns ``None`` or ``(optimizer, scheduler)``. StudyError; for the tuple it now
+    says to return the optimizer alone (main: only "returned tuple")."""
+    from neve_tune.studies import StudyError
+
+    def build(params: Any, config: Any) -> Any:
+        if returned is None:
+            return None
+        optimizer = torch.optim.SGD(params, lr=config["lr"])
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1)
+
+    with pytest.raises(StudyError, match=match):
+        _trial(_blobs(build_optimizer=build))
+
+
+def test_r43_build_optimizer_that_ignores_the_configs_lr_warns() -> None:
+    """R43: ``build_optimizer=lambda params, c: torch.optim.SGD(params, lr=1e-3)``. Main: silently every trial
+    trained at 1e-3 whatever its sampled lr; now a warning with both LRs. It still trains at 1e-3."""
+    with pytest.warns(
+        UserWarning, match=r"at lr=\[0\.001\] for a trial whose config has lr=0\.05.*ignores the sampled lr"
+    ):
+        record = _trial(_blobs(build_optimizer=lambda params, config: torch.optim.SGD(params, lr=1e-3)), arm="fifo")
+    assert record.metrics[0]["lr"] < 1e-3  # cosine from 1e-3
+    with warnings.catch_warnings():  # a group at config['lr'] (the head) and one scaled (the body): silent
+        warnings.simplefilter("error")
+        _trial(
+            _blobs(
+                build_optimizer=lambda p, c: torch.optim.SGD(
+                    [{"params": p[:2], "lr": c["lr"] / 10}, {"params": p[2:]}], lr=c["lr"]
+                )
+            )
+        )
+
+
+def test_r44_build_optimizer_over_another_models_parameters_is_refused() -> None:
+    """R44: ``build_optimizer`` ignores ``params`` and builds on a module captured from elsewhere. Main: the trial
+    ran three epochs, its model never trained (the test accuracy stayed that of the untrained model) and the LR
+    schedule decayed an optimizer that moved nothing; now a StudyError counting the foreign tensors."""
+    from neve_tune.studies import StudyError
+
+    other = nn.Linear(8, 3)
+    with pytest.raises(StudyError, match=r"over 2 tensor\(s\), 2 of them not parameters of the trial's model \(4 "):
+        _trial(_blobs(build_optimizer=lambda params, config: torch.optim.SGD(other.parameters(), lr=config["lr"])))
+
+
+def _two_passes(params: Any, config: Any) -> torch.optim.Optimizer:
+    """Counts the parameters, then builds on them: a second pass over ``params``."""
+    assert len(list(params)) == 4
+    return torch.optim.SGD(params, lr=config["lr"])
+
+
+def test_r45_build_optimizer_that_iterates_params_twice_works() -> None:
+    """R45: ``build_optimizer`` reads ``params`` twice (counts them, then builds). Main: ``ValueError: optimizer got
+    an empty parameter list`` from torch (``params`` was a one-shot generator); now it gets a list and trains."""
+    record = _trial(_blobs(build_optimizer=_two_passes), arm="fifo")
+    assert len(record.metrics) == 3 and len(record.optimizer.param_groups[0]["params"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda p, c: torch.optim.Adam(p, lr=c["lr"], betas=c["betas"]),
+            r"raised KeyError: 'betas'.*\['config_id', 'lr'\]",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1),
+            r"raised TypeError: .*takes 1 positional argument.*build_optimizer\(params,",
+        ),
+    ],
+)
+def test_r46_build_optimizer_that_raises_names_the_call_and_the_configs_keys(build: Any, match: str) -> None:
+    """R46: ``build_optimizer`` reads ``config["betas"]`` (not in the search space), or takes one argument. Main:
+    a bare ``KeyError: 'betas'`` / ``TypeError`` from inside the trial; now a StudyError naming the call
+    ``build_optimizer(params, config)`` and the config's keys."""
+    from neve_tune.studies import StudyError
+
+    with pytest.raises(StudyError, match=match):
+        _trial(_blobs(build_optimizer=build))
+
+
+def _adamw_no_decay_on_biases(params: Any, config: Any) -> torch.optim.Optimizer:
+    weights = [p for p in params if p.dim() > 1]
+    biases = [p for p in params if p.dim() <= 1]
+    groups = [{"params": weights, "weight_decay": 0.01}, {"params": biases, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config["lr"])
+
+
+def test_r47_adamw_weight_decay_groups_under_neve_resume_from_a_checkpoint() -> None:
+    """R47: AdamW with a no-decay group for biases, in the ``neve`` arm (patience 1: decays come early), the trial
+    killed after epoch 2 and resumed from its checkpoint. Both groups' LRs fall together, each keeps its
+    ``weight_decay``, and the resumed epochs repeat the uninterrupted ones."""
+    from neve_tune.studies import NeVeSettings
+
+    definition = _blobs(build_optimizer=_adamw_no_decay_on_biases)
+    budget = dataclasses.replace(
+        definition.budget, max_epochs=5, neve=NeVeSettings(aux_samples=8, patience=1, stop_threshold=1e-9)
+    )
+    definition = _blobs(build_optimizer=_adamw_no_decay_on_biases, budget=budget)
+    whole = _trial(definition, lr=0.02)
+    groups = whole.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and groups[0]["lr"] == groups[1]["lr"] < 0.02
+    crashed = _Recorder(crash_after=2)
+    with pytest.raises(RuntimeError, match="the worker died"):
+        from neve_tune.studies import TrialSpec, run_trial
+
+        run_trial(TrialSpec(definition, "neve", budget), {**definition.configs(1, 0)[0], "lr": 0.02}, crashed)
+    resumed = _trial(definition, lr=0.02, resume_from=crashed.checkpoint)
+    assert [m["lr"] for m in resumed.metrics] == pytest.approx([m["lr"] for m in whole.metrics[2:]])
+    assert [m["train/loss"] for m in resumed.metrics] == pytest.approx([m["train/loss"] for m in whole.metrics[2:]])
+    assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.01, 0.0]
