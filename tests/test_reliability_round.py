@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import warnings
 from typing import Any
 
@@ -709,7 +710,7 @@ class _Recorder:
     def report(
         self, metrics: dict, *, neve: Any, model: Any, optimizer: Any, epoch: int, extra: dict, final: bool
     ) -> None:
-        self.metrics.append(dict(metrics))
+        self.metrics.append({**dict(metrics), **({} if neve is None else neve.metrics())})
         self.optimizer, self.model = optimizer, model
         buffer = io.BytesIO()
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra, "epoch": epoch}
@@ -934,3 +935,26 @@ def test_r47_adamw_weight_decay_groups_under_neve_resume_from_a_checkpoint() -> 
     assert [m["lr"] for m in resumed.metrics] == pytest.approx([m["lr"] for m in whole.metrics[2:]])
     assert [m["train/loss"] for m in resumed.metrics] == pytest.approx([m["train/loss"] for m in whole.metrics[2:]])
     assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.01, 0.0]
+
+
+def test_r48_stepping_every_few_batches_warns_that_no_flip_can_be_counted(tmp_path: Any) -> None:
+    """R48: ``NeVeTrainer`` with ``NeVeCallback(every_n_steps=2)`` (4 steps per epoch): each NeVe step sees other
+    samples than the one before. Main: silently no flip was ever counted (documented in the mixin only); now
+    one warning says NeVe must step once per epoch. Once per epoch: no such warning."""
+    with pytest.warns(UserWarning, match=r"saw no sample in step 2 that it saw in the step before.*once per epoch"):
+        callback = _hf_train(tmp_path, _rows(index=True), every_n_steps=2)
+    assert callback.neve.last_epoch == 4 and callback.last_result.flip_fraction is None
+    model, opt, neve = _setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(model, opt, neve, last=3)
+
+
+def test_r49_make_aux_returning_a_generator_of_batches_is_measured_every_epoch(tmp_path: Any) -> None:
+    """R49: ``make_aux`` returns a generator of two batches (a one-shot iterable). The driver check passes, and
+    the trial measures the velocity on both batches at every epoch (the set is kept, not exhausted)."""
+    definition = _blobs(make_aux=lambda n, seed: (_seeded(4, seed + i, 8) for i in range(2)))
+    _study_check(definition, tmp_path)
+    record = _trial(definition)
+    assert [m[keys.EPOCH] for m in record.metrics] == [1, 2, 3]
+    assert all(math.isfinite(m[keys.MODEL_VELOCITY]) and m[keys.MODEL_VELOCITY] > 0 for m in record.metrics)

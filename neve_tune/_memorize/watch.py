@@ -109,6 +109,14 @@ class MemorizationWatch:
         """
         flips = self.counter.end_epoch() if self._observed else None
         repeats = self.counter.repeats if self._observed else None
+        if self._observed and flips is None and self.counter.epochs >= 2:
+            self._warn_once(
+                "disjoint",
+                f"NeVe.observe() saw no sample in step {epoch} that it saw in the step before, so there is no flip"
+                " to count: the memorisation watch compares each sample's prediction from one epoch to the next,"
+                " so NeVe must step once per epoch (not every N batches, e.g. NeVeCallback(every_n_steps=None)),"
+                " and each sample keep its dataset index.",
+            )
         self._observed = False
         if repeats is not None and repeats[0] > 2 * repeats[1]:
             self._warn_once(
