@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 from .._decide.anneal import Anneal, Annealer
@@ -11,7 +12,7 @@ from .._decide.rule import NeVeRule
 from .._memorize.watch import MemorizationWatch, WatchStep
 from ..keys import StopReason
 
-__all__ = ["MemorizationStop", "load_memorization"]
+__all__ = ["MemorizationStop", "load_memorization", "warn_if_value_predates_restore"]
 
 _LR_EPS = 1e-8  # as the rule: an LR change smaller than this is no decay
 
@@ -19,12 +20,16 @@ _LR_EPS = 1e-8  # as the rule: an LR change smaller than this is no decay
 class MemorizationStop:
     """Turns the watch's verdict into NeVe's decision, and runs the cooldown that may follow a restore.
 
-    State: :meth:`state_dict` holds the cooldown (``None`` when none is under way), JSON-able.
+    Once it stopped the trial (``MEMORIZING``), every later step says ``MEMORIZING`` too (``DIVERGED`` wins),
+    as the rule's own stops do: a loop that steps on does not see ``should_stop`` turn back to ``False``.
+
+    State: :meth:`state_dict` holds the cooldown (``None`` when none is under way) and whether it stopped.
     """
 
     def __init__(self, watch: MemorizationWatch) -> None:
         self.watch = watch
         self.cooldown: Annealer | None = None
+        self.stopped = False
 
     def decide(self, seen: WatchStep, rule: NeVeRule, result: StepResult) -> StepResult:
         """The rule's ``result`` of this epoch, with the watch's step ``seen`` and its decision applied.
@@ -46,11 +51,13 @@ class MemorizationStop:
                 flip_min_epoch=seen.best_epoch,
             )
         epoch, reason, lrs = result.epoch, result.stop_reason, tuple(result.lrs)
+        if self.stopped:
+            return dataclasses.replace(result, stop_reason=self._stop(reason))
         cooldown = self.cooldown
         if cooldown is not None:
             if reason is StopReason.DIVERGED or cooldown.done(epoch):
                 self.cooldown = None
-                return dataclasses.replace(result, stop_reason=reason or StopReason.MEMORIZING, annealing=False)
+                return dataclasses.replace(result, stop_reason=self._stop(reason), annealing=False)
             return self._cool(result, rule, lrs, None)
         own = rule.annealer
         if (
@@ -67,7 +74,12 @@ class MemorizationStop:
             if cooldown.begin(epoch, lrs, converged=True):
                 self.cooldown = cooldown
                 return self._cool(result, rule, lrs, restored)
-        return dataclasses.replace(result, stop_reason=StopReason.MEMORIZING, restored_epoch=restored)
+        return dataclasses.replace(result, stop_reason=self._stop(None), restored_epoch=restored)
+
+    def _stop(self, reason: StopReason | None) -> StopReason:
+        """``MEMORIZING`` from now on, unless the rule says ``DIVERGED``."""
+        self.stopped = True
+        return reason if reason is StopReason.DIVERGED else StopReason.MEMORIZING
 
     def _cool(self, result: StepResult, rule: NeVeRule, lrs: tuple[float, ...], restored: int | None) -> StepResult:
         assert self.cooldown is not None
@@ -83,10 +95,22 @@ class MemorizationStop:
         return {
             "watch": self.watch.state_dict(),
             "cooldown": None if self.cooldown is None else self.cooldown.state_dict(),
+            "stopped": self.stopped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the state's ``Memorization`` settings win (warns when they differ)."""
+        before = self.watch.settings
         self.watch.load_state_dict(state["watch"])
+        if self.watch.settings != before:
+            warnings.warn(
+                f"The loaded NeVe state replaces this NeVe's memorization={before!r} with the state's"
+                f" {self.watch.settings!r}. The state wins, so a resumed run decides as before; to train with the"
+                " new settings, start a fresh NeVe instead of loading the state.",
+                UserWarning,
+                stacklevel=4,
+            )
+        self.stopped = bool(state["stopped"])
         self.cooldown = None
         if state["cooldown"] is not None:
             self.cooldown = Annealer(Anneal())
@@ -107,3 +131,19 @@ def load_memorization(stop: MemorizationStop | None, state: dict[str, Any] | Non
         )
     if stop is not None and state is not None:
         stop.load_state_dict(state)
+
+
+def warn_if_value_predates_restore(result: StepResult, who: str) -> None:
+    """Warn when a report that stepped NeVe itself (``report_epoch(..., train_loss=...)``) ended the trial as
+    ``memorizing`` with the weights of the flip minimum put back: the value reported with it (measured before
+    the step) is not that of the weights the model now holds."""
+    if result.stop_reason is not StopReason.MEMORIZING or result.restored_epoch is None:
+        return
+    warnings.warn(
+        f"{who}(..., train_loss=...) stepped NeVe, which stopped as memorizing and put back the weights of epoch"
+        f" {result.restored_epoch}: the value and metrics passed with it were measured on the weights before that."
+        " Evaluate the model again and keep that value (e.g. return it from the Optuna objective), or call"
+        f" neve.step(loss) before evaluating and then {who} without train_loss.",
+        UserWarning,
+        stacklevel=4,
+    )

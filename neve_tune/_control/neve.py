@@ -29,7 +29,7 @@ from .._memorize.wave import Memorization
 from ..keys import StopReason
 from .arguments import as_loss, infer_num_classes
 from .callers import refuse_per_step_loops, warn_if_decay_undone
-from .memorizing import MemorizationStop, load_memorization
+from .memorizing import MemorizationStop, load_memorization, warn_if_value_predates_restore
 
 
 class NeVe(LRScheduler):
@@ -297,7 +297,7 @@ class NeVe(LRScheduler):
                     " epoch. Either drop the neve.step() call, or pass the loss there (`neve.step(loss)`) and"
                     f" not to {who}."
                 )
-            self.step(train_loss)
+            warn_if_value_predates_restore(self.step(train_loss), who)
         self._unreported_steps = 0
         return self.metrics()
 
@@ -358,13 +358,13 @@ class NeVe(LRScheduler):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (load the optimizer's own state separately)."""
+        load_memorization(self._memorization, state_dict["memorization"])  # first: it refuses another setting
         self.rule.load_state_dict(state_dict["rule"])
         self.rule.check_num_groups(len(self.optimizer.param_groups))
         self.monitor.load_state_dict(state_dict["monitor"])
         self.last_epoch = int(state_dict["last_epoch"])
         self._lrs = self.get_lr()  # the optimizer's (a state may come from another optimizer)
         self._signed_mean = float(state_dict["signed_mean"])
-        load_memorization(self._memorization, state_dict["memorization"])
         self._unreported_steps = 0
         last = state_dict["last_result"]
         if last is None:

@@ -11,6 +11,9 @@ from torch import Tensor
 __all__ = ["EpochFlips", "FlipCounter"]
 
 _UNSEEN = -1  # a stored prediction that does not exist (sample not observed, or a token beyond its length)
+#: The largest dataset index + 1 the tables grow to (two int32 tables: 800 MB for a classifier); beyond it an
+#: index is a sample id, not a position, and would allocate gigabytes.
+MAX_INDEX = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class FlipCounter:
         self.size = 0  # largest index seen + 1; the tables may be longer (capacity)
         self.tokens: bool | None = None  # token predictions (N, T) rather than one class per sample
         self.epochs = 0  # completed epochs (end_epoch calls)
+        self.added = 0  # samples stored this epoch, repeats included
+        self.repeats: tuple[int, int] | None = None  # (samples stored, distinct indices) of the latest epoch
 
     def add(self, predictions: Tensor, indices: Tensor) -> None:
         """Store one batch's predictions (``(N,)`` or ``(N, T)`` integers) under ``indices`` (CPU int64 ``(N,)``).
@@ -75,7 +80,15 @@ class FlipCounter:
         preds = predictions.to("cpu", torch.int32).reshape(len(indices), -1)
         if len(indices) == 0:
             return
-        self._grow(int(indices.max()) + 1, preds.shape[1])
+        top = int(indices.max())
+        if top >= MAX_INDEX:
+            raise ValueError(
+                f"observe() got the dataset index {top}: NeVe stores each sample's prediction at its index, so"
+                f" this would allocate tables of {top + 1:,} rows. Indices must be positions in the training set"
+                " (0..len(dataset)-1), not sample ids or hashes: e.g. a Dataset that returns (x, y, index)."
+            )
+        self._grow(top + 1, preds.shape[1])
+        self.added += len(indices)
         row = torch.full((len(indices), self._current.shape[1]), _UNSEEN, dtype=torch.int32)
         row[:, : preds.shape[1]] = preds
         self._current[indices] = row
@@ -89,6 +102,9 @@ class FlipCounter:
         valid = (prev != _UNSEEN) & (cur != _UNSEEN)
         compared = valid.sum(dim=1)
         both = compared > 0
+        distinct = int((cur[:, 0] != _UNSEEN).sum()) if n else 0
+        self.repeats = (self.added, distinct) if self.added else None
+        self.added = 0
         result: EpochFlips | None = None
         if bool(both.any()):
             changed = ((prev != cur) & valid).sum(dim=1)[both].to(torch.float64)

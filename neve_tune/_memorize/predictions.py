@@ -69,16 +69,41 @@ def class_predictions(outputs: Any) -> Tensor:
     return logits.argmax(dim=1).flatten(1)
 
 
+def _preview(values: Any) -> str:
+    """The first few of ``values``, for a message."""
+    try:
+        items = list(values)
+    except TypeError:
+        return repr(values)[:60]
+    head = ", ".join(repr(v) for v in items[:3])
+    return f"[{head}{', ...' if len(items) > 3 else ''}]"
+
+
 def as_indices(indices: Any, count: int) -> Tensor:
     """``indices`` (a tensor on any device, a list, a NumPy array) as a CPU int64 tensor of ``count`` values.
 
     Raises:
         ValueError: the number of indices differs from the batch size, or one is negative.
-        TypeError: they are not integers.
+        TypeError: they are not integers (``None``, floats, strings).
     """
-    idx = torch.as_tensor(indices).detach().reshape(-1)
+    if indices is None:
+        raise TypeError(
+            "observe() got indices=None: pass the batch's dataset indices, one integer >= 0 per sample (e.g. a"
+            " Dataset that returns (x, y, index), or an 'index' column), in the batch's order."
+        )
+    try:
+        idx = torch.as_tensor(indices).detach().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"observe() needs integer dataset indices (positions 0..len(dataset)-1), but got"
+            f" {type(indices).__name__} {_preview(indices)} ({err}). Pass the samples' positions in the dataset,"
+            " not ids or names (e.g. dataset.map(lambda row, i: {'index': i}, with_indices=True))."
+        ) from None
     if idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
-        raise TypeError(f"observe() needs integer dataset indices, but got a {idx.dtype} tensor.")
+        raise TypeError(
+            f"observe() needs integer dataset indices, but got a {idx.dtype} tensor {_preview(idx.tolist())};"
+            " pass them as integers (e.g. indices.long())."
+        )
     if idx.numel() != count:
         raise ValueError(
             f"observe() got {idx.numel()} indices for a batch of {count} outputs: pass one dataset index per"

@@ -56,7 +56,9 @@ class MemorizationWatch:
     def __init__(self, model: nn.Module, settings: Memorization) -> None:
         if not isinstance(settings, Memorization):
             raise TypeError(
-                f"memorization must be a neve_tune.Memorization or None, but got {type(settings).__name__}."
+                f"memorization must be a neve_tune.Memorization or None, but got {settings!r}: pass"
+                " memorization=None to turn the memorisation watch off, or neve_tune.Memorization(...) (the"
+                " default, Memorization(), is on)."
             )
         self.model = model
         self.settings = settings
@@ -66,6 +68,7 @@ class MemorizationWatch:
         self.no_class_output: str | None = None  # why the outputs give no signal, once seen
         self.frozen = False  # after a decision: flips are still counted, the minimum and kept weights stay
         self._observed = False  # a batch was observed since the last end_epoch
+        self._warned: set[str] = set()  # the misuse warnings already given (each once)
 
     @property
     def active(self) -> bool:
@@ -88,6 +91,15 @@ class MemorizationWatch:
             return
         self.counter.add(predictions, as_indices(indices, predictions.shape[0]))
         self._observed = True
+        if not self.model.training:
+            self._warn_once(
+                "eval",
+                "NeVe.observe() was called while the model is in eval mode: the memorisation signal is the"
+                " predictions of the forward that trains on each batch (in train mode); predictions read in eval"
+                " mode (a pass over the training set after the epoch, a validation loop) only fall, and NeVe"
+                " never stops for memorization on them. Call observe(outputs, indices) right after the training"
+                " forward, before model.eval().",
+            )
 
     def end_epoch(self, epoch: int, train_loss: float | None = None) -> WatchStep:
         """Close epoch ``epoch``: count its flips, smooth them, and keep the weights at a new minimum.
@@ -96,7 +108,25 @@ class MemorizationWatch:
         :class:`WaveTracker`. Once :attr:`frozen` (NeVe decided), only the flips are counted.
         """
         flips = self.counter.end_epoch() if self._observed else None
+        repeats = self.counter.repeats if self._observed else None
+        if self._observed and flips is None and self.counter.epochs >= 2:
+            self._warn_once(
+                "disjoint",
+                f"NeVe.observe() saw no sample in step {epoch} that it saw in the step before, so there is no flip"
+                " to count: the memorisation watch compares each sample's prediction from one epoch to the next,"
+                " so NeVe must step once per epoch (not every N batches, e.g. NeVeCallback(every_n_steps=None)),"
+                " and each sample keep its dataset index.",
+            )
         self._observed = False
+        if repeats is not None and repeats[0] > 2 * repeats[1]:
+            self._warn_once(
+                "repeats",
+                f"NeVe.observe() was given {repeats[0]} samples in epoch {epoch} but only {repeats[1]} distinct"
+                " indices: each index came about"
+                f" {repeats[0] / repeats[1]:.0f} times. They look like positions within the batch (0..B-1), not"
+                " dataset indices, so the flip count compares unrelated samples. Pass each sample's index in the"
+                " training set, the same in every epoch (e.g. a Dataset that returns (x, y, index)).",
+            )
         fraction = None if flips is None else flips.fraction
         t = self.tracker
         if self.frozen:
@@ -109,6 +139,11 @@ class MemorizationWatch:
         return WatchStep(
             None if flips is None else flips.flips, fraction, t.smoothed, t.best_epoch, self.active and t.memorizing
         )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     def restore(self) -> bool:
         """Load the kept weights of the minimum into the model; False when none are kept."""

@@ -62,9 +62,10 @@ class NeVeCallback(Callback):
       loss, ``return {"loss": loss, "logits": logits, "indices": idx}`` (a ``Dataset`` that yields
       ``(x, y, index)`` gives ``idx``), and the callback passes them to ``NeVe.observe``: NeVe then also
       stops as ``memorizing`` and puts the weights of the flip minimum back (``memorization=``, see
-      :class:`neve_tune.Memorization`). The fit ends with those weights in the module (under DDP, rank
-      0's, sent to every rank). A ``ModelCheckpoint`` that saves on ``train_epoch_end`` after this
-      callback holds them; one that saves on validation end runs before the restore.
+      :class:`neve_tune.Memorization`; ``memorization=None`` ignores them; one of the two alone warns once).
+      The fit ends with those weights in the module (under DDP, rank 0's, sent to every rank). A
+      ``ModelCheckpoint`` that saves on ``train_epoch_end`` after this callback holds them; one that saves on
+      validation end runs before the restore.
     * **Ray Tune.** Put it before Ray's ``TuneReportCheckpointCallback(on="train_epoch_end")``; the ``neve/*``
       metrics then reach the report and ``neve_tune.ray.NeVeScheduler`` acts on them.
     * **Optuna.** ``optuna_trial=trial`` reports every epoch with ``neve_tune.optuna.report_epoch`` (the
@@ -118,6 +119,7 @@ class NeVeCallback(Callback):
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before the NeVe exists
         self._built = False  # whether this fit's NeVe exists
         self._warned_no_loss = False
+        self._warned_half_observe = False
         self._epoch: int | None = None  # the epoch whose batches the sums below hold
         self._batches = 0
         self._loss_sum: torch.Tensor | None = None
@@ -174,8 +176,8 @@ class NeVeCallback(Callback):
     ) -> None:
         self._epoch = trainer.current_epoch
         self._batches += 1
-        if isinstance(outputs, Mapping) and "logits" in outputs and "indices" in outputs and self.neve is not None:
-            self.neve.observe(outputs["logits"], outputs["indices"])
+        if isinstance(outputs, Mapping) and self.neve is not None and self.neve.watch is not None:
+            self._observe(outputs)
         if self.loss_key != AUTO:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -185,6 +187,25 @@ class NeVeCallback(Callback):
                 loss = loss * trainer.accumulate_grad_batches  # Lightning divided it for the backward
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss.to(self._loss_sum.device)
             self._loss_count += 1
+
+    def _observe(self, outputs: Mapping[str, Any]) -> None:
+        """Feed ``training_step``'s ``logits`` and ``indices`` to the memorisation watch; warn once when only one
+        of them is there (the watch then sees nothing). With ``memorization=None`` it is not called."""
+        assert self.neve is not None
+        has = [key for key in ("logits", "indices") if key in outputs]
+        if len(has) == 2:
+            self.neve.observe(outputs["logits"], outputs["indices"])
+        elif has and not self._warned_half_observe:
+            self._warned_half_observe = True
+            missing = "indices" if has == ["logits"] else "logits"
+            warnings.warn(
+                f"training_step returned {has[0]!r} but no {missing!r}: NeVeCallback feeds NeVe's memorisation watch"
+                " only with both, so it sees nothing and NeVe will not stop for memorization. Return"
+                " {'loss': loss, 'logits': logits, 'indices': idx} (a Dataset that yields (x, y, index) gives idx),"
+                " or pass memorization=None to NeVeCallback.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._batches:

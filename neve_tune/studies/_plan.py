@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._arm import Arm
 from ._arms import get_arm, list_arms
@@ -76,11 +78,12 @@ def check_aux_set(plan: Plan) -> None:
     Only when an arm measures velocity (a NeVe arm, or ``budget.monitor_baselines``). A model that cannot
     take it (float noise into an ``nn.Embedding``) would otherwise fail every such trial at its first
     measurement. Two samples of ``make_aux`` (or of the default noise) with the first seed, the first
-    sampled configuration, on the CPU; the global RNG is left as it was.
+    sampled configuration, on the CPU; the global RNG is left as it was. ``make_aux`` is called twice: the
+    same ``(n, seed)`` must give the same inputs (every trial, arm and resumed checkpoint measures on them).
 
     Raises:
-        StudyError: the forward failed (the message shows the error and names ``make_aux=`` and
-            ``neve_tune.token_aux``).
+        StudyError: ``make_aux`` raised, or gave different inputs for the same ``(n, seed)``, or the forward
+            failed (the message shows the error and names ``make_aux=`` and ``neve_tune.token_aux``).
     """
     definition, budget = plan.definition, plan.budget
     if not (budget.monitor_baselines or any(arm.uses_neve for arm in plan.arms)):
@@ -89,31 +92,65 @@ def check_aux_set(plan: Plan) -> None:
 
     from neve_tune import VelocityMonitor
 
-    seed = plan.seeds[0]
+    seed, n = plan.seeds[0], min(2, budget.neve.aux_samples)
     config = definition.configs(1, seed)[0]
+    given = (
+        f"make_aux={getattr(definition.make_aux, '__qualname__', definition.make_aux)}"
+        if definition.make_aux is not None
+        else f"the default aux set, float noise shaped like input_shape={definition.input_shape}"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = definition.build_model(config)
+        aux, again = _aux_twice(definition, n, seed, given)
+    if not _same_inputs(aux, again):
+        raise StudyError(
+            f"The study {definition.name!r} ({given}) gave different aux sets for the same (n, seed) = ({n}, {seed}):"
+            " every trial, arm and resumed checkpoint must measure the velocity on the same inputs. Draw them"
+            " from a generator seeded by seed, e.g. torch.randn(n, ..., generator=torch.Generator().manual_seed(seed)),"
+            " or use neve_tune.noise_aux(shape, n=n, seed=seed) / token_aux(..., n=n, seed=seed)."
+        )
     try:
-        aux = definition.aux(min(2, budget.neve.aux_samples), seed)
-        monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
+        with warnings.catch_warnings():  # this check's 2 samples, not the trials' aux_samples
+            warnings.filterwarnings("ignore", message="The aux set holds only")
+            monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
         try:
             monitor.measure()
         finally:
             monitor.close()
     except Exception as err:
-        given = (
-            f"make_aux={getattr(definition.make_aux, '__qualname__', definition.make_aux)}"
-            if definition.make_aux is not None
-            else f"the default aux set, float noise shaped like input_shape={definition.input_shape}"
-        )
         raise StudyError(
             f"The aux set of the study {definition.name!r} does not go through its model ({given}): "
-            f"{type(err).__name__}: {err}. NeVe measures the model's responses to it, so every trial that measures "
-            "velocity would fail. Give StudyDefinition(make_aux=...) a function (n, seed) -> inputs the model takes; "
-            "for token ids (an nn.Embedding first layer): make_aux=lambda n, seed: neve_tune.token_aux(vocab_size, "
-            "seq_len, n=n, seed=seed)."
+            f"{type(err).__name__}: {str(err).rstrip('.')}. NeVe measures the model's responses to it, so every trial "
+            "that measures velocity would fail. Give StudyDefinition(make_aux=...) a function (n, seed) -> inputs "
+            "the model takes; for token ids (an nn.Embedding first layer): make_aux=lambda n, seed: "
+            "neve_tune.token_aux(vocab_size, seq_len, n=n, seed=seed)."
         ) from err
+
+
+def _aux_twice(definition: StudyDefinition, n: int, seed: int, given: str) -> tuple[Any, Any]:
+    """``definition.aux(n, seed)`` twice; a ``StudyError`` naming the function when it raises."""
+    try:
+        return definition.aux(n, seed), definition.aux(n, seed)
+    except Exception as err:
+        raise StudyError(
+            f"The study {definition.name!r} could not build its aux set: {given} raised on (n, seed) = ({n}, {seed})"
+            f" {type(err).__name__}: {err}. Every trial calls it to build the inputs NeVe measures on: fix it to"
+            " return them for any n >= 1 and seed (a tensor, a dict of tensors, or a list of batches)."
+        ) from err
+
+
+def _same_inputs(a: Any, b: Any) -> bool:
+    """Whether two aux sets hold equal tensors (tensors, mappings and sequences of them; anything else: yes)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_inputs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_inputs(x, y) for x, y in zip(a, b, strict=True))
+    return True
 
 
 def make_plan(study: str | StudyDefinition, options: StudyOptions) -> tuple[Plan, Backend]:

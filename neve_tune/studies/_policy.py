@@ -15,6 +15,8 @@ arm's :class:`TrialPolicy` at fixed points of it, the way Ray Tune calls a ``Tri
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -101,9 +103,16 @@ class TrialPolicy(ABC):
         steps_per_epoch: int,
         build: BuildOptimizer | None = None,
     ) -> torch.optim.Optimizer:
-        """The trial's optimizer, built before the policy: ``build(model.parameters(), hp)`` (the study's
-        ``build_optimizer``), or SGD with the budget's momentum and the trial's ``lr`` and ``weight_decay``.
-        ``steps_per_epoch``: optimizer steps in one epoch (for a policy that brings its own optimizer)."""
+        """The trial's optimizer, built before the policy: ``build(params, hp)`` (the study's
+        ``build_optimizer``, given the model's parameters as a list), or SGD with the budget's momentum and the
+        trial's ``lr`` and ``weight_decay``. ``steps_per_epoch``: optimizer steps in one epoch (for a policy
+        that brings its own optimizer).
+
+        Raises:
+            StudyError: ``build`` raised, returned no optimizer, or one holding parameters that are not the
+                model's (the message names the fix). An optimizer that trains at none of the config's ``lr``
+                warns (every trial would train at the same LR).
+        """
         if build is None:
             return torch.optim.SGD(
                 model.parameters(),
@@ -111,13 +120,7 @@ class TrialPolicy(ABC):
                 momentum=budget.momentum,
                 weight_decay=float(hp.get("weight_decay", 0)),
             )
-        optimizer = build(model.parameters(), hp)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise StudyError(
-                f"build_optimizer must return a torch.optim.Optimizer, but returned {type(optimizer).__name__}."
-                " Return e.g. torch.optim.AdamW(params, lr=config['lr'])."
-            )
-        return optimizer
+        return checked_optimizer(build, model, hp)
 
     def before_train(self) -> None:  # noqa: B027 - a hook, empty by default
         """Called before each epoch's training (e.g. put a schedule-free optimizer in train mode)."""
@@ -126,6 +129,46 @@ class TrialPolicy(ABC):
         """Called after each epoch's training, before :meth:`after_epoch` and the evaluation (e.g. put a
         schedule-free optimizer in eval mode). ``train_batches``: a fresh pass over the training split, in
         an order of its own (the trial's data order is not touched), drawn only if iterated."""
+
+
+def checked_optimizer(build: BuildOptimizer, model: nn.Module, hp: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``build(params, hp)`` with the model's parameters as a list, checked (see ``TrialPolicy.build_optimizer``)."""
+    params = list(model.parameters())
+    name = getattr(build, "__qualname__", repr(build))
+    try:
+        optimizer = build(params, hp)
+    except Exception as err:
+        raise StudyError(
+            f"build_optimizer={name} raised {type(err).__name__}: {err}. It is called as build_optimizer(params,"
+            f" config) with the model's parameters (a list) and the trial's config, whose keys are {sorted(hp)}"
+            " (the search space's names and config_id): read only those, e.g."
+            " torch.optim.AdamW(params, lr=config['lr'])."
+        ) from err
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        hint = " (return only the optimizer: the arm owns the LR schedule)" if isinstance(optimizer, tuple) else ""
+        raise StudyError(
+            f"build_optimizer must return a torch.optim.Optimizer, but returned {type(optimizer).__name__}{hint}."
+            " Return e.g. torch.optim.AdamW(params, lr=config['lr'])."
+        )
+    own = {id(p) for p in params}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in own for p in held)
+    if foreign or not held:
+        raise StudyError(
+            f"build_optimizer={name} returned an optimizer over {len(held)} tensor(s), {foreign} of them not"
+            f" parameters of the trial's model ({len(params)} parameters): the model would not train. Build the"
+            " optimizer on the params it is given (build_optimizer(params, config)), not on another model's."
+        )
+    lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    if "lr" in hp and not any(math.isclose(lr, float(hp["lr"]), rel_tol=1e-6) for lr in lrs):
+        warnings.warn(
+            f"build_optimizer={name} built an optimizer at lr={lrs} for a trial whose config has lr={hp['lr']}:"
+            " it ignores the sampled lr, so every trial trains at the same LR. Pass lr=config['lr'] (a group may"
+            " scale it, but one group at config['lr'] silences this).",
+            UserWarning,
+            stacklevel=2,
+        )
+    return optimizer
 
 
 class NeVePolicy(TrialPolicy):

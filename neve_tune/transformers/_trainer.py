@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ class NeVeTrainerMixin:
     and the logits of that forward (``outputs.logits``) are passed to the ``NeVeCallback`` among the
     Trainer's callbacks. NeVe then also stops as ``memorizing`` and puts the weights of the flip minimum
     back into the Trainer's model (see :class:`neve_tune.Memorization`); the Trainer ends with them, so do
-    not combine it with ``load_best_model_at_end``. Evaluation batches are not observed.
+    not combine it with ``load_best_model_at_end``. Evaluation batches are not observed; a training batch
+    without the column warns once (nothing is observed), and ``NeVeCallback(memorization=None)`` observes none.
 
     The watch compares one NeVe step with the previous one, so it needs NeVe to step once per epoch
     (``NeVeCallback(every_n_steps=None)``, the default): with ``every_n_steps`` shorter than an epoch,
@@ -45,9 +47,8 @@ class NeVeTrainerMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         indices = inputs.pop(self.neve_index_column, None)
-        if indices is None or not model.training:
+        if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)  # type: ignore[misc]
         callback = next(
             (c for c in self.callback_handler.callbacks if isinstance(c, NeVeCallback)),  # type: ignore[attr-defined]
             None,
@@ -57,6 +58,21 @@ class NeVeTrainerMixin:
                 f"{type(self).__name__} observes the training batches for NeVeCallback, but the Trainer has no"
                 " NeVeCallback: pass callbacks=[NeVeCallback(aux, ...)]."
             )
+        if callback.neve.watch is None:  # NeVeCallback(memorization=None): nothing to feed
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        if indices is None:
+            if not getattr(self, "_neve_warned_no_index", False):
+                self._neve_warned_no_index = True
+                warnings.warn(
+                    f"{type(self).__name__}: the training batch has no {self.neve_index_column!r} column, so NeVe's"
+                    " memorisation watch sees nothing and NeVe will not stop for memorization. Add it:"
+                    f" train_dataset = train_dataset.map(lambda row, i: {{{self.neve_index_column!r}: i}},"
+                    " with_indices=True); or use transformers.Trainer if you do not want the watch.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)  # type: ignore[misc]
         callback.neve.observe(outputs, indices)
         return (loss, outputs) if return_outputs else loss
 
