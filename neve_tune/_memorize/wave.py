@@ -55,6 +55,8 @@ class Memorization:
             the predictions leave the one-class phase, and on the fast runs at epochs 1-2, so their
             decisions are unchanged. ``0`` turns the guard off. Without a training loss (``step()`` with no
             loss) or a class count, the guard cannot be evaluated and stays open, as the falling-loss test.
+            The loss must be the mean cross-entropy per sample (or token), as for NeVe's stalled test: a
+            summed or otherwise scaled loss keeps the guard shut, and the watch then never decides.
 
     Example:
         >>> from neve_tune import Memorization
