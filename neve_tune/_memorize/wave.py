@@ -10,7 +10,8 @@ falls while the predictions churn; a loss that rises with the flips is an unstab
 A warm-up guard keeps the minimum out of the first phase of a slow start: a network that still predicts one
 or a few classes for everything flips few predictions, so the count dips there, rises as the network leaves
 that phase, and a minimum kept from it made LabelWave fire on clean data (MNIST-1D at lr 0.005; the
-``memorizing`` stop then restored 0.24-0.27 test accuracy where the run went on to 0.45-0.72). A minimum
+``memorizing`` stop then restored weights of 0.23-0.27 test accuracy, 0.29-0.31 after its cooldown, where
+the runs went on to 0.45-0.72). A minimum
 counts only once the network has learned something (``learned``: the training loss removed that share of
 the chance-level loss), and only from a window made of such epochs.
 """
@@ -52,9 +53,10 @@ class Memorization:
             comes from that epoch on. The default 0.1 is NeVe's "stuck at chance" level
             (:class:`~neve_tune.StopCriteria` ``chance_progress``): the guard opens once the network has left
             chance. Measured in ``studies/overfitting/``: at lr 0.005 on MNIST-1D it opens at epochs 4-7, as
-            the predictions leave the one-class phase, and on the fast runs at epochs 1-2, so their
-            decisions are unchanged. ``0`` turns the guard off. Without a training loss (``step()`` with no
-            loss) or a class count, the guard cannot be evaluated and stays open, as the falling-loss test.
+            the predictions leave the one-class phase, and on the fast runs at epoch 2 (the first with flips
+            to count), so their decisions are unchanged. ``0`` turns the guard off. Without a training
+            loss (``step()`` with no loss) or a class count, the guard cannot be evaluated and stays open, as
+            the falling-loss test.
             The loss must be the mean cross-entropy per sample (or token), as for NeVe's stalled test: a
             summed or otherwise scaled loss keeps the guard shut, and the watch then never decides.
 
@@ -123,7 +125,7 @@ class WaveTracker:
         self.best_epoch: int | None = None
         self.epoch = 0
         self.learned_epoch: int | None = None  # the epoch the warm-up guard opened
-        self.since_learned = 0  # epochs in the window from the guard's opening on
+        self.since_learned = 0  # epochs counted since the guard opened (a minimum needs a whole window)
 
     def step(
         self,
