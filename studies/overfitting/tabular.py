@@ -44,6 +44,7 @@ MAX_EPOCHS = int(os.environ.get("MAX_EPOCHS", "100"))
 OUT_DIR = Path(os.environ.get("OUT_DIR", HERE))
 VARIANTS = tuple(os.environ.get("VARIANTS", "const,before,after").split(","))
 NOISE = float(os.environ.get("NOISE", "0.05"))
+SETTLED = 5  # epochs a prediction must have held to count in ``flips_settled``
 
 
 def name(data: str) -> str:
@@ -128,11 +129,16 @@ def run(data: str, seed: int, variant: str, lr: float) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     flipped, previous = t["flipped"], None
+    stable = torch.zeros(len(t["y"]), dtype=torch.long)  # epochs each sample's prediction has not changed
     for epoch in range(1, MAX_EPOCHS + 1):
         loss, preds = train_epoch(t, neve, gen)
         r = neve.step(loss)
-        changed = None if previous is None else preds != previous
+        changed: torch.Tensor | None = None if previous is None else preds != previous
         previous = preds
+        # a label-free candidate: flips among the samples whose prediction had held for SETTLED epochs
+        settled = stable >= SETTLED
+        late: float | None = None if changed is None or not settled.any() else float(changed[settled].float().mean())
+        stable = torch.zeros_like(stable) if changed is None else torch.where(changed, 0, stable + 1)
         rows.append(
             dict(
                 epoch=epoch,
@@ -147,6 +153,8 @@ def run(data: str, seed: int, variant: str, lr: float) -> dict[str, Any]:
                 clean_fit=float((preds[~flipped] == t["y"][~flipped]).float().mean()),
                 flips_noisy=None if changed is None or not flipped.any() else float(changed[flipped].float().mean()),
                 flips_clean=None if changed is None else float(changed[~flipped].float().mean()),
+                flips_settled=late,
+                settled=float(settled.float().mean()),
                 smoothed=r.flip_fraction_smoothed,
                 min_epoch=r.flip_min_epoch,
                 restored=r.restored_epoch,
@@ -269,10 +277,10 @@ def report(data: str, curve_epochs: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 
         print(f"\nSeed {seed}, constant LR (by label: the share of the flipped-label samples predicted as their wrong")
         print("label, and the flip fraction among them and among the others; analysis only):\n")
         print(
-            "| epoch | test acc | train loss | flip fraction | smoothed | V | wrong labels fit |"
-            " flips: flipped-label / other samples |"
+            "| epoch | test acc | train loss | flip fraction | smoothed | V | flips among settled samples |"
+            " wrong labels fit | flips: flipped-label / other samples |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
 
         def cell(v: float | None, fmt: str = ".4f") -> str:
             return "" if v is None else format(v, fmt)
@@ -282,7 +290,7 @@ def report(data: str, curve_epochs: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 
                 r = rows[e - 1]
                 print(
                     f"| {e} | {r['test_acc']:.3f} | {r['loss']:.4f} | {cell(r['flips'])} | {cell(sm[e - 1])} |"
-                    f" {r['v']:.4f} | {cell(r.get('noisy_fit'), '.3f')} |"
+                    f" {r['v']:.4f} | {cell(r.get('flips_settled'))} | {cell(r.get('noisy_fit'), '.3f')} |"
                     f" {cell(r.get('flips_noisy'))} / {cell(r.get('flips_clean'))} |"
                 )
     if out["pick"]:
