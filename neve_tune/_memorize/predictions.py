@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NoClassOutput", "as_indices", "class_predictions", "logits_of"]
+__all__ = ["NoClassOutput", "as_indices", "class_predictions", "logits_of", "num_classes"]
 
 
 class NoClassOutput(ValueError):
@@ -77,6 +77,12 @@ def _preview(values: Any) -> str:
         return repr(values)[:60]
     head = ", ".join(repr(v) for v in items[:3])
     return f"[{head}{', ...' if len(items) > 3 else ''}]"
+
+
+def num_classes(outputs: Any) -> int:
+    """The number of classes of outputs that :func:`class_predictions` reads (its argmax axis's length)."""
+    logits = logits_of(outputs)
+    return int(logits.shape[-1 if logits.dim() <= 3 else 1])
 
 
 def as_indices(indices: Any, count: int) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .flips import FlipCounter
-from .predictions import NoClassOutput, as_indices, class_predictions
+from .predictions import NoClassOutput, as_indices, class_predictions, num_classes
 from .wave import Memorization, WaveTracker
 
 __all__ = ["MemorizationWatch", "WatchStep"]
@@ -66,6 +67,7 @@ class MemorizationWatch:
         self.tracker = WaveTracker(settings)
         self.best_state: dict[str, Tensor] | None = None
         self.no_class_output: str | None = None  # why the outputs give no signal, once seen
+        self.classes: int | None = None  # of the observed outputs: the warm-up guard's chance level log C
         self.frozen = False  # after a decision: flips are still counted, the minimum and kept weights stay
         self._observed = False  # a batch was observed since the last end_epoch
         self._warned: set[str] = set()  # the misuse warnings already given (each once)
@@ -90,6 +92,7 @@ class MemorizationWatch:
             )
             return
         self.counter.add(predictions, as_indices(indices, predictions.shape[0]))
+        self.classes = num_classes(outputs)
         self._observed = True
         if not self.model.training:
             self._warn_once(
@@ -105,7 +108,8 @@ class MemorizationWatch:
         """Close epoch ``epoch``: count its flips, smooth them, and keep the weights at a new minimum.
 
         ``train_loss`` (the epoch's training loss, when known) enables the falling-loss test of
-        :class:`WaveTracker`. Once :attr:`frozen` (NeVe decided), only the flips are counted.
+        :class:`WaveTracker` and its warm-up guard (against the chance-level loss ``log C``, ``C`` the number
+        of classes of the observed outputs). Once :attr:`frozen` (NeVe decided), only the flips are counted.
         """
         flips = self.counter.end_epoch() if self._observed else None
         repeats = self.counter.repeats if self._observed else None
@@ -131,7 +135,8 @@ class MemorizationWatch:
         t = self.tracker
         if self.frozen:
             return WatchStep(None if flips is None else flips.flips, fraction, t.smoothed, t.best_epoch, False)
-        new_min = flips is not None and t.step(epoch, flips.flips, flips.observed, train_loss)
+        chance = math.log(self.classes) if self.classes else None
+        new_min = flips is not None and t.step(epoch, flips.flips, flips.observed, train_loss, chance)
         if flips is None:
             t.epoch = epoch
         if new_min and self.settings.restore_best_weights:
@@ -158,6 +163,7 @@ class MemorizationWatch:
             "tracker": self.tracker.state_dict(),
             "best_state": None if self.best_state is None else {k: v.clone() for k, v in self.best_state.items()},
             "no_class_output": self.no_class_output,
+            "classes": self.classes,
             "frozen": self.frozen,
         }
 
@@ -168,5 +174,6 @@ class MemorizationWatch:
         best = state["best_state"]
         self.best_state = None if best is None else {k: torch.as_tensor(v).clone() for k, v in best.items()}
         self.no_class_output = state["no_class_output"]
+        self.classes = None if state["classes"] is None else int(state["classes"])
         self.frozen = bool(state["frozen"])
         self._observed = False

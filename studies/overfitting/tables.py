@@ -11,12 +11,13 @@ HERE = Path(__file__).resolve().parent
 
 def table(task: str) -> str:
     runs = json.loads((HERE / f"results_{task}.json").read_text())
-    variants = [v for v in ("before", "after", "restore") if f"{v}_stop_epoch" in runs[0]["summary"]]
+    variants = [v for v in ("before", "unguarded", "after", "restore") if f"{v}_stop_epoch" in runs[0]["summary"]]
     head = (
         "| seed | best test epoch (acc) | "
         + " | ".join(
             {
                 "before": "before (main): stop, reason, acc",
+                "unguarded": "no warm-up guard: stop, reason, acc (restored epoch)",
                 "after": "after: stop, reason, acc (restored epoch)",
                 "restore": "restore only: acc",
             }[v]
