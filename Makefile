@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Written once `pip install -e ".[test]"` succeeded; pyproject.toml changing makes it stale.
 TEST_DEPS := $(VENV)/.test-deps
+# pytest-xdist workers: the suite waits on servers, subprocesses and Ray trials, so two overlap on two cores.
+WORKERS ?= 2
 
 .PHONY: demo test test-fast docs lint bench clean
 
@@ -28,10 +30,10 @@ test: $(PY)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadgroup
 
 test-fast: $(TEST_DEPS)
-	$(PY) -m pytest -m "not slow and not ray and not server"
+	$(PY) -m pytest -n $(WORKERS) -m "not slow and not ray and not server"
 
 docs: $(TEST_DEPS)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
