@@ -75,8 +75,9 @@ def check_aux_set(plan: Plan) -> None:
 
     Only when an arm measures velocity (a NeVe arm, or ``budget.monitor_baselines``). A model that cannot
     take it (float noise into an ``nn.Embedding``) would otherwise fail every such trial at its first
-    measurement. Two samples of ``make_aux`` (or of the default noise) with the first seed, the first
-    sampled configuration, on the CPU; the global RNG is left as it was.
+    measurement. 8 samples of ``make_aux`` (or of the default noise; the budget's ``aux_samples`` when
+    fewer), the fewest the monitor measures without warning that the set is too small, with the first seed,
+    the first sampled configuration, on the CPU; the global RNG is left as it was.
 
     Raises:
         StudyError: the forward failed (the message shows the error and names ``make_aux=`` and
@@ -88,6 +89,7 @@ def check_aux_set(plan: Plan) -> None:
     import torch
 
     from neve_tune import VelocityMonitor
+    from neve_tune._measure.auxchecks import MIN_AUX_SAMPLES
 
     seed = plan.seeds[0]
     config = definition.configs(1, seed)[0]
@@ -95,7 +97,7 @@ def check_aux_set(plan: Plan) -> None:
         torch.manual_seed(seed)
         model = definition.build_model(config)
     try:
-        aux = definition.aux(min(2, budget.neve.aux_samples), seed)
+        aux = definition.aux(min(MIN_AUX_SAMPLES, budget.neve.aux_samples), seed)
         monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
         try:
             monitor.measure()
