@@ -734,7 +734,7 @@ def test_r34_make_aux_of_the_wrong_shape_is_refused_before_any_trial(tmp_path: A
     model's own error and the shape it expects; nothing is created."""
     from neve_tune.studies import StudyError
 
-    with pytest.raises(StudyError, match=r"does not go through its model \(make_aux=.*\(2, 7\).*expects inputs shaped"):
+    with pytest.raises(StudyError, match=r"does not go through its model \(make_aux=.*\(8, 7\).*expects inputs shaped"):
         _study_check(_blobs(make_aux=lambda n, seed: _seeded(n, seed, 7)), tmp_path)
     assert not (tmp_path / "out").exists()
 
@@ -761,7 +761,7 @@ def test_r36_make_aux_returning_numpy_names_torch_as_tensor(tmp_path: Any) -> No
     from neve_tune.studies import StudyError
 
     numpy_aux = _blobs(make_aux=lambda n, seed: np.random.default_rng(seed).standard_normal((n, 8)).astype("float32"))
-    with pytest.raises(StudyError, match=r"numpy\.ndarray of shape \(2, 8\).*torch\.as_tensor\(aux\)"):
+    with pytest.raises(StudyError, match=r"numpy\.ndarray of shape \(8, 8\).*torch\.as_tensor\(aux\)"):
         _study_check(numpy_aux, tmp_path)
 
 
@@ -784,7 +784,7 @@ def test_r38_make_aux_that_ignores_its_seed_is_refused(tmp_path: Any) -> None:
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    with pytest.raises(StudyError, match=r"gave different aux sets for the same \(n, seed\) = \(2, 0\).*manual_seed"):
+    with pytest.raises(StudyError, match=r"gave different aux sets for the same \(n, seed\) = \(8, 0\).*manual_seed"):
         _study_check(_blobs(make_aux=lambda n, seed: torch.randn(n, 8)), tmp_path)
     assert torch.equal(torch.rand(3), expected)
 

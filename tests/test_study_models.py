@@ -293,3 +293,15 @@ def test_an_arm_whose_every_trial_failed_fails_the_study_and_says_where(
     assert "val_fraction=0" in trials[0].data.tags["error"]
     fifo = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{arms['fifo'].info.run_id}'")
     assert len(fifo) == 2 and {t.info.status for t in fifo} == {"FINISHED"}  # the other arm ran
+
+
+def test_the_aux_check_before_the_trials_raises_no_small_aux_set_warning(tmp_path: Path) -> None:
+    import warnings
+
+    from neve_tune.studies._options import StudyOptions
+    from neve_tune.studies._plan import check_aux_set, make_plan
+
+    plan, _ = make_plan(TOKENS, StudyOptions(backend="optuna", output_dir=tmp_path, track=False, progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 2-sample check warned "fewer than 8" on every study run
+        check_aux_set(plan)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +76,11 @@ def check_aux_set(plan: Plan) -> None:
 
     Only when an arm measures velocity (a NeVe arm, or ``budget.monitor_baselines``). A model that cannot
     take it (float noise into an ``nn.Embedding``) would otherwise fail every such trial at its first
-    measurement. Two samples of ``make_aux`` (or of the default noise) with the first seed, the first
-    sampled configuration, on the CPU; the global RNG is left as it was. ``make_aux`` is called twice: the
-    same ``(n, seed)`` must give the same inputs (every trial, arm and resumed checkpoint measures on them).
+    measurement. 8 samples of ``make_aux`` (or of the default noise; the budget's ``aux_samples`` when
+    fewer), the fewest the monitor measures without warning that the set is too small, with the first seed,
+    the first sampled configuration, on the CPU; the global RNG is left as it was. ``make_aux`` is called
+    twice: the same ``(n, seed)`` must give the same inputs (every trial, arm and resumed checkpoint measures
+    on them).
 
     Raises:
         StudyError: ``make_aux`` raised, or gave different inputs for the same ``(n, seed)``, or the forward
@@ -91,8 +92,9 @@ def check_aux_set(plan: Plan) -> None:
     import torch
 
     from neve_tune import VelocityMonitor
+    from neve_tune._measure.auxchecks import MIN_AUX_SAMPLES
 
-    seed, n = plan.seeds[0], min(2, budget.neve.aux_samples)
+    seed, n = plan.seeds[0], min(MIN_AUX_SAMPLES, budget.neve.aux_samples)
     config = definition.configs(1, seed)[0]
     given = (
         f"make_aux={getattr(definition.make_aux, '__qualname__', definition.make_aux)}"
@@ -111,9 +113,7 @@ def check_aux_set(plan: Plan) -> None:
             " or use neve_tune.noise_aux(shape, n=n, seed=seed) / token_aux(..., n=n, seed=seed)."
         )
     try:
-        with warnings.catch_warnings():  # this check's 2 samples, not the trials' aux_samples
-            warnings.filterwarnings("ignore", message="The aux set holds only")
-            monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
+        monitor = VelocityMonitor(model, aux, momentum=budget.neve.momentum)
         try:
             monitor.measure()
         finally:

@@ -240,7 +240,7 @@ SEARCH_SPACE: dict[str, Domain] = {
 #: NeVe's stop threshold is 1e-2 rather than the paper's 1e-3 (an SGD setting): AdamW's steps do not shrink
 #: with the gradient, and a constant-LR AdamW run of this model settles at a velocity of 2e-3..2e-2
 #: (calibrate.py). Patience 5 suits the 16-epoch cap. Ten trials of at most 16 epochs: three seeds of the
-#: three arms took 14 minutes on 2 shared CPU cores (26 under a load average of 15-19).
+#: three arms took 14 minutes on 2 shared CPU cores (26-30 under a load average of 9-35).
 STUDY = StudyDefinition(
     name="listops",
     description="ListOps (Nangia & Bowman 2018), depth 2, GRU + AdamW, token aux, CPU, minutes; ~55% (not saturated)",
