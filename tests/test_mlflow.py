@@ -203,7 +203,8 @@ def test_from_the_first_failed_send_every_record_is_on_disk(
     sqlite_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No server answers: the trial's file holds all it logged after each epoch, so a worker torn down now
-    (a stopped Ray trial) loses nothing; replayed into the store, every epoch and artifact is there."""
+    (a stopped Ray trial) loses nothing; a run of the same name keeps its own file; replayed into the store,
+    every epoch and artifact is there."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once (the default retries ~2 s)
     tracker = StudyTracker(sqlite_uri, "spool", study="unit", arms=["asha"])
     arm = tracker.arm("asha")
@@ -219,12 +220,18 @@ def test_from_the_first_failed_send_every_record_is_on_disk(
     assert log.detach() == path and log.pending == 6  # create, params, 3 epochs, the text: none sent
     assert time.monotonic() - t0 < 1  # known down: no last try while the worker may be torn down
     assert not list(folder.glob(".*"))  # no temporary file left behind
+    twin = TrialLogger(gone, run_name="asha-000", trial_id="t1", fallback_dir=folder)  # e.g. the next seed's
+    twin.log_metrics({"train/loss": 2.0}, step=1)
+    assert twin.end("FINISHED", stop_reason="max_t", stop_epoch=1) not in (None, path)  # its own file
 
-    run_id = replay_unsent(path, tracking_uri=tracker.tracking_uri, remove=True)
-    assert run_id is not None and not list(folder.iterdir())
+    report = replay_folder(folder, tracking_uri=tracker.tracking_uri)
+    assert report.complete and len(report.sent) == 2 and not list(folder.iterdir())
     arm.finalize_trial("t0", status="FINISHED", stop_reason="pruned", stop_epoch=3)  # the driver's part
     tracker.end()
     client = MlflowClient(tracker.tracking_uri)
+    runs = {r.data.tags["trial_id"]: r for r in _children(client, tracker.experiment_id, arm.link.parent_run_id)}
+    assert runs["t1"].info.status == "FINISHED" and _history(client, runs["t1"].info.run_id, "train/loss") == [(1, 2.0)]
+    run_id = runs["t0"].info.run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[TAG_STOP_REASON] == "pruned"
     assert run.data.params == {"lr": "0.1"} and run.data.tags[TAG_PARENT] == arm.run_id
