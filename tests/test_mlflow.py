@@ -5,6 +5,7 @@ Everything is read back through MlflowClient: run tree, params, metric histories
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -41,7 +42,7 @@ from neve_tune.mlflow._logger import (
     VELOCITY_CURVE_ARTIFACT,
 )
 from neve_tune.mlflow._outbox import Op, RunOutbox, chunk_batch, op_handler, register_op
-from neve_tune.mlflow._replay import UnsentFile, replay_folder
+from neve_tune.mlflow._replay import UnsentFile, replay_folder, unsent_files
 from neve_tune.mlflow._uri import resolve_tracking_uri
 from neve_tune.studies._tracking import StudyTracker
 from tests.conftest import MlflowServer, free_port
@@ -196,6 +197,49 @@ def test_missing_mlflow_gives_an_actionable_error(monkeypatch: pytest.MonkeyPatc
         _deps.require_mlflow()
 
 
+@pytest.mark.slow  # a fresh SQLite store (MLflow's migrations): seconds
+@pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
+def test_from_the_first_failed_send_every_record_is_on_disk(
+    sqlite_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server answers: the trial's file holds all it logged after each epoch, so a worker torn down now
+    (a stopped Ray trial) loses nothing; a run of the same name keeps its own file; replayed into the store,
+    every epoch and artifact is there."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once (the default retries ~2 s)
+    tracker = StudyTracker(sqlite_uri, "spool", study="unit", arms=["asha"])
+    arm = tracker.arm("asha")
+    gone = dataclasses.replace(arm.link, tracking_uri=f"http://127.0.0.1:{free_port()}")  # no server there
+    folder = tmp_path / "unsent"
+    log = TrialLogger(gone, run_name="asha-000", params={"lr": 0.1}, trial_id="t0", fallback_dir=folder)
+    [path] = folder.glob("*.jsonl")
+    for epoch in (1, 2, 3):
+        log.log_metrics({"train/loss": 1.0 / epoch, "v": math.nan if epoch == 3 else float(epoch)}, step=epoch)
+        assert UnsentFile.read(path).metric_values == 2 * epoch  # on disk before the next epoch starts
+    log.log_text("hello", "notes/readme.md")
+    t0 = time.monotonic()
+    assert log.detach() == path and log.pending == 6  # create, params, 3 epochs, the text: none sent
+    assert time.monotonic() - t0 < 1  # known down: no last try while the worker may be torn down
+    assert not list(folder.glob(".*"))  # no temporary file left behind
+    twin = TrialLogger(gone, run_name="asha-000", trial_id="t1", fallback_dir=folder)  # e.g. the next seed's
+    twin.log_metrics({"train/loss": 2.0}, step=1)
+    assert twin.end("FINISHED", stop_reason="max_t", stop_epoch=1) not in (None, path)  # its own file
+
+    report = replay_folder(folder, tracking_uri=tracker.tracking_uri)
+    assert report.complete and len(report.sent) == 2 and not list(folder.iterdir())
+    arm.finalize_trial("t0", status="FINISHED", stop_reason="pruned", stop_epoch=3)  # the driver's part
+    tracker.end()
+    client = MlflowClient(tracker.tracking_uri)
+    runs = {r.data.tags["trial_id"]: r for r in _children(client, tracker.experiment_id, arm.link.parent_run_id)}
+    assert runs["t1"].info.status == "FINISHED" and _history(client, runs["t1"].info.run_id, "train/loss") == [(1, 2.0)]
+    run_id = runs["t0"].info.run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[TAG_STOP_REASON] == "pruned"
+    assert run.data.params == {"lr": "0.1"} and run.data.tags[TAG_PARENT] == arm.run_id
+    assert _history(client, run_id, "train/loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert math.isnan(_history(client, run_id, "v")[2][1])
+    assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/readme.md"]  # its own name
+
+
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
@@ -229,7 +273,7 @@ def test_server_outage_does_not_stop_logging_and_nothing_is_lost(tmp_path: Path)
         server.start()  # same port, same database
         time.sleep(0.6)
         log.log_metrics({"train/loss": 5.0}, step=5)
-        assert log.pending == 0
+        assert log.pending == 0 and not list((tmp_path / "unsent").glob("*.jsonl"))  # all sent: no file left
         assert log.end("FINISHED", stop_reason="max_t", stop_epoch=5) is None
         client = MlflowClient(server.uri)
         assert _history(client, log.run_id, "train/loss") == [(e, float(e)) for e in range(1, 6)]
@@ -398,7 +442,8 @@ def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: P
         asha.tag_trial("a0", {"picked": "true"})
         for arm in (neve, asha):
             arm.close_open_trials("KILLED")
-        assert len(list(folder.glob("*.jsonl"))) == 4
+        # On disk: the 4 trials' records, and the 2 arm runs' own (their operations on the trial runs).
+        assert sorted(f.order for f in unsent_files(folder)) == [0, 0, 0, 0, 1, 1]
 
         back = _back_in(server, 3)
         t0 = time.monotonic()

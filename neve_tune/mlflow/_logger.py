@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -214,8 +215,11 @@ class TrialLogger(RunWriter):
     ``None`` values are skipped.
 
     Outages: if MLflow cannot be reached, training goes on. Records are kept and re-sent when it comes
-    back; what is still unsent when the run ends is saved to ``fallback_dir/mlflow-unsent-<run>.jsonl``
-    (see :func:`neve_tune.mlflow.replay_unsent`) with a :class:`MlflowUnavailableWarning` naming the file.
+    back. From the first failed send on, what waits is also kept on disk, in
+    ``fallback_dir/mlflow-unsent-<run name>-<creation time, ns>.jsonl`` (rewritten atomically after each
+    send that leaves something, deleted once everything was sent), so a process killed mid-outage loses
+    nothing. What is still unsent when the run ends stays in that file (see
+    :func:`neve_tune.mlflow.replay_unsent`), named in a :class:`MlflowUnavailableWarning`.
 
     State: when ``trial_id`` is given and a run with that trial id already exists under the parent (a
     restarted Ray trial), that run is reopened instead of creating a second one.
@@ -257,6 +261,8 @@ class TrialLogger(RunWriter):
             link.experiment_id,
             label=f"trial run '{self.run_name}'",
             retry_interval_s=link.retry_interval_s,
+            # Unique, and in time order for the replay: a restarted trial's attempts each keep their own.
+            spool=self.fallback_dir / f"mlflow-unsent-{safe_name(self.run_name)}-{time.time_ns()}.jsonl",
         )
         all_tags = {TAG_ROLE: "trial", **link.tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         reuse = None
@@ -343,8 +349,8 @@ class TrialLogger(RunWriter):
             ops += chunk_batch(tags=tags)
             ops.append(Op("terminate", {"status": status, "end_time": millis()}))
             self._outbox.put(ops, send=False)
-            if not self._outbox.send(force=True):
-                self._save_unsent()
+            if not self._outbox.send(force=True):  # one last try, then the spool file is what is left
+                self.unsent_file = self._outbox.save()
                 warnings.warn(
                     f"MLflow stayed unreachable: {self._outbox.pending} record batch(es) of {self.run_name} were "
                     f"saved to {self.unsent_file}. Send them later with `{replay_command(self.fallback_dir)}`.",
@@ -367,16 +373,14 @@ class TrialLogger(RunWriter):
         try:
             self._outbox.put(chunk_batch(self._metrics), send=False)
             self._metrics = []
-            # Not forced: while MLflow is known to be down, save to the file at once (the process may be
-            # torn down within seconds of a stop).
-            if not self._outbox.send():
-                self._save_unsent()
+            # The worker may be torn down any moment after a stop (Ray does not wait for this thread): the
+            # file first, then one try unless MLflow is known to be down (the file goes once all is sent).
+            self.unsent_file = self._outbox.save()
+            if self.unsent_file is not None and not self._outbox.down and self._outbox.send():
+                self.unsent_file = None
         finally:
             self._files.cleanup()
         return self.unsent_file
-
-    def _save_unsent(self) -> None:
-        self.unsent_file = self._outbox.dump(self.fallback_dir / f"mlflow-unsent-{safe_name(self.run_name)}.jsonl")
 
     def __enter__(self) -> TrialLogger:
         return self

@@ -3,9 +3,10 @@
 Every write (create the run, log a batch, upload an artifact, end the run) is an :class:`Op`, queued and
 sent in order. When a send fails for a transient reason (server down, database locked), the operation stays
 queued, a :class:`MlflowUnavailableWarning` is issued once per outage, and sending is retried on the next
-call after ``retry_interval_s``. Training never waits for MLflow longer than one failed request. What is
-still queued when the run ends is written to a JSON-lines file that :func:`~neve_tune.mlflow.replay_unsent`
-sends later.
+call after ``retry_interval_s``. Training never waits for MLflow longer than one failed request. With a
+``spool`` file, whatever a send leaves queued is also written there at once (atomically, :mod:`._spool`)
+and the file goes once everything was sent: a process killed mid-outage (a Ray worker torn down right
+after its trial was stopped) leaves it, for :func:`~neve_tune.mlflow.replay_unsent` to send later.
 
 An operation kind is a name with a registered handler (:func:`register_op`). This module registers the
 four kinds every run needs (``create``, ``batch``, ``artifact``, ``terminate``); other packages register
@@ -16,10 +17,7 @@ the module of each non-built-in handler, so a replay in a fresh process imports 
 from __future__ import annotations
 
 import importlib
-import json
-import math
 import os
-import shutil
 import threading
 import time
 import warnings
@@ -32,10 +30,8 @@ from typing import Any
 
 from ._deps import require_mlflow
 from ._experiment import get_or_create_experiment
+from ._spool import UNSENT_FORMAT, keep_artifact, remove_unsent, write_unsent
 from ._uri import configure_client_env
-
-#: First line of an unsent-operations file.
-UNSENT_FORMAT = "neve_tune_unsent"
 
 # Error codes that will not go away by retrying: the operation is dropped (with a warning).
 _PERMANENT = frozenset(
@@ -164,6 +160,8 @@ class RunOutbox:
         order: where a saved file goes when a folder is replayed (lowest first): runs whose operations act
             on other runs (an arm run ending its trials) come after those runs.
         warn: issue :class:`MlflowUnavailableWarning` on outages (off where the caller reports them).
+        spool: the file that holds what could not be sent (see the module docstring); ``None``: memory only,
+            until :meth:`dump`.
     """
 
     def __init__(
@@ -177,6 +175,7 @@ class RunOutbox:
         experiment_name: str | None = None,
         order: int = 0,
         warn: bool = True,
+        spool: str | os.PathLike[str] | None = None,
     ) -> None:
         require_mlflow()
         configure_client_env()  # a few quick HTTP retries: the outbox retries itself
@@ -195,16 +194,26 @@ class RunOutbox:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.dropped: list[tuple[Op, str]] = []
         self.last_error: BaseException | None = None
+        self.spool = Path(spool) if spool is not None else None
         self._ops: deque[Op] = deque()
         self._next_try = 0.0
         self._down_since: float | None = None
         self._lock = threading.RLock()
+        self._spooled = False  # the spool file exists
+        self._changed = False  # the queue changed since the spool file was written
+        self._kept = 0  # artifacts copied next to the spool file
+        self._spool_error: OSError | None = None
 
     # ------------------------------------------------------------------ queueing
     @property
     def pending(self) -> int:
         """How many operations wait to be sent."""
         return len(self._ops)
+
+    @property
+    def down(self) -> bool:
+        """True while the last send failed for a transient reason (until one succeeds)."""
+        return self._down_since is not None
 
     def require_run(self) -> str:
         """The run id, or a (transient) error while the run was not created yet."""
@@ -223,14 +232,21 @@ class RunOutbox:
         """Queue operations, then try to send (unless ``send=False``). Returns True when nothing waits."""
         with self._lock:
             self._ops.extend([ops] if isinstance(ops, Op) else ops)
+            self._changed = True
         return self.send() if send else not self._ops
 
     def send(self, *, force: bool = False) -> bool:
-        """Send what is queued, in order. ``force`` ignores the retry interval. True when nothing waits."""
+        """Send what is queued, in order. ``force`` ignores the retry interval. True when nothing waits.
+
+        What is still queued afterwards is written to the spool file (if any); once nothing waits, the file
+        is deleted.
+        """
         with self._lock:
             if not self._ops:
+                self._unspool()
                 return True
             if not force and time.monotonic() < self._next_try:
+                self._spool_quietly()
                 return False
             sent = 0
             while self._ops:
@@ -240,13 +256,17 @@ class RunOutbox:
                 except Exception as err:
                     if is_permanent(err):
                         self._ops.popleft()
+                        self._changed = True
                         self.dropped.append((op, f"{type(err).__name__}: {err}"))
                         self._warn(f"MLflow rejected a '{op.kind}' operation of {self.label} and it was dropped: {err}")
                         continue
                     self._on_failure(err)
+                    self._spool_quietly()
                     return False
                 self._ops.popleft()
+                self._changed = True
                 sent += 1
+            self._unspool()
             if self._down_since is not None:
                 down = time.monotonic() - self._down_since
                 self._down_since = None
@@ -292,35 +312,46 @@ class RunOutbox:
     def dump(self, path: str | os.PathLike[str]) -> Path | None:
         """Write the unsent operations to a JSON-lines file (artifacts copied next to it); None if none."""
         with self._lock:
-            ops = list(self._ops)
-            if not ops:
+            if not self._ops:
                 return None
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files = path.with_suffix(".artifacts")
-            lines = [json.dumps(self.header())]
-            for op in ops:
-                data = dict(op.data)
-                if op.kind == "artifact":
-                    files.mkdir(parents=True, exist_ok=True)
-                    src = Path(data["local_path"])
-                    dst = files / f"{len(lines):04d}_{src.name}"
-                    if src.exists():
-                        shutil.copyfile(src, dst)
-                    data["local_path"] = str(dst)
-                if op.kind == "batch" and "metrics" in data:
-                    data["metrics"] = [[k, _json_float(v), ts, s] for k, v, ts, s in data["metrics"]]
-                entry: dict[str, Any] = {"kind": op.kind, "data": data}
-                module = _handler_module(op.kind)
-                if module is not None:
-                    entry["module"] = module
-                lines.append(json.dumps(entry))
-            path.write_text("\n".join(lines) + "\n")
-            return path
+            for op in self._ops:
+                if op.kind == "artifact":  # the queued op points at the copy too: the original may go first
+                    self._kept += 1
+                    op.data["local_path"] = keep_artifact(path, op.data["local_path"], self._kept)
+            return write_unsent(path, self.header(), [(op.kind, op.data, _handler_module(op.kind)) for op in self._ops])
 
+    def save(self) -> Path | None:
+        """Write what waits to the spool file now (when it changed); the file, or None when nothing waits.
 
-def _json_float(v: float) -> float | str:
-    return v if math.isfinite(v) else repr(v)  # 'nan', 'inf', '-inf'
+        Raises:
+            OSError: the file could not be written (the operations stay queued in memory).
+        """
+        with self._lock:
+            if self.spool is None or not self._ops:
+                return None
+            if self._changed or not self._spooled:
+                self.dump(self.spool)
+                self._spooled, self._changed = True, False
+            return self.spool
+
+    def _spool_quietly(self) -> None:  # training must go on: a failure to write is one warning
+        try:
+            self.save()
+        except OSError as err:
+            if self._spool_error is None:
+                warnings.warn(
+                    f"Could not save the unsent MLflow records of {self.label} to {self.spool}: {err}. They stay "
+                    "in memory and are sent if MLflow answers again before the run ends.",
+                    MlflowUnavailableWarning,
+                    stacklevel=4,
+                )
+            self._spool_error = err
+
+    def _unspool(self) -> None:
+        if self.spool is not None and self._spooled:
+            remove_unsent(self.spool)
+            self._spooled = False
 
 
 # ---------------------------------------------------------------------- the built-in operations

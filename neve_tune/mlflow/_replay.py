@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._outbox import UNSENT_FORMAT, Op, RunOutbox, is_permanent, op_handler
+from ._outbox import Op, RunOutbox, is_permanent, op_handler
+from ._spool import UNSENT_FORMAT, remove_unsent, write_lines
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,6 @@ def _header(path: Path, lines: list[str]) -> dict:
     return header
 
 
-def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    shutil.rmtree(path.with_suffix(".artifacts"), ignore_errors=True)
-
-
 def replay_unsent(
     path: str | os.PathLike[str], *, tracking_uri: str | None = None, remove: bool = False
 ) -> str | None:
@@ -114,10 +109,10 @@ def replay_unsent(
         except BaseException:
             if i > 0 or outbox.run_id != header.get("run_id"):
                 rest = {**header, "run_id": outbox.run_id, "experiment_id": outbox.experiment_id}
-                path.write_text("\n".join([json.dumps(rest), *lines[1 + i :]]) + "\n")
+                write_lines(path, [json.dumps(rest), *lines[1 + i :]])
             raise
     if remove:
-        _remove(path)
+        remove_unsent(path)
     return outbox.run_id
 
 

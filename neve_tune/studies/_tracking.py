@@ -71,6 +71,7 @@ class ArmRun(RunWriter):
             label=f"arm run '{self.run_name}'",
             retry_interval_s=tracker.retry_interval_s,
             order=_ARM_ORDER,
+            spool=tracker.spool_file(f"arm-{self.run_name}"),
         )
         self.link = MlflowLink(
             tracker.tracking_uri, tracker.experiment_id, run_id, name, tracker.study, tracker.retry_interval_s
@@ -232,9 +233,14 @@ class StudyTracker(RunWriter):
             label=f"study run '{name}'",
             retry_interval_s=self.retry_interval_s,
             order=_STUDY_ORDER,
+            spool=self.spool_file("study"),
         )
         self.ended: str | None = None
         self._refused: set[Path] = set()
+
+    def spool_file(self, label: str) -> Path:
+        """Where the study's run ``label`` (``study``, ``arm-<name>``) keeps what it could not send."""
+        return self.fallback_dir / f"mlflow-unsent-{safe_name(self.run_name)}-{label}.jsonl"
 
     @property
     def study_run_id(self) -> str:
@@ -262,8 +268,8 @@ class StudyTracker(RunWriter):
         self._outbox.put(chunk_batch([(k, float(v), ts, step) for k, v in metrics.items() if v is not None]))
 
     # ------------------------------------------------------------------ the end of the study
-    def _writers(self) -> list[tuple[RunOutbox, str]]:
-        return [*((a._outbox, f"arm-{n}") for n, a in self._arms.items()), (self._outbox, "study")]
+    def _writers(self) -> list[RunOutbox]:
+        return [*(a._outbox for a in self._arms.values()), self._outbox]
 
     def unsent(self) -> list[UnsentFile]:
         """The saved files in ``fallback_dir`` bound for this tracker's store and experiment, in replay order."""
@@ -271,13 +277,14 @@ class StudyTracker(RunWriter):
         return [f for f in files if (f.tracking_uri, f.experiment_id) == (self.tracking_uri, self.experiment_id)]
 
     def _send_once(self) -> bool:
-        files = [f for f in self.unsent() if f.path not in self._refused]
+        own = {writer.spool for writer in self._writers()}  # sent from memory below, not replayed
+        files = [f for f in self.unsent() if f.path not in self._refused and f.path not in own]
         if files:
             report = replay_files(files, folder=self.fallback_dir)
             self._refused.update(report.refused)
             if report.outage:
                 return False
-        return all(writer.send(force=True) for writer, _ in self._writers())
+        return all(writer.send(force=True) for writer in self._writers())
 
     def drain(self, timeout_s: float | None = None, *, first_wait_s: float = 1.0, max_wait_s: float = 15.0) -> bool:
         """Send what is still unsent: the trials' saved files first, then the arm and study runs' queues.
@@ -338,10 +345,7 @@ class StudyTracker(RunWriter):
                 self.ended = status
                 self._outbox.put(Op("terminate", {"status": status, "end_time": millis()}), send=False)
             if not self.drain(self.drain_timeout_s if status == "FINISHED" else 0.0):
-                for writer, label in self._writers():
-                    path = writer.dump(self.fallback_dir / f"mlflow-unsent-{safe_name(self.run_name)}-{label}.jsonl")
-                    if path is not None:
-                        saved.append(path)
+                saved = [path for path in (writer.save() for writer in self._writers()) if path is not None]
                 left = self.unsent()
                 if left:
                     warnings.warn(
