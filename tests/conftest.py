@@ -1,8 +1,8 @@
 """What the tests share: one Ray per session, real `mlflow server`s, the compute-path fixtures, and the markers.
 
-Markers (``make test-fast`` deselects ``slow``, ``ray`` and ``server``). ``make test`` runs two pytest-xdist
-workers (``--dist loadgroup``): every ``ray`` test goes to the same one, so one Ray serves them all while the
-other worker runs the rest.
+Markers (``make test-fast`` deselects ``slow``, ``ray`` and ``server``). ``make test`` runs pytest-xdist
+workers (``WORKERS``, 2 by default); each worker starts its own session Ray when it first runs a ``ray`` test,
+so two Rays can run at once (each with 2 CPUs; they share nothing but the machine).
 
 * ``ray``: the test runs Ray. A test that requests :func:`ray_session` gets the marker by itself; one that
   starts Ray another way (a subprocess) sets it. A test without it that calls ``ray.init`` (directly, or
@@ -46,8 +46,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         names = getattr(item, "fixturenames", ())
         if "ray_session" in names:
             item.add_marker(pytest.mark.ray)
-        if item.get_closest_marker("ray") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))  # `-n 2 --dist loadgroup`: one worker runs them all
 
 
 # ------------------------------------------------------------------------------------------------ Ray
