@@ -10,9 +10,6 @@ PIP := $(PY) -m pip
 TEST_DEPS := $(VENV)/.test-deps
 # pytest-xdist workers, one per core (three were slower here: 579 s against 535 s).
 WORKERS ?= 2
-# No byte-compiling of the ~23,000 installed modules at install time (about a minute here): Python compiles
-# the few thousand a run imports, once, on first import.
-PIP_FLAGS ?= --no-compile
 
 .PHONY: demo test test-fast docs lint bench clean
 
@@ -20,17 +17,17 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(TEST_DEPS): pyproject.toml | $(PY)
-	$(PIP) install $(PIP_FLAGS) -e ".[test]"
+	$(PIP) install -e ".[test]"
 	touch $@
 
 demo: $(PY)
-	$(PIP) install $(PIP_FLAGS) -e ".[all]"
+	$(PIP) install -e ".[all]"
 	$(VENV)/bin/neve-tune study run digits
 
 # mypy (about a minute, one core) runs beside the tests, which leave about half of two cores idle while they
 # wait on servers, subprocesses and Ray; its report prints after theirs, and either failing fails `make test`.
 test: $(PY)
-	$(PIP) install $(PIP_FLAGS) -e ".[test]"
+	$(PIP) install -e ".[test]"
 	touch $(TEST_DEPS)
 	$(VENV)/bin/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

@@ -116,6 +116,8 @@ class MlflowServer:
                 "so that `make test-fast` leaves it out"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / "server.db").exists():
+            _seed_new_sqlite_store(self.folder / "server.db")
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         cmd = [
             MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
@@ -205,6 +207,27 @@ def _from_template(original: Callable[[Any], None], folder: Path) -> Callable[[A
     return initialize_tables
 
 
+#: The session's folder for the migrated template (set by the autouse fixture below).
+_template_folder: dict[str, Path] = {}
+
+
+def _use_template(utils: Any) -> None:
+    if not hasattr(utils._initialize_tables, "neve_template"):
+        utils._initialize_tables = _from_template(utils._initialize_tables, _template_folder["path"])
+
+
+def _seed_new_sqlite_store(database: Path) -> None:
+    """Give a new store that an `mlflow server` of this session will open the session's migrated tables."""
+    import mlflow.store.db.utils as utils
+
+    _use_template(utils)
+    engine = utils.create_sqlalchemy_engine(f"sqlite:///{database}")
+    try:
+        utils._initialize_tables(engine)
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def _sqlite_template_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mlflow-sqlite-template")
@@ -216,9 +239,12 @@ def _new_sqlite_stores_from_one_migration(_sqlite_template_folder: Path) -> None
 
     The first new store of the session is migrated by MLflow itself and kept; each later new store in this
     process receives that database through SQLite's backup API: the same tables, the same alembic version,
-    written by the same MLflow. Nothing about MLflow's behaviour is replaced. Stores made in subprocesses (the
-    CLI tests, Ray workers) migrate as a user's would. Applied once ``mlflow.store.db.utils`` is imported.
+    written by the same MLflow. Nothing about MLflow's behaviour is replaced. A :class:`MlflowServer`'s new
+    store gets the same tables before the server opens it (so the server finds a migrated store and migrates
+    nothing). Stores made in other subprocesses (the CLI tests, Ray workers) migrate as a user's would.
+    Applied once ``mlflow.store.db.utils`` is imported.
     """
+    _template_folder["path"] = _sqlite_template_folder
     utils = sys.modules.get("mlflow.store.db.utils")
-    if utils is not None and not hasattr(utils._initialize_tables, "neve_template"):
-        utils._initialize_tables = _from_template(utils._initialize_tables, _sqlite_template_folder)
+    if utils is not None:
+        _use_template(utils)

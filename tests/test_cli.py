@@ -1,8 +1,9 @@
 """The `neve-tune` command line: help, version, clear errors that lose nothing, and the demo path.
 
-The slow test runs `neve-tune study run digits` exactly as `make demo` does (a local Ray started by the
-command, the default SQLite store `mlflow.db` in the working directory) on a tiny budget, then
-`neve-tune study compare` on the same folder.
+The slow test runs `neve-tune study run digits` as `make demo` does (the default SQLite store `mlflow.db` in
+the working directory) on a tiny budget, in this process on the session's Ray, then `neve-tune study compare`
+on the same folder in a fresh process. A command that starts its own Ray is run by the SIGTERM tests
+(`test_reliability.py`, cases 17 and 18).
 """
 
 from __future__ import annotations
@@ -114,21 +115,16 @@ def test_bad_options_are_clear(in_tmp: Path, capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.slow
-@pytest.mark.ray  # the CLI starts its own Ray, in a subprocess
-def test_demo_command_with_the_default_sqlite_store_then_compare(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "neve_tune.cli", "study", "run", "digits", "--trials", "2", "--max-epochs", "3"]
-    run = subprocess.run(
-        [*cmd, "--arms", "neve,fifo", "--no-progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = run.stdout
+def test_demo_command_with_the_default_sqlite_store_then_compare(
+    ray_session: object, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp_path = in_tmp
+    monkeypatch.setenv("COLUMNS", "200")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    argv = ["study", "run", "digits", "--trials", "2", "--max-epochs", "3", "--arms", "neve,fifo", "--no-progress"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
     assert "digits: 2 trials x <= 3 epochs per arm, seed 0" in out
     assert "│ neve │" in out and "│ fifo │" in out
     # 3 epochs: inside NeVe's warm-up nothing converges; the pick-rule line says what the rule did with the

@@ -243,8 +243,11 @@ def test_from_the_first_failed_send_every_record_is_on_disk(
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
-def test_server_outage_does_not_stop_logging_and_nothing_is_lost(tmp_path: Path) -> None:
+def test_server_outage_does_not_stop_logging_and_nothing_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Against a real server: it goes away mid-trial and comes back; then it goes away for good."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each send to the stopped server fails at once
     server = MlflowServer(tmp_path / "server").start()
     try:
         assert check_tracking_uri(server.uri) == server.uri
@@ -418,8 +421,11 @@ def _back_in(server: MlflowServer, seconds: float) -> threading.Thread:
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
-def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: Path) -> None:
+def test_driver_sends_what_trials_left_once_the_server_answers_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Trials end while the server is down (leaving files); it comes back while the driver ends the study."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each send to the stopped server fails at once
     folder = tmp_path / "mlflow-unsent"
     server = MlflowServer(tmp_path / "server").start()
     try:
@@ -470,9 +476,11 @@ def test_driver_sends_what_trials_left_once_the_server_answers_again(tmp_path: P
 @pytest.mark.server
 @pytest.mark.filterwarnings("ignore::neve_tune.mlflow.MlflowUnavailableWarning")
 def test_driver_gives_up_after_its_wait_names_what_is_left_and_the_cli_sends_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from neve_tune.cli import main
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each send to the stopped server fails at once
 
     folder = tmp_path / "mlflow-unsent"
     server = MlflowServer(tmp_path / "server").start()
