@@ -492,6 +492,23 @@ def test_digits_study_end_to_end_against_a_real_mlflow_server(ray_session: Any, 
         server.stop()
 
 
+def test_the_ray_backend_sets_its_tune_settings_only_while_a_study_runs(
+    ray_session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study turns off Tune's automatic loggers (it adds CSV and JSON itself); a ``Tuner`` the caller runs in
+    the same process afterwards must get them back, and a setting the caller made stays theirs."""
+    from neve_tune.studies import get_backend
+
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    backend = get_backend("ray")()
+    backend.open(Budget(trials=1, max_epochs=1))
+    assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1" and os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    backend.close()
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ and os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    assert ray_session.is_initialized()  # the session's Ray, which the backend did not start: still up
+
+
 @pytest.mark.slow
 def test_a_trial_that_raises_leaves_its_run_failed_and_the_study_goes_on(ray_session: Any, tmp_path: Path) -> None:
     from mlflow import MlflowClient

@@ -137,20 +137,38 @@ class RayBackend(Backend):
         self.address = address
         self.callbacks = list(callbacks)
         self._started = False
+        self._saved_env: dict[str, str | None] = {}
 
     @property
     def runs_here(self) -> bool:
         return self.address in (None, "", "local")
 
     def open(self, budget: Budget) -> None:
-        self._started = init_ray(self.address, budget.cpus_per_trial, budget.gpus_per_trial)
+        self._saved_env = {name: os.environ.get(name) for name in STUDY_TUNE_ENV}
+        for name, value in STUDY_TUNE_ENV.items():
+            os.environ.setdefault(name, value)
+        try:
+            self._started = init_ray(self.address, budget.cpus_per_trial, budget.gpus_per_trial)
+        except BaseException:
+            self._restore_env()
+            raise
 
     def close(self) -> None:
+        self._restore_env()
         if self._started:
             import ray
 
             ray.shutdown()
             self._started = False
+
+    def _restore_env(self) -> None:
+        """Put back the caller's Tune settings: a study must not change the caller's own later ``Tuner`` runs."""
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved_env = {}
 
     def run_arm(self, job: ArmJob) -> ArmResult:
         tuner, study_callback = self._tuner(job)
@@ -220,13 +238,19 @@ def _lookup(by_id: dict[Any, dict[str, Any]], key: str) -> Callable[[Any], Any]:
     return value
 
 
+#: Tune settings of a study's ``Tuner`` runs, set (where the caller has not set them) between the backend's
+#: ``open`` and ``close`` only.
+STUDY_TUNE_ENV = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no TensorBoard logger: the study adds CSV + JSON itself
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000",
+}
+
+
 def init_ray(address: str | None, cpus_per_trial: float, gpus_per_trial: float) -> bool:
     """Start (or connect to) Ray; True when this call started it. Checks the trial fits the cluster."""
     import ray
 
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard logger: we add CSV + JSON
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
