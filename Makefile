@@ -8,7 +8,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Written once `pip install -e ".[test]"` succeeded; pyproject.toml changing makes it stale.
 TEST_DEPS := $(VENV)/.test-deps
-# pytest-xdist workers, one per core (three were slower here: 579 s against 535 s).
+# pytest-xdist workers, one per core (three were slower here: 579 s against 535 s). `--dist worksteal`: a
+# worker that runs out of tests takes the other's queued ones, so the end-to-end runs of 20-65 s do not
+# leave one worker idle at the end (one run with it: 458 s, the two workers ending 7 s apart; three clean-clone
+# runs of the same tests with the default distribution: 496-538 s).
 WORKERS ?= 2
 
 .PHONY: demo test test-fast docs lint bench clean
@@ -24,21 +27,21 @@ demo: $(PY)
 	$(PIP) install -e ".[all]"
 	$(VENV)/bin/neve-tune study run digits
 
-# mypy (about a minute, one core) runs beside the tests, which leave about half of two cores idle while they
-# wait on servers, subprocesses and Ray; its report prints after theirs, and either failing fails `make test`.
+# mypy (51 s cold, one core) runs beside the tests and ends long before them; its report prints after theirs,
+# and either failing fails `make test`.
 test: $(PY)
 	$(PIP) install -e ".[test]"
 	touch $(TEST_DEPS)
 	$(VENV)/bin/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(VENV)/bin/mypy > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
-	$(PY) -m pytest -n $(WORKERS); tests=$$?; \
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal; tests=$$?; \
 	wait $$mypy; types=$$?; echo "mypy:"; cat $(VENV)/mypy.log; \
 	if [ $$types -ne 0 ]; then echo "make test: mypy failed (its report is above)"; fi; \
 	[ $$tests -eq 0 ] && [ $$types -eq 0 ]
 
 test-fast: $(TEST_DEPS)
-	$(PY) -m pytest -n $(WORKERS) -m "not slow and not ray and not server"
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal -m "not slow and not ray and not server"
 
 docs: $(TEST_DEPS)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
