@@ -63,10 +63,7 @@ def make_result(trial_id: str, iteration: int, velocity: float, train_loss: floa
         keys.LR: 0.05,
         keys.LR_DECAYED: 0.0,
         keys.NUM_DECAYS: 0.0,
-        keys.CONVERGED: 0.0,
-        keys.STALLED: 0.0,
-        keys.COLLAPSED: 0.0,
-        keys.DIVERGED: 0.0,
+        **dict.fromkeys(keys.DECISION_FLAGS.values(), 0.0),  # every flag `NeVe.metrics()` sends, none set
         keys.STOP_THRESHOLD: 1e-3,
         keys.MIN_EPOCHS: 5.0,
     }

@@ -210,6 +210,19 @@ def test_the_shortcut_for_quiet_results_agrees_with_decide():
     assert 20 < quiet < len(cases)
 
 
+def test_quiet_epochs_of_a_real_run_never_reach_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every flag ``NeVe.metrics()`` sends (``neve/memorizing`` included) is in the shortcut's read, so an epoch
+    with no flag set and a finite V and D costs a few dict reads, not a ``decide()``: what the scheduler
+    benchmark times per result."""
+    sched = NeVeScheduler(grace_period=0)
+    slow: list[dict] = []
+    monkeypatch.setattr(sched, "_decide", lambda result, velocity, time: slow.append(result))
+    quiet = [r for r in run("converges") if D in r and not any(r[flag] for flag in FLAGS)]
+    assert len(quiet) >= 6 and all(set(FLAGS) <= set(r) for r in quiet)
+    assert [sched.check_result(r) for r in quiet] == [None] * len(quiet)
+    assert slow == []
+
+
 def test_first_epoch_without_velocity_change_is_decided_on_its_flags():
     first = run("still")[0]
     assert D not in first and V in first
