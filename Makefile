@@ -10,8 +10,8 @@ PIP := $(PY) -m pip
 TEST_DEPS := $(VENV)/.test-deps
 # pytest-xdist workers, one per core (three were slower here: 579 s against 535 s). `--dist worksteal`: a
 # worker that runs out of tests takes the other's queued ones, so the end-to-end runs of 20-65 s do not
-# leave one worker idle at the end (one run with it: 458 s, the two workers ending 7 s apart; three clean-clone
-# runs of the same tests with the default distribution: 496-538 s).
+# leave one worker idle at the end (a work-tree run with it: 458 s, the two workers ending 7 s apart; clean
+# clones here: 496-538 s without it, 548 s with it: on this shared machine the gain is within the noise).
 WORKERS ?= 2
 
 .PHONY: demo test test-fast docs lint bench clean
