@@ -163,6 +163,16 @@ def _asha() -> ASHAScheduler:
     return ASHAScheduler(metric="train_loss", mode="min", max_t=8, grace_period=1, reduction_factor=2)
 
 
+class _Controller:
+    """What ``FIFOScheduler.choose_trial_to_run`` (ASHA's) reads of Tune's controller: its trials."""
+
+    def __init__(self, trials: list[Trial]) -> None:
+        self.trials = trials
+
+    def get_trials(self) -> list[Trial]:
+        return self.trials
+
+
 def _rungs(asha: ASHAScheduler) -> dict:
     return {milestone: dict(recorded) for milestone, recorded in asha._brackets[0]._rungs if recorded}
 
@@ -221,16 +231,24 @@ def test_the_bases_state_is_written_at_most_once_per_interval_and_never_for_a_ba
     storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="interval")
     scheduler = NeVeScheduler(base_scheduler=_asha())
     link = scheduler._base_link
-    link.persist_every_s = 0.0  # every hook is past the interval
+    link.persist_every_s = 0.0  # every read of the clock is past the interval
     trial = Trial("train_fn", stub=True, storage=storage)
     scheduler.on_trial_add(None, trial)
     for it in range(1, 4):
         scheduler.on_trial_result(None, trial, _result(it, 0.5))
-    assert link.writes == 4
+    assert link.writes == 1  # the add; a result never reads the clock (it costs what ASHA's costs)
+    trial.set_status(Trial.RUNNING)
+    controller = _Controller([trial])  # Tune's controller calls choose_trial_to_run on every step
+    assert scheduler.choose_trial_to_run(controller) is None  # the trial runs: nothing to start
+    assert link.writes == 2
     link.persist_every_s = 3600.0
     for it in range(4, 8):
         scheduler.on_trial_result(None, trial, _result(it, 0.5))
-    assert link.writes == 5  # the first result after a 0 s interval, then none for an hour
+        scheduler.choose_trial_to_run(controller)
+    assert link.writes == 3  # the first step after a 0 s interval, then none for an hour
+    restored = NeVeScheduler(base_scheduler=_asha())
+    restored._base_link.base.restore(link.state_file())
+    assert _rungs(restored.base_scheduler) == _rungs(scheduler.base_scheduler) != {}  # as of the 4th result
     hyperband = NeVeScheduler(base_scheduler=HyperBandScheduler(metric="train_loss", mode="min", max_t=8))
     hyperband.on_trial_add(None, Trial("train_fn", stub=True, storage=storage))
     hyperband.save(str(tmp_path / "hyperband.pkl"))

@@ -192,21 +192,24 @@ def test_a_non_finite_velocity_is_diverged_whatever_the_flags(key, value):
 
 
 def test_the_shortcut_for_quiet_results_agrees_with_decide():
-    """check_result reads a result with no flag set and a finite V and D without calling decide(); every
-    other result goes to decide(). Both must give decide()'s answer on every epoch of every run, and on
-    the same results edited to each flag, to non-finite values and to numeric strings."""
+    """on_trial_result reads a result with no flag set and a finite V and D without calling check_result
+    (and so decide()); every other result goes to decide(). Both must give decide()'s answer on every epoch
+    of every run, and on the same results edited to each flag, to non-finite values and to numeric strings."""
     sched = NeVeScheduler(grace_period=0)
     cases = []
     for scenario in ("converges", "still", "nan", "dies"):
         for r in run(scenario):
             cases.append(r)
             cases += [{**r, flag: 1.0} for flag in FLAGS]
-            cases += [{**r, V: math.inf}, {**r, D: math.nan}, {**r, V: str(r.get(V, 0.5))}, {**r, V: 0}]
+            cases += [{**r, V: math.inf}, {**r, D: math.nan}, {**r, D: -math.inf}, {**r, V: str(r.get(V, 0.5))}]
+            cases += [{**r, V: 0}, {**r, V: 1e308, D: -1e308}]
     quiet = 0
     for r in cases:
-        got = sched.check_result(r)
-        assert (got and got.reason) == decide(r), r
-        quiet += got is None
+        expected, got = decide(r), sched.check_result(r)
+        assert (got and got.reason) == expected, r
+        decision = sched.on_trial_result(None, new_trial(), r)
+        assert decision == (CONTINUE if expected is None else STOP), r
+        quiet += expected is None
     assert 20 < quiet < len(cases)
 
 
@@ -216,11 +219,13 @@ def test_quiet_epochs_of_a_real_run_never_reach_decide(monkeypatch: pytest.Monke
     benchmark times per result."""
     sched = NeVeScheduler(grace_period=0)
     slow: list[dict] = []
-    monkeypatch.setattr(sched, "_decide", lambda result, velocity, time: slow.append(result))
+    monkeypatch.setattr(sched, "check_result", lambda result: slow.append(result))
     quiet = [r for r in run("converges") if D in r and not any(r[flag] for flag in FLAGS)]
     assert len(quiet) >= 6 and all(set(FLAGS) <= set(r) for r in quiet)
-    assert [sched.check_result(r) for r in quiet] == [None] * len(quiet)
+    assert [sched.on_trial_result(None, new_trial(), r) for r in quiet] == [CONTINUE] * len(quiet)
     assert slow == []
+    sched.on_trial_result(None, new_trial(), {k: v for k, v in quiet[0].items() if k != D})
+    assert len(slow) == 1  # a result without D (a first epoch) is decided in full
 
 
 def test_first_epoch_without_velocity_change_is_decided_on_its_flags():

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 # key; Tune's own strict metric check skips such results too.
 BOOKKEEPING_KEYS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT))
 
-#: How often, at most, the base's state is written while trials add and report (seconds). A trial's
-#: error and ``NeVeScheduler.save`` write it at once, and so does the end of the last live trial.
+#: How often, at most, the base's state is written while trials run (seconds). A trial's error and
+#: ``NeVeScheduler.save`` write it at once, and so does the end of the last live trial.
 PERSIST_EVERY_S = 5.0
 
 _FLAG_KEYS = tuple(keys.DECISION_FLAGS.values())
@@ -147,7 +147,9 @@ class BaseLink:
       construction: the restored copy (same token) loads it when its first trial is added, and gets its
       rungs back. The state is written when it must survive a restore, not on every result: when a trial
       errors (``resume_errored``), when the last live trial ends, on ``NeVeScheduler.save``, and otherwise
-      at most once every :data:`PERSIST_EVERY_S` seconds while trials add and report. A restore after an
+      at most once every :data:`PERSIST_EVERY_S` seconds, on a trial's add or end or on the step of Tune's
+      controller (``choose_trial_to_run``, which it calls on every step). A result costs no clock read. A
+      restore after an
       ungraceful stop (a killed driver) can therefore lose the base's last few seconds of records, as Tune
       loses its own trial results since its last experiment snapshot.
     """
@@ -270,12 +272,9 @@ class BaseLink:
             )
         self._depth += 1
         try:
-            decision: str = self.base.on_trial_result(controller, trial, result)  # type: ignore[arg-type]
+            return self.base.on_trial_result(controller, trial, result)  # type: ignore[arg-type]
         finally:
             self._depth -= 1
-        if self._depth == 0 and _monotonic() >= self._due:
-            self.persist()
-        return decision
 
     def on_trial_complete(self, controller: TuneController | None, trial: Trial, result: dict) -> None:
         self._end(self.base.on_trial_complete, controller, trial, result)
@@ -287,11 +286,16 @@ class BaseLink:
         self._end(self.base.on_trial_error, controller, trial, now=True)  # resume_errored re-runs it
 
     def choose_trial_to_run(self, controller: TuneController | None) -> Trial | None:
+        # Tune's controller calls this on every step (one event, at most 0.1 s), results or not: the clock
+        # that persists the base's state is read here rather than on every result.
         self._depth += 1
         try:
-            return self.base.choose_trial_to_run(controller)  # type: ignore[arg-type]
+            trial = self.base.choose_trial_to_run(controller)  # type: ignore[arg-type]
         finally:
             self._depth -= 1
+        if self._depth == 0 and _monotonic() >= self._due:
+            self.persist()
+        return trial
 
     def _end(self, hook: Any, controller: TuneController | None, trial: Trial, *args: Any, now: bool = False) -> None:
         self._count = max(0, self._count - 1)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 _FLAGS = tuple(keys.DECISION_FLAGS.values())
 _read_flags = itemgetter(*_FLAGS)
 _NO_FLAG_SET = (0.0,) * len(_FLAGS)
+_CONTINUE, _STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
 
 class NeVeScheduler(FIFOScheduler):
@@ -238,32 +239,16 @@ class NeVeScheduler(FIFOScheduler):
     def check_result(self, result: Mapping[str, Any]) -> StopInfo | None:
         """The stop decision for one flat result alone: a :class:`StopInfo`, or ``None`` to continue.
 
-        This is what :meth:`on_trial_result` uses. It keeps no state, so it can be replayed on any result
-        (e.g. a row of ``Result.metrics_dataframe``).
+        :meth:`on_trial_result` gives the same answer (it first reads a quiet result, with no flag set,
+        in a few dict reads). It keeps no state, so it can be replayed on any result (e.g. a row of
+        ``Result.metrics_dataframe``).
 
         Raises:
             ValueError: the result has no ``velocity_key`` and no decision flags (and ``allow_missing`` is
                 off), has a velocity but no decision flags, or has a velocity but no ``time_attr``.
             TypeError: the velocity, velocity change or a flag is not a number.
         """
-        # The common case, in a few dict reads: the trial's NeVe set no flag and measured a finite V (and D).
-        # `x - x == 0.0` is false for NaN and inf, and a non-number raises: `decide` then explains.
-        get = result.get
-        velocity: Any = get(self._velocity_key)
-        change: Any = get(self._change_key)
-        time: Any = get(self._time_attr)
-        try:
-            quiet = (
-                _read_flags(result) == _NO_FLAG_SET
-                and velocity - velocity == 0.0
-                and (change is None or change - change == 0.0)
-                and time < self._max_t
-            )
-        except (KeyError, TypeError):
-            quiet = False
-        return None if quiet else self._decide(result, velocity, time)
-
-    def _decide(self, result: Mapping[str, Any], velocity: Any, time: Any) -> StopInfo | None:
+        velocity, time = result.get(self._velocity_key), result.get(self._time_attr)
         flagged = any(flag in result for flag in _FLAGS)
         if velocity is None:
             if not flagged and not self._allow_missing and has_user_keys(result):
@@ -317,18 +302,30 @@ class NeVeScheduler(FIFOScheduler):
         # unless the trial stops (or, once, to warn about a stop_threshold that disagrees).
         if self._stop_threshold is not None and trial.trial_id not in self._records.warned:
             self._warn_once(trial, result)
-        info = self.check_result(result)
+        # The common case in a few dict reads, without decide(): the trial's NeVe set no flag and measured a
+        # finite V and D (`v - v + d - d` is NaN when either is NaN or infinite, else 0), and time_attr is
+        # under max_t. A missing key (D at the first epoch) or a non-number raises here: check_result then.
+        try:
+            velocity, change = result[self._velocity_key], result[self._change_key]
+            quiet = (
+                _read_flags(result) == _NO_FLAG_SET
+                and velocity - velocity + change - change == 0.0
+                and result[self._time_attr] < self._max_t
+            )
+        except (KeyError, TypeError):
+            quiet = False
+        info = None if quiet else self.check_result(result)
         link = self._base_link
         if info is None and link is not None:
             # NeVe's own decision came first; now the cross-trial ranking (it sees every other result).
             decision = link.on_trial_result(tune_controller, trial, result)
-            if decision != TrialScheduler.STOP:
+            if decision != _STOP:
                 return decision  # CONTINUE, or PAUSE (HyperBand)
             info = link.stop_info(result, self._time_attr, self._velocity_key)
         if info is None:
-            return TrialScheduler.CONTINUE
+            return _CONTINUE
         self._records.stopped[trial.trial_id] = info
-        return TrialScheduler.STOP
+        return _STOP
 
     def _warn_once(self, trial: Trial, result: Mapping[str, Any]) -> None:
         message = settings_disagreement(result, self._stop_threshold, f"NeVeScheduler (trial {trial.trial_id})")
