@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=3_000, help="live trials of the large composed case")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--min-results", type=int, default=20_000, help="composed case: repeat a size until it timed this many"
+        "--min-results", type=int, default=200_000, help="composed case: repeat a size until it timed this many"
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run: few results and epochs, 2 repeats")
     args = parser.parse_args()

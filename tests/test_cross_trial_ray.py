@@ -177,6 +177,20 @@ def _rungs(asha: ASHAScheduler) -> dict:
     return {milestone: dict(recorded) for milestone, recorded in asha._brackets[0]._rungs if recorded}
 
 
+def test_only_tunes_own_decision_only_result_hooks_skip_the_forwarding_bookkeeping():
+    """ASHA's results go straight to it (the per-result path); HyperBand's result hook stops paused trials
+    through the controller, and a subclass may do anything: theirs run with ``forwarding`` true."""
+
+    class Custom(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):  # type: ignore[no-untyped-def]
+            return super().on_trial_result(tune_controller, trial, result)
+
+    hyperband = HyperBandScheduler(metric="train_loss", mode="min", max_t=8)
+    links = {name: NeVeScheduler(base_scheduler=b)._base_link for name, b in (("asha", _asha()), ("hb", hyperband))}
+    links["custom"] = NeVeScheduler(base_scheduler=Custom(metric="train_loss", mode="min", max_t=8))._base_link
+    assert {name: link.result_only for name, link in links.items()} == {"asha": True, "hb": False, "custom": False}
+
+
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_the_bases_state_is_written_when_it_must_survive_a_restore_not_on_every_result(tmp_path):

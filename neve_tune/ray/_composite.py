@@ -26,7 +26,8 @@ from ray.tune.result import (
     SHOULD_CHECKPOINT,
     TRAINING_ITERATION,
 )
-from ray.tune.schedulers.trial_scheduler import TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule
+from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 from neve_tune import StopReason, keys
 
@@ -43,6 +44,11 @@ BOOKKEEPING_KEYS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, EXPERIMEN
 PERSIST_EVERY_S = 5.0
 
 _FLAG_KEYS = tuple(keys.DECISION_FLAGS.values())
+# Tune's result hooks that return a decision and never stop or pause a trial through the controller
+# (HyperBand's does: it stops the paused losers of a bracket).
+_RESULT_ONLY_HOOKS = frozenset(
+    (FIFOScheduler.on_trial_result, AsyncHyperBandScheduler.on_trial_result, MedianStoppingRule.on_trial_result)
+)
 _monotonic = time.monotonic
 
 # BaseLink attributes that are not pickled: a copy finds its state file again and counts afresh.
@@ -140,6 +146,8 @@ class BaseLink:
     * Forwarding: every hook goes to the base as Tune would call it. While a base hook runs,
       :attr:`forwarding` is true: a trial that the base stops through the controller (HyperBand stops
       paused trials with ``tune_controller.stop_trial``) reaches ``NeVeScheduler.on_trial_remove`` then.
+      Only results skip this: ``NeVeScheduler`` hands them straight to a base whose result hook is one of
+      Tune's that only return a decision (:attr:`result_only`: ASHA's, FIFO's, the median stopping rule's).
     * Persistence: Ray 2.60's ``Tuner.restore`` gives back the scheduler as pickled at construction and
       never calls ``save``/``restore``. So a base that implements ``save`` (ASHA does, HyperBand does not)
       has its state written into the experiment's driver staging directory, which Tune syncs with the
@@ -186,7 +194,10 @@ class BaseLink:
         self._allow_missing = bool(allow_missing)
         if not base.metric and metric:
             self.set_search_properties(metric, mode)
-        self._metric = base.metric
+        self.metric_key = base.metric  # the base's metric, fixed once trials run: read on every result
+        # A base whose result hook is one of Tune's that only return a decision never stops a trial through
+        # the controller there: NeVeScheduler calls it directly, without the `forwarding` bookkeeping.
+        self.result_only = type(base).on_trial_result in _RESULT_ONLY_HOOKS
         self._token = uuid.uuid4().hex
         self._reset()
 
@@ -237,7 +248,7 @@ class BaseLink:
         if self.base.metric:
             return True
         accepted = bool(self.base.set_search_properties(metric, mode))
-        self._metric = self.base.metric
+        self.metric_key = self.base.metric
         return accepted
 
     # ------------------------------------------------------------------ hooks, forwarded as Tune calls them
@@ -250,7 +261,7 @@ class BaseLink:
                 " Pass metric= and mode= to the base (a validation-free signal, e.g. metric='train_loss',"
                 f" mode='min'), or to {self._owner} or tune.TuneConfig, which a base without one adopts."
             )
-        self._metric = self.base.metric  # fixed once trials run: read on every result
+        self.metric_key = self.base.metric
         self._count += 1
         self._depth += 1
         try:
@@ -260,9 +271,9 @@ class BaseLink:
         if self._depth == 0 and _monotonic() >= self._due:
             self.persist()
 
-    def on_trial_result(self, controller: TuneController | None, trial: Trial, result: dict) -> str:
-        """The base's decision. Raises when a result with the trial's own keys lacks the base's metric."""
-        metric = self._metric
+    def check_metric(self, result: Mapping[str, Any]) -> None:
+        """For a result without :attr:`metric_key`: raise unless it has no key of the trial's own."""
+        metric = self.metric_key
         if metric not in result and not self._allow_missing and has_user_keys(result):
             raise ValueError(
                 f"{self._owner}'s base_scheduler {type(self.base).__name__} ranks trials on {metric!r},"
@@ -270,6 +281,9 @@ class BaseLink:
                 f" (e.g. `tune.report({{{metric!r}: train_loss, **neve.metrics()}})`), or give the base the"
                 f" metric= the trainable reports. Reported keys: {sorted(result)}"
             )
+
+    def on_trial_result(self, controller: TuneController | None, trial: Trial, result: dict) -> str:
+        """The base's decision, with :attr:`forwarding` true while its hook runs (the caller checks the metric)."""
         self._depth += 1
         try:
             return self.base.on_trial_result(controller, trial, result)  # type: ignore[arg-type]

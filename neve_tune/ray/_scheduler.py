@@ -317,8 +317,14 @@ class NeVeScheduler(FIFOScheduler):
         info = None if quiet else self.check_result(result)
         link = self._base_link
         if info is None and link is not None:
-            # NeVe's own decision came first; now the cross-trial ranking (it sees every other result).
-            decision = link.on_trial_result(tune_controller, trial, result)
+            # NeVe's own decision came first; now the cross-trial ranking (it sees every other result),
+            # called directly where the base's result hook cannot stop other trials (ASHA's): the hot path.
+            if link.metric_key not in result:
+                link.check_metric(result)
+            if link.result_only:
+                decision = link.base.on_trial_result(tune_controller, trial, result)  # type: ignore[arg-type]
+            else:
+                decision = link.on_trial_result(tune_controller, trial, result)
             if decision != _STOP:
                 return decision  # CONTINUE, or PAUSE (HyperBand)
             info = link.stop_info(result, self._time_attr, self._velocity_key)
