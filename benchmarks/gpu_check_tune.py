@@ -97,7 +97,9 @@ def check_tune(dev: torch.device, quick: bool, memory: dict[str, Any]) -> Result
 
     start_ray(dev)
     cuda = dev.type == "cuda"
-    resources = {"cpu": 1, "gpu": 0.25} if cuda else {"cpu": 0.5}
+    # On the CPU, one trial per CPU in reused actors (two worker processes, not four: each imports torch); on
+    # the GPU every trial gets its own actor, whose exit must give its memory back (5b).
+    resources = {"cpu": 1, "gpu": 0.25} if cuda else {"cpu": 1}
     epochs = 2 if quick else 4
     space = {"lr": tune.grid_search([0.01, 0.05, 0.2, 1e4]), "epochs": epochs}  # 1e4 diverges
     space.update(n=64 if quick else 5_000, aux=8 if quick else 100)
@@ -106,7 +108,7 @@ def check_tune(dev: torch.device, quick: bool, memory: dict[str, Any]) -> Result
         tuner = tune.Tuner(
             tune.with_resources(tune_trial, resources),
             param_space=space,
-            tune_config=tune.TuneConfig(scheduler=NeVeScheduler(max_t=epochs, grace_period=1), reuse_actors=False),
+            tune_config=tune.TuneConfig(scheduler=NeVeScheduler(max_t=epochs, grace_period=1), reuse_actors=not cuda),
             run_config=tune.RunConfig(storage_path=tmp, name="gpu_check", verbose=0),
         )
         results = tuner.fit()

@@ -335,7 +335,7 @@ class NeVeCallback(Callback):
             return pl_module
         target = pl_module
         for part in self.module.split("."):
-            target = getattr(target, part, None)  # type: ignore[assignment]
+            target = getattr(target, part, None)
             if target is None:
                 break
         if not isinstance(target, nn.Module):

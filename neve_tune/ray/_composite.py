@@ -265,7 +265,7 @@ class BaseLink:
         self._count += 1
         self._depth += 1
         try:
-            self.base.on_trial_add(controller, trial)  # type: ignore[arg-type]
+            self.base.on_trial_add(controller, trial)
         finally:
             self._depth -= 1
         if self._depth == 0 and _monotonic() >= self._due:
@@ -286,7 +286,7 @@ class BaseLink:
         """The base's decision, with :attr:`forwarding` true while its hook runs (the caller checks the metric)."""
         self._depth += 1
         try:
-            return self.base.on_trial_result(controller, trial, result)  # type: ignore[arg-type]
+            return self.base.on_trial_result(controller, trial, result)
         finally:
             self._depth -= 1
 
@@ -304,7 +304,7 @@ class BaseLink:
         # that persists the base's state is read here rather than on every result.
         self._depth += 1
         try:
-            trial = self.base.choose_trial_to_run(controller)  # type: ignore[arg-type]
+            trial = self.base.choose_trial_to_run(controller)
         finally:
             self._depth -= 1
         if self._depth == 0 and _monotonic() >= self._due:

@@ -322,7 +322,7 @@ class NeVeScheduler(FIFOScheduler):
             if link.metric_key not in result:
                 link.check_metric(result)
             if link.result_only:
-                decision = link.base.on_trial_result(tune_controller, trial, result)  # type: ignore[arg-type]
+                decision = link.base.on_trial_result(tune_controller, trial, result)
             else:
                 decision = link.on_trial_result(tune_controller, trial, result)
             if decision != _STOP:
