@@ -305,6 +305,8 @@ def test_asha_inside_neve_prunes_on_the_training_loss_and_neve_still_decides(tmp
     median of its rung is cut) ranks ``train_loss``; NeVe's own decisions come first."""
     asha = ASHAScheduler(metric="train_loss", mode="min", max_t=8, grace_period=1, reduction_factor=2)
     scheduler = NeVeScheduler(max_t=8, grace_period=1, base_scheduler=asha)
+    link = scheduler._base_link
+    link.persist_every_s = 0.0  # the base's state is written whenever the clock is read
     configs = _configs(
         long={"losses": [0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35]},  # sets every rung, runs to the cap
         converges={"losses": [0.5, 0.4, 0.3, 0.25, 0.2], "converge_at": 3},
@@ -338,6 +340,12 @@ def test_asha_inside_neve_prunes_on_the_training_loss_and_neve_still_decides(tmp
     rung_1 = dict(asha._brackets[0]._rungs)[1]
     assert sorted(-v for v in rung_1.values()) == [0.5, 0.6, 0.85, 0.9, 5.0]
     assert "pruned=2" in scheduler.debug_string() and "Using AsyncHyperBand" in scheduler.debug_string()
+    # Adds and ends (one live trial at a time: each end is the last live one's) wrote it 10 times; the rest
+    # are the controller's steps, on which the clock is read (never on a result). The last write has it all.
+    assert link.writes > 10 + sum(iterations.values()) // 2, link.writes
+    restored = ASHAScheduler(metric="train_loss", mode="min", max_t=8)
+    restored.restore(link.state_file())
+    assert _rungs(restored) == _rungs(asha)
 
 
 def _infos(scheduler: NeVeScheduler, by_name: dict):
