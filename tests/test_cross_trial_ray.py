@@ -24,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, TrialSchedule
 
 from neve_tune import StopReason, keys
 from neve_tune.ray import NeVeScheduler, StopInfo
+from tests.readme import readme_example
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 STOP_REASON, STOP_EPOCH = keys.STOP_REASON, keys.STOP_EPOCH
@@ -175,6 +176,23 @@ class _Controller:
 
 def _rungs(asha: ASHAScheduler) -> dict:
     return {milestone: dict(recorded) for milestone, recorded in asha._brackets[0]._rungs if recorded}
+
+
+def test_the_docs_asha_example_prunes_on_the_training_loss_and_names_a_missing_one():
+    """docs/ray.md "ray-asha": ASHA inside NeVe, fed the results its trials report, cuts the worse trial at
+    its first rung (reason "pruned"), and a result without ``train_loss`` fails with the key's name."""
+    ns: dict = {}
+    exec(readme_example("ray-asha"), ns)
+    scheduler = ns["scheduler"]
+    good, bad = Trial("train_fn", stub=True), Trial("train_fn", stub=True)
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, good, _result(3, 0.4)) == CONTINUE  # the first at rung 3 goes on
+    assert scheduler.on_trial_result(None, bad, _result(3, 0.9)) == STOP
+    assert scheduler.stop_info(bad.trial_id).reason is StopReason.PRUNED
+    no_loss = {k: v for k, v in _result(4, 0.4).items() if k != "train_loss"}
+    with pytest.raises(ValueError, match="ranks trials on 'train_loss'"):
+        scheduler.on_trial_result(None, good, no_loss)
 
 
 def test_only_tunes_own_decision_only_result_hooks_skip_the_forwarding_bookkeeping():
