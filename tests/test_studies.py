@@ -492,6 +492,20 @@ def test_digits_study_end_to_end_against_a_real_mlflow_server(ray_session: Any, 
         server.stop()
 
 
+def test_scoped_env_puts_back_what_was_there_even_after_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from neve_tune._env import scoped_env
+
+    monkeypatch.setenv("NEVE_TEST_SET", "mine")
+    monkeypatch.delenv("NEVE_TEST_UNSET", raising=False)
+    values = {"NEVE_TEST_SET": "study", "NEVE_TEST_UNSET": "study"}
+    with scoped_env(values, override=False):
+        assert (os.environ["NEVE_TEST_SET"], os.environ["NEVE_TEST_UNSET"]) == ("mine", "study")
+    with pytest.raises(RuntimeError), scoped_env(values):
+        assert os.environ["NEVE_TEST_SET"] == "study"
+        raise RuntimeError
+    assert os.environ["NEVE_TEST_SET"] == "mine" and "NEVE_TEST_UNSET" not in os.environ
+
+
 def test_the_ray_backend_sets_its_tune_settings_only_while_a_study_runs(
     ray_session: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

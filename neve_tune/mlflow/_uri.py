@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._env import scoped_env
 from ._deps import require_mlflow
 
 #: The embedded default store: a SQLite file ``mlflow.db`` in the working directory (MLflow 3's own default).
@@ -68,16 +69,8 @@ def fail_fast_http(retries: int = 0, timeout: float = 10) -> Iterator[None]:
     changes this process's environment while it is active, so use it where no other thread logs to MLflow.
     """
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))}
-    saved = {k: os.environ.get(k) for k in wanted}
-    os.environ.update(wanted)
-    try:
+    with scoped_env(wanted):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def check_tracking_uri(uri: str | os.PathLike[str] | None = None, *, timeout: float = 10.0) -> str:

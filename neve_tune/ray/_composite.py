@@ -157,9 +157,8 @@ class BaseLink:
       errors (``resume_errored``), when the last live trial ends, on ``NeVeScheduler.save``, and otherwise
       at most once every :data:`PERSIST_EVERY_S` seconds, on a trial's add or end or on the step of Tune's
       controller (``choose_trial_to_run``, which it calls on every step). A result costs no clock read. A
-      restore after an
-      ungraceful stop (a killed driver) can therefore lose the base's last few seconds of records, as Tune
-      loses its own trial results since its last experiment snapshot.
+      restore after an ungraceful stop (a killed driver) can therefore lose the base's last few seconds of
+      records, as Tune loses its own trial results since its last experiment snapshot.
     """
 
     def __init__(

@@ -6,6 +6,7 @@ importable and pickles by reference into Tune's experiment state).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 from ray import tune
 
+from .._env import scoped_env
 from ._backend import ArmJob, Backend
 from ._collect import Collector
 from ._records import ArmResult
@@ -137,38 +139,28 @@ class RayBackend(Backend):
         self.address = address
         self.callbacks = list(callbacks)
         self._started = False
-        self._saved_env: dict[str, str | None] = {}
+        self._tune_env = contextlib.ExitStack()  # the study's Tune settings, from open to close
 
     @property
     def runs_here(self) -> bool:
         return self.address in (None, "", "local")
 
     def open(self, budget: Budget) -> None:
-        self._saved_env = {name: os.environ.get(name) for name in STUDY_TUNE_ENV}
-        for name, value in STUDY_TUNE_ENV.items():
-            os.environ.setdefault(name, value)
+        # A study must not change the caller's own later `Tuner` runs: close() puts their settings back.
+        self._tune_env.enter_context(scoped_env(STUDY_TUNE_ENV, override=False))
         try:
             self._started = init_ray(self.address, budget.cpus_per_trial, budget.gpus_per_trial)
         except BaseException:
-            self._restore_env()
+            self._tune_env.close()
             raise
 
     def close(self) -> None:
-        self._restore_env()
+        self._tune_env.close()
         if self._started:
             import ray
 
             ray.shutdown()
             self._started = False
-
-    def _restore_env(self) -> None:
-        """Put back the caller's Tune settings: a study must not change the caller's own later ``Tuner`` runs."""
-        for name, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._saved_env = {}
 
     def run_arm(self, job: ArmJob) -> ArmResult:
         tuner, study_callback = self._tuner(job)
